@@ -1,0 +1,20 @@
+//! Sans-IO core of the Shrinker edge pair.
+//!
+//! Nothing here touches a socket, a clock or a runtime: every type is a state machine
+//! fed with byte slices or frames, which is what makes the invariant
+//! (`decode(encode(x)) == x` for any input, any read split, any cache state)
+//! property-testable and fuzzable.
+//!
+//! # Layout
+//! - [`id`]: [`ChunkId`], the BLAKE3 name of a chunk.
+//! - [`verified`]: [`VerifiedChunk`] / [`UnverifiedChunk`], trust as a type.
+//! - [`store`]: the traits the session needs from the shared cache.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod id;
+pub mod store;
+pub mod verified;
+
+pub use id::ChunkId;
+pub use store::{ContentStore, PeerHoldings};
+pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
