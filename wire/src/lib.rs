@@ -18,3 +18,13 @@ pub mod verified;
 pub use id::ChunkId;
 pub use store::{ContentStore, PeerHoldings};
 pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
+pub mod chunk;
+pub mod frame;
+pub mod handshake;
+pub mod segment;
+pub mod session;
+pub mod varint;
+
+pub use chunk::{ChunkParams, Chunker};
+pub use frame::{Frame, FrameDecoder, FrameError};
+pub use segment::{Segment, Segmenter};

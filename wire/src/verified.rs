@@ -23,12 +23,6 @@ impl VerifiedChunk {
         }
     }
 
-    /// Pairs bytes with an id the caller has just computed from those same bytes.
-    pub(crate) fn from_hashed(id: ChunkId, data: Bytes) -> Self {
-        debug_assert_eq!(ChunkId::of(&data), id);
-        VerifiedChunk { id, data }
-    }
-
     /// The chunk's id.
     pub fn id(&self) -> &ChunkId {
         &self.id

@@ -1,0 +1,407 @@
+//! Tunnel frames (protocol v1) and their incremental decoder.
+//!
+//! After the handshake ([`crate::handshake`]) each direction of a tunnel connection is
+//! a sequence of frames. Every frame starts with a one-byte type; every length is a
+//! LEB128 varint checked against a cap *before* anything is allocated.
+//!
+//! | type | name | body |
+//! |---|---|---|
+//! | `0x01` | LITERAL | varint len, len bytes |
+//! | `0x02` | CHUNK | 32-byte id, varint len, len bytes (receiver verifies the hash) |
+//! | `0x03` | REF | 32-byte id |
+//! | `0x04` | MISS | 32-byte id (control: "send me this chunk") |
+//! | `0x05` | FILL | 32-byte id, varint len, len bytes (control: answer to MISS) |
+//! | `0x06` | ACK | varint logical offset the receiver has resolved (control) |
+//! | `0x07` | END | — (no more data in this direction: half-close) |
+//! | `0x08` | RESET | varint len, UTF-8 reason (abort the connection) |
+//! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF frames |
+//!
+//! LITERAL, CHUNK and REF are *data* frames: their order is the order of the bytes they
+//! stand for. The others are control frames and may appear anywhere.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::id::{ChunkId, CHUNK_ID_LEN};
+use crate::varint;
+
+/// Largest LITERAL payload.
+pub const MAX_LITERAL: usize = 1 << 20;
+/// Largest CHUNK or FILL payload (the chunker never makes bigger chunks).
+pub const MAX_CHUNK: usize = 1 << 20;
+/// Largest decompressed ZBATCH body. Bounds what one hostile frame can make us allocate.
+pub const MAX_BATCH_RAW: usize = 4 << 20;
+/// Largest compressed ZBATCH body.
+pub const MAX_BATCH_COMPRESSED: usize = MAX_BATCH_RAW + (MAX_BATCH_RAW >> 7) + 1024;
+/// Longest RESET reason.
+pub const MAX_REASON: usize = 4096;
+
+const T_LITERAL: u8 = 0x01;
+const T_CHUNK: u8 = 0x02;
+const T_REF: u8 = 0x03;
+const T_MISS: u8 = 0x04;
+const T_FILL: u8 = 0x05;
+const T_ACK: u8 = 0x06;
+const T_END: u8 = 0x07;
+const T_RESET: u8 = 0x08;
+const T_ZBATCH: u8 = 0x09;
+
+/// One decoded tunnel frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Bytes to deliver as they are.
+    Literal(Bytes),
+    /// A chunk the peer did not hold: deliver it and keep it.
+    Chunk {
+        /// Claimed BLAKE3 of `data`.
+        id: ChunkId,
+        /// The chunk's bytes.
+        data: Bytes,
+    },
+    /// Deliver the chunk the receiver already holds under this id.
+    Ref(ChunkId),
+    /// The receiver lacks this chunk: the sender must answer with [`Frame::Fill`].
+    Miss(ChunkId),
+    /// Answer to [`Frame::Miss`].
+    Fill {
+        /// Claimed BLAKE3 of `data`.
+        id: ChunkId,
+        /// The chunk's bytes.
+        data: Bytes,
+    },
+    /// The receiver has resolved every data frame up to this logical byte offset; the
+    /// sender may drop what it kept to answer misses below it.
+    Ack(u64),
+    /// No more data frames in this direction.
+    End,
+    /// Abort the proxied connection, with a reason for the log.
+    Reset(String),
+}
+
+impl Frame {
+    /// Whether this frame stands for bytes of the proxied stream (order matters).
+    pub fn is_data(&self) -> bool {
+        matches!(
+            self,
+            Frame::Literal(_) | Frame::Chunk { .. } | Frame::Ref(_)
+        )
+    }
+
+    /// Appends the encoded frame to `dst`.
+    ///
+    /// # Panics
+    /// In debug builds, if a payload exceeds its cap (the encoder never builds one).
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            Frame::Literal(data) => {
+                debug_assert!(data.len() <= MAX_LITERAL);
+                dst.reserve(1 + varint::MAX_VARINT_LEN + data.len());
+                dst.put_u8(T_LITERAL);
+                varint::put(dst, data.len() as u64);
+                dst.put_slice(data);
+            }
+            Frame::Chunk { id, data } => encode_chunk(dst, T_CHUNK, id, data),
+            Frame::Fill { id, data } => encode_chunk(dst, T_FILL, id, data),
+            Frame::Ref(id) => {
+                dst.put_u8(T_REF);
+                dst.put_slice(id.as_bytes());
+            }
+            Frame::Miss(id) => {
+                dst.put_u8(T_MISS);
+                dst.put_slice(id.as_bytes());
+            }
+            Frame::Ack(offset) => {
+                dst.put_u8(T_ACK);
+                varint::put(dst, *offset);
+            }
+            Frame::End => dst.put_u8(T_END),
+            Frame::Reset(reason) => {
+                let mut end = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                dst.put_u8(T_RESET);
+                varint::put(dst, end as u64);
+                dst.put_slice(&reason.as_bytes()[..end]);
+            }
+        }
+    }
+
+    /// Encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Frame::Literal(d) => 1 + varint::len(d.len() as u64) + d.len(),
+            Frame::Chunk { data, .. } | Frame::Fill { data, .. } => {
+                1 + CHUNK_ID_LEN + varint::len(data.len() as u64) + data.len()
+            }
+            Frame::Ref(_) | Frame::Miss(_) => 1 + CHUNK_ID_LEN,
+            Frame::Ack(o) => 1 + varint::len(*o),
+            Frame::End => 1,
+            Frame::Reset(r) => {
+                let n = r.len().min(MAX_REASON);
+                1 + varint::len(n as u64) + n
+            }
+        }
+    }
+}
+
+fn encode_chunk(dst: &mut BytesMut, ty: u8, id: &ChunkId, data: &[u8]) {
+    debug_assert!(data.len() <= MAX_CHUNK);
+    dst.reserve(1 + CHUNK_ID_LEN + varint::MAX_VARINT_LEN + data.len());
+    dst.put_u8(ty);
+    dst.put_slice(id.as_bytes());
+    varint::put(dst, data.len() as u64);
+    dst.put_slice(data);
+}
+
+/// Appends a ZBATCH frame holding `compressed`, the zstd frame of `raw_len` bytes of
+/// encoded data frames.
+pub fn encode_zbatch_header(dst: &mut BytesMut, raw_len: usize, compressed_len: usize) {
+    dst.put_u8(T_ZBATCH);
+    varint::put(dst, raw_len as u64);
+    varint::put(dst, compressed_len as u64);
+}
+
+/// Why a byte sequence is not a valid frame stream. Always fatal for the connection:
+/// the sender is not a correct Shrinker edge (or the bytes were damaged).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The type byte is not one of protocol v1's.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// A varint is longer than 10 bytes or overflows.
+    #[error("malformed length field in {0} frame")]
+    BadVarint(&'static str),
+    /// A length exceeds its cap.
+    #[error("{what} length {len} exceeds the limit of {max} bytes")]
+    TooLong {
+        /// Which field.
+        what: &'static str,
+        /// The length announced.
+        len: u64,
+        /// The cap.
+        max: usize,
+    },
+    /// A RESET reason is not UTF-8.
+    #[error("RESET reason is not UTF-8")]
+    BadReason,
+    /// A ZBATCH could not be decompressed to exactly its announced size.
+    #[error("ZBATCH does not decompress to its announced {0} bytes")]
+    BadBatch(usize),
+    /// A ZBATCH holds something other than complete data frames.
+    #[error("ZBATCH holds a {0} frame; only LITERAL, CHUNK and REF are allowed")]
+    BatchContent(&'static str),
+    /// A ZBATCH ends inside a frame.
+    #[error("ZBATCH ends inside a frame")]
+    BatchTruncated,
+}
+
+/// Incremental decoder of a frame stream: feed it a buffer that grows with each read.
+///
+/// Follows the `Decoder` contract: `Ok(None)` means "need more bytes" and consumes
+/// nothing; `Ok(Some(frame))` consumes exactly that frame; `Err` is final.
+pub struct FrameDecoder {
+    batch: std::collections::VecDeque<Frame>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// Wire bytes consumed so far (including ZBATCH envelopes).
+    consumed: u64,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameDecoder")
+            .field("queued", &self.batch.len())
+            .field("consumed", &self.consumed)
+            .finish()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder at the start of a frame stream.
+    pub fn new() -> Self {
+        FrameDecoder {
+            batch: Default::default(),
+            zstd: None,
+            consumed: 0,
+        }
+    }
+
+    /// Wire bytes consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Decodes the next frame from the front of `src`.
+    ///
+    /// # Errors
+    /// [`FrameError`] when the bytes are not a valid frame stream.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if let Some(f) = self.batch.pop_front() {
+            return Ok(Some(f));
+        }
+        loop {
+            let Some((header_len, body_len, ty)) = peek_header(src)? else {
+                return Ok(None);
+            };
+            let total = header_len + body_len;
+            if src.len() < total {
+                src.reserve(total - src.len());
+                return Ok(None);
+            }
+            self.consumed += total as u64;
+            let mut frame = src.split_to(total).freeze();
+            let header = frame.split_to(header_len);
+            let frame = if ty == T_ZBATCH {
+                let (raw_len, _) =
+                    get_varint(&header[1..], "ZBATCH")?.ok_or(FrameError::BadVarint("ZBATCH"))?;
+                self.expand_batch(raw_len as usize, frame)?;
+                if let Some(f) = self.batch.pop_front() {
+                    return Ok(Some(f));
+                }
+                continue; // an empty batch is legal, if pointless
+            } else {
+                frame
+            };
+            return build(ty, frame).map(Some);
+        }
+    }
+
+    fn expand_batch(&mut self, raw_len: usize, compressed: Bytes) -> Result<(), FrameError> {
+        let z = match &mut self.zstd {
+            Some(z) => z,
+            None => self.zstd.insert(
+                zstd::bulk::Decompressor::new().map_err(|_| FrameError::BadBatch(raw_len))?,
+            ),
+        };
+        let raw = z
+            .decompress(&compressed, raw_len)
+            .map_err(|_| FrameError::BadBatch(raw_len))?;
+        if raw.len() != raw_len {
+            return Err(FrameError::BadBatch(raw_len));
+        }
+        let mut raw = Bytes::from(raw);
+        while !raw.is_empty() {
+            let Some((header_len, body_len, ty)) = peek_header(&raw)? else {
+                return Err(FrameError::BatchTruncated);
+            };
+            if raw.len() < header_len + body_len {
+                return Err(FrameError::BatchTruncated);
+            }
+            if !matches!(ty, T_LITERAL | T_CHUNK | T_REF) {
+                return Err(FrameError::BatchContent(type_name(ty)));
+            }
+            let mut body = raw.split_to(header_len + body_len);
+            body.advance(header_len);
+            self.batch.push_back(build(ty, body)?);
+        }
+        Ok(())
+    }
+}
+
+fn type_name(ty: u8) -> &'static str {
+    match ty {
+        T_LITERAL => "LITERAL",
+        T_CHUNK => "CHUNK",
+        T_REF => "REF",
+        T_MISS => "MISS",
+        T_FILL => "FILL",
+        T_ACK => "ACK",
+        T_END => "END",
+        T_RESET => "RESET",
+        T_ZBATCH => "ZBATCH",
+        _ => "unknown",
+    }
+}
+
+fn get_varint(src: &[u8], what: &'static str) -> Result<Option<(u64, usize)>, FrameError> {
+    varint::get(src).map_err(|()| FrameError::BadVarint(what))
+}
+
+fn capped(len: u64, max: usize, what: &'static str) -> Result<usize, FrameError> {
+    if len > max as u64 {
+        Err(FrameError::TooLong { what, len, max })
+    } else {
+        Ok(len as usize)
+    }
+}
+
+/// Reads a frame's header: `(header_len, body_len, type)`, or `None` if incomplete.
+fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
+    let Some(&ty) = src.first() else {
+        return Ok(None);
+    };
+    let rest = &src[1..];
+    let r = match ty {
+        T_LITERAL => get_varint(rest, "LITERAL")?
+            .map(|(n, l)| capped(n, MAX_LITERAL, "LITERAL").map(|n| (1 + l, n, ty)))
+            .transpose()?,
+        T_CHUNK | T_FILL => {
+            if rest.len() < CHUNK_ID_LEN {
+                return Ok(None);
+            }
+            get_varint(&rest[CHUNK_ID_LEN..], type_name(ty))?
+                .map(|(n, l)| {
+                    capped(n, MAX_CHUNK, type_name(ty)).map(|n| (1, CHUNK_ID_LEN + l + n, ty))
+                })
+                .transpose()?
+        }
+        T_REF | T_MISS => Some((1, CHUNK_ID_LEN, ty)),
+        T_ACK => get_varint(rest, "ACK")?.map(|(_, l)| (1, l, ty)),
+        T_END => Some((1, 0, ty)),
+        T_RESET => get_varint(rest, "RESET")?
+            .map(|(n, l)| capped(n, MAX_REASON, "RESET reason").map(|n| (1 + l, n, ty)))
+            .transpose()?,
+        T_ZBATCH => {
+            let Some((raw, l1)) = get_varint(rest, "ZBATCH")? else {
+                return Ok(None);
+            };
+            capped(raw, MAX_BATCH_RAW, "ZBATCH raw")?;
+            get_varint(&rest[l1..], "ZBATCH")?
+                .map(|(z, l2)| {
+                    capped(z, MAX_BATCH_COMPRESSED, "ZBATCH compressed")
+                        .map(|z| (1 + l1 + l2, z, ty))
+                })
+                .transpose()?
+        }
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    Ok(r)
+}
+
+/// Builds a frame from its type and body (for CHUNK/FILL the body starts at the id).
+fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
+    let take_id = |b: &mut Bytes| {
+        let mut id = [0u8; CHUNK_ID_LEN];
+        b.copy_to_slice(&mut id);
+        ChunkId(id)
+    };
+    Ok(match ty {
+        T_LITERAL => Frame::Literal(body),
+        T_CHUNK | T_FILL => {
+            let id = take_id(&mut body);
+            let (_, l) = get_varint(&body, "CHUNK")?.ok_or(FrameError::BadVarint("CHUNK"))?;
+            body.advance(l);
+            if ty == T_CHUNK {
+                Frame::Chunk { id, data: body }
+            } else {
+                Frame::Fill { id, data: body }
+            }
+        }
+        T_REF => Frame::Ref(take_id(&mut body)),
+        T_MISS => Frame::Miss(take_id(&mut body)),
+        T_ACK => {
+            let (v, _) = get_varint(&body, "ACK")?.ok_or(FrameError::BadVarint("ACK"))?;
+            Frame::Ack(v)
+        }
+        T_END => Frame::End,
+        T_RESET => {
+            Frame::Reset(String::from_utf8(body.to_vec()).map_err(|_| FrameError::BadReason)?)
+        }
+        other => return Err(FrameError::UnknownType(other)),
+    })
+}

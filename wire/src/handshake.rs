@@ -1,0 +1,302 @@
+//! Tunnel handshake, protocol v1: the first message in each direction after TLS.
+//!
+//! The connecting edge sends [`Hello`]; the accepting edge connects to the target and
+//! answers [`HelloReply`] (accepted, or refused with a reason). Both carry the edge's
+//! name, its cache *epoch* (a random value chosen when its cache starts empty: a new
+//! epoch tells the peer to forget what it believed this edge holds) and its cache size
+//! (so the peer can model the eviction of this edge's store).
+//!
+//! Layout (all integers big-endian):
+//! ```text
+//! "SHRK" u16 version u8 kind(1 = hello, 2 = reply) u16 body_len body
+//! hello body: str8 edge, u64 epoch, u64 cache_bytes, u64 window, str16 target, u64 open_seq
+//! reply body: str8 edge, u64 epoch, u64 cache_bytes, u64 window, u8 status(0 = ok), str16 reason
+//! ```
+
+use bytes::{Buf, BufMut, BytesMut};
+
+/// Magic that opens every handshake message.
+pub const MAGIC: &[u8; 4] = b"SHRK";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest handshake body.
+pub const MAX_BODY: usize = 4096;
+const KIND_HELLO: u8 = 1;
+const KIND_REPLY: u8 = 2;
+const HEADER_LEN: usize = 4 + 2 + 1 + 2;
+
+/// Sent by the connecting edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The sender's edge name.
+    pub edge: String,
+    /// The sender's cache epoch.
+    pub epoch: u64,
+    /// The sender's store size in bytes.
+    pub cache_bytes: u64,
+    /// The most unacknowledged logical bytes the sender lets itself have in flight.
+    pub window: u64,
+    /// Where the accepting edge must connect (`host:port`).
+    pub target: String,
+    /// Per-forward sequence number of this connection (accept order at the sender).
+    pub open_seq: u64,
+}
+
+/// Sent by the accepting edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloReply {
+    /// The sender's edge name.
+    pub edge: String,
+    /// The sender's cache epoch.
+    pub epoch: u64,
+    /// The sender's store size in bytes.
+    pub cache_bytes: u64,
+    /// The most unacknowledged logical bytes the sender lets itself have in flight.
+    pub window: u64,
+    /// `Ok` when the target connection is up, else why it is not.
+    pub result: Result<(), String>,
+}
+
+/// A handshake that cannot be accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// The bytes do not start with the magic: not a Shrinker edge.
+    #[error("peer is not a Shrinker edge (bad handshake magic)")]
+    BadMagic,
+    /// The peer speaks another protocol version.
+    #[error(
+        "peer speaks tunnel protocol v{0}; this edge speaks v{VERSION}: upgrade the older edge"
+    )]
+    Version(u16),
+    /// Wrong message kind at this point.
+    #[error("unexpected handshake message kind {0}")]
+    Kind(u8),
+    /// The body is malformed or too long.
+    #[error("malformed handshake: {0}")]
+    Malformed(&'static str),
+}
+
+impl Hello {
+    /// Appends the encoded message.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let mut body = BytesMut::new();
+        put_str8(&mut body, &self.edge);
+        body.put_u64(self.epoch);
+        body.put_u64(self.cache_bytes);
+        body.put_u64(self.window);
+        put_str16(&mut body, &self.target);
+        body.put_u64(self.open_seq);
+        put_envelope(dst, KIND_HELLO, &body);
+    }
+
+    /// Decodes from the front of `src` (`Ok(None)`: need more bytes).
+    ///
+    /// # Errors
+    /// [`HandshakeError`] when the bytes are not a v1 hello.
+    pub fn decode(src: &mut BytesMut) -> Result<Option<Hello>, HandshakeError> {
+        let Some(mut body) = take_envelope(src, KIND_HELLO)? else {
+            return Ok(None);
+        };
+        let b = &mut body;
+        let hello = Hello {
+            edge: get_str8(b)?,
+            epoch: get_u64(b)?,
+            cache_bytes: get_u64(b)?,
+            window: get_u64(b)?,
+            target: get_str16(b)?,
+            open_seq: get_u64(b)?,
+        };
+        if b.has_remaining() {
+            return Err(HandshakeError::Malformed("trailing bytes"));
+        }
+        Ok(Some(hello))
+    }
+}
+
+impl HelloReply {
+    /// Appends the encoded message.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let mut body = BytesMut::new();
+        put_str8(&mut body, &self.edge);
+        body.put_u64(self.epoch);
+        body.put_u64(self.cache_bytes);
+        body.put_u64(self.window);
+        match &self.result {
+            Ok(()) => {
+                body.put_u8(0);
+                put_str16(&mut body, "");
+            }
+            Err(reason) => {
+                body.put_u8(1);
+                put_str16(&mut body, truncate(reason, 1024));
+            }
+        }
+        put_envelope(dst, KIND_REPLY, &body);
+    }
+
+    /// Decodes from the front of `src` (`Ok(None)`: need more bytes).
+    ///
+    /// # Errors
+    /// [`HandshakeError`] when the bytes are not a v1 reply.
+    pub fn decode(src: &mut BytesMut) -> Result<Option<HelloReply>, HandshakeError> {
+        let Some(mut body) = take_envelope(src, KIND_REPLY)? else {
+            return Ok(None);
+        };
+        let b = &mut body;
+        let edge = get_str8(b)?;
+        let epoch = get_u64(b)?;
+        let cache_bytes = get_u64(b)?;
+        let window = get_u64(b)?;
+        if !b.has_remaining() {
+            return Err(HandshakeError::Malformed("truncated"));
+        }
+        let status = b.get_u8();
+        let reason = get_str16(b)?;
+        if b.has_remaining() {
+            return Err(HandshakeError::Malformed("trailing bytes"));
+        }
+        Ok(Some(HelloReply {
+            edge,
+            epoch,
+            cache_bytes,
+            window,
+            result: if status == 0 { Ok(()) } else { Err(reason) },
+        }))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_envelope(dst: &mut BytesMut, kind: u8, body: &[u8]) {
+    debug_assert!(body.len() <= MAX_BODY);
+    dst.put_slice(MAGIC);
+    dst.put_u16(VERSION);
+    dst.put_u8(kind);
+    dst.put_u16(body.len() as u16);
+    dst.put_slice(body);
+}
+
+fn take_envelope(src: &mut BytesMut, kind: u8) -> Result<Option<bytes::Bytes>, HandshakeError> {
+    // Reject a wrong magic as soon as its bytes are in, so garbage fails fast.
+    let n = src.len().min(4);
+    if src[..n] != MAGIC[..n] {
+        return Err(HandshakeError::BadMagic);
+    }
+    if src.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let version = u16::from_be_bytes([src[4], src[5]]);
+    if version != VERSION {
+        return Err(HandshakeError::Version(version));
+    }
+    if src[6] != kind {
+        return Err(HandshakeError::Kind(src[6]));
+    }
+    let len = u16::from_be_bytes([src[7], src[8]]) as usize;
+    if len > MAX_BODY {
+        return Err(HandshakeError::Malformed("body too long"));
+    }
+    if src.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    let mut msg = src.split_to(HEADER_LEN + len).freeze();
+    msg.advance(HEADER_LEN);
+    Ok(Some(msg))
+}
+
+fn put_str8(dst: &mut BytesMut, s: &str) {
+    let s = truncate(s, 255);
+    dst.put_u8(s.len() as u8);
+    dst.put_slice(s.as_bytes());
+}
+
+fn put_str16(dst: &mut BytesMut, s: &str) {
+    let s = truncate(s, 2048);
+    dst.put_u16(s.len() as u16);
+    dst.put_slice(s.as_bytes());
+}
+
+fn get_u64(b: &mut bytes::Bytes) -> Result<u64, HandshakeError> {
+    if b.remaining() < 8 {
+        return Err(HandshakeError::Malformed("truncated"));
+    }
+    Ok(b.get_u64())
+}
+
+fn get_str(b: &mut bytes::Bytes, len: usize) -> Result<String, HandshakeError> {
+    if b.remaining() < len {
+        return Err(HandshakeError::Malformed("truncated string"));
+    }
+    String::from_utf8(b.split_to(len).to_vec()).map_err(|_| HandshakeError::Malformed("not UTF-8"))
+}
+
+fn get_str8(b: &mut bytes::Bytes) -> Result<String, HandshakeError> {
+    if !b.has_remaining() {
+        return Err(HandshakeError::Malformed("truncated"));
+    }
+    let len = b.get_u8() as usize;
+    get_str(b, len)
+}
+
+fn get_str16(b: &mut bytes::Bytes) -> Result<String, HandshakeError> {
+    if b.remaining() < 2 {
+        return Err(HandshakeError::Malformed("truncated"));
+    }
+    let len = b.get_u16() as usize;
+    get_str(b, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_roundtrip_any_split() {
+        let h = Hello {
+            edge: "site-a".into(),
+            epoch: 42,
+            cache_bytes: 1 << 30,
+            window: 64 << 20,
+            target: "10.0.0.1:4444".into(),
+            open_seq: 7,
+        };
+        let mut enc = BytesMut::new();
+        h.encode(&mut enc);
+        for cut in 0..enc.len() {
+            let mut part = BytesMut::from(&enc[..cut]);
+            assert_eq!(Hello::decode(&mut part), Ok(None), "cut {cut}");
+        }
+        let mut all = enc.clone();
+        assert_eq!(Hello::decode(&mut all), Ok(Some(h)));
+        assert!(all.is_empty());
+    }
+
+    #[test]
+    fn reply_roundtrip_and_errors() {
+        let r = HelloReply {
+            edge: "b".into(),
+            epoch: 1,
+            cache_bytes: 2,
+            window: 3,
+            result: Err("connect to 127.0.0.1:1 refused".into()),
+        };
+        let mut enc = BytesMut::new();
+        r.encode(&mut enc);
+        assert_eq!(HelloReply::decode(&mut enc.clone()), Ok(Some(r)));
+        assert_eq!(
+            Hello::decode(&mut enc.clone()),
+            Err(HandshakeError::Kind(2))
+        );
+        let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert_eq!(Hello::decode(&mut garbage), Err(HandshakeError::BadMagic));
+        let mut v2 = enc.clone();
+        v2[5] = 2;
+        assert_eq!(HelloReply::decode(&mut v2), Err(HandshakeError::Version(2)));
+    }
+}

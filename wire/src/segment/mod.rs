@@ -1,0 +1,52 @@
+//! Stream segmenters: they decide where chunk boundaries are, never what the bytes are.
+//!
+//! A segmenter consumes bytes from the front of the connection's read buffer and yields
+//! [`Segment`]s whose concatenation is exactly the bytes consumed. Protocol-aware
+//! segmenters (QEMU migration, NBD) find 4 KiB pages at exact offsets; [`CdcSegmenter`]
+//! serves every other stream. A segmenter that is unsure yields opaque bytes: a wrong
+//! guess only costs dedup ratio, because the encoder ships whatever the segments hold.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::chunk::{ChunkParams, Chunker};
+
+mod cdc;
+pub use cdc::CdcSegmenter;
+
+/// A piece of the stream, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    /// Bytes worth no dedup attempt (headers, tails, small pieces): sent as literals.
+    Opaque(Bytes),
+    /// A block worth deduplicating: hashed, then sent as a reference or a new chunk.
+    Block(Bytes),
+}
+
+impl Segment {
+    /// The bytes this segment stands for.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Segment::Opaque(b) | Segment::Block(b) => b,
+        }
+    }
+}
+
+/// Turns a byte stream into segments.
+pub trait Segmenter: Send {
+    /// Consumes what it can from the front of `input`, appending segments to `out`.
+    /// Bytes it needs more context for stay in `input`. With `flush` (input idle or at
+    /// end of stream) it must consume everything.
+    fn segment(&mut self, input: &mut BytesMut, flush: bool, out: &mut Vec<Segment>);
+
+    /// A short name for logs and stats ("cdc", "qemu-main", ...).
+    fn kind(&self) -> &'static str;
+}
+
+/// Chunks shorter than this travel as literals: a reference (33 bytes) would save
+/// little, and tiny flushed tails would only churn the cache.
+pub const MIN_BLOCK: usize = 512;
+
+/// Builds the default segmenter for a stream of unknown kind.
+pub fn default_segmenter(params: ChunkParams) -> Box<dyn Segmenter> {
+    Box::new(CdcSegmenter::new(Chunker::new(params)))
+}

@@ -1,0 +1,294 @@
+//! Tunnel frames → local stream, for one direction of one connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::SessionError;
+use crate::frame::Frame;
+use crate::id::ChunkId;
+use crate::store::ContentStore;
+use crate::verified::UnverifiedChunk;
+
+/// Decoder settings.
+#[derive(Clone, Debug)]
+pub struct DecoderConfig {
+    /// Send an ACK after resolving this many logical bytes (and whenever input idles).
+    pub ack_interval: u64,
+    /// Most logical bytes allowed to queue behind unresolved references. The peer's
+    /// window bounds what it sends unacknowledged, so an honest peer stays below it.
+    pub max_pending: u64,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        DecoderConfig {
+            ack_interval: 1 << 20,
+            max_pending: 256 << 20,
+        }
+    }
+}
+
+/// Counters of one decoder.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecoderStats {
+    /// Logical bytes delivered.
+    pub delivered: u64,
+    /// References resolved from the store.
+    pub refs_resolved: u64,
+    /// MISS requests sent.
+    pub misses: u64,
+    /// FILLs received.
+    pub fills: u64,
+    /// New chunks verified and stored.
+    pub chunks_stored: u64,
+}
+
+/// Assumed size of a chunk not yet resolved, for the pending bound.
+const UNRESOLVED_WEIGHT: u64 = 4096;
+
+enum Pending {
+    Ready(Bytes),
+    Wait(ChunkId),
+    End,
+}
+
+/// Rebuilds the byte stream from data frames, resolving references from the shared
+/// store and asking the peer for what the store lacks.
+///
+/// Output order is frame order: once one reference waits for a FILL, everything after
+/// it queues until it resolves.
+pub struct Decoder {
+    store: Arc<dyn ContentStore>,
+    config: DecoderConfig,
+    pending: VecDeque<Pending>,
+    pending_weight: u64,
+    requested: HashSet<ChunkId>,
+    fills: HashMap<ChunkId, Bytes>,
+    output: VecDeque<Bytes>,
+    control: VecDeque<Frame>,
+    resolved: u64,
+    acked: u64,
+    end_seen: bool,
+    finished: bool,
+    stats: DecoderStats,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("pending", &self.pending.len())
+            .field("resolved", &self.resolved)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Decoder {
+    /// A decoder resolving references from `store`.
+    pub fn new(store: Arc<dyn ContentStore>, config: DecoderConfig) -> Self {
+        Decoder {
+            store,
+            config,
+            pending: VecDeque::new(),
+            pending_weight: 0,
+            requested: HashSet::new(),
+            fills: HashMap::new(),
+            output: VecDeque::new(),
+            control: VecDeque::new(),
+            resolved: 0,
+            acked: 0,
+            end_seen: false,
+            finished: false,
+            stats: DecoderStats::default(),
+        }
+    }
+
+    /// Handles a LITERAL, CHUNK, REF, END or FILL frame.
+    ///
+    /// # Errors
+    /// [`SessionError`] when a chunk fails verification, data follows END, the pending
+    /// bound is exceeded, or the frame is a control frame for the ledger.
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if self.end_seen && frame.is_data() {
+            return Err(SessionError::DataAfterEnd);
+        }
+        let item = match frame {
+            Frame::Literal(data) => Pending::Ready(data),
+            Frame::Chunk { id, data } => {
+                let chunk = UnverifiedChunk { id, data }.verify()?;
+                let data = chunk.data().clone();
+                self.store.insert(chunk);
+                self.stats.chunks_stored += 1;
+                Pending::Ready(data)
+            }
+            Frame::Ref(id) => {
+                let found = if self.pending.is_empty() {
+                    self.store.get(&id)
+                } else {
+                    self.fills.get(&id).cloned().or_else(|| self.store.get(&id))
+                };
+                match found {
+                    Some(data) => {
+                        self.stats.refs_resolved += 1;
+                        Pending::Ready(data)
+                    }
+                    None => {
+                        self.request(id);
+                        Pending::Wait(id)
+                    }
+                }
+            }
+            Frame::End => {
+                self.end_seen = true;
+                Pending::End
+            }
+            Frame::Fill { id, data } => {
+                let chunk = UnverifiedChunk { id, data }.verify()?;
+                self.stats.fills += 1;
+                self.fills.insert(id, chunk.data().clone());
+                self.store.insert(chunk);
+                self.drain();
+                return Ok(());
+            }
+            Frame::Miss(_) => return Err(SessionError::Unexpected("MISS")),
+            Frame::Ack(_) => return Err(SessionError::Unexpected("ACK")),
+            Frame::Reset(_) => return Err(SessionError::Unexpected("RESET")),
+        };
+        if self.pending.is_empty() {
+            self.deliver(item);
+        } else {
+            self.pending_weight += match &item {
+                Pending::Ready(d) => d.len() as u64,
+                Pending::Wait(_) => UNRESOLVED_WEIGHT,
+                Pending::End => 0,
+            };
+            self.pending.push_back(item);
+            if self.pending_weight > self.config.max_pending {
+                return Err(SessionError::WindowExceeded {
+                    pending: self.pending_weight,
+                    limit: self.config.max_pending,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, id: ChunkId) {
+        if self.requested.insert(id) {
+            self.stats.misses += 1;
+            self.control.push_back(Frame::Miss(id));
+        }
+    }
+
+    /// Delivers an item with nothing queued before it, or queues it behind a miss.
+    fn deliver(&mut self, item: Pending) {
+        match item {
+            Pending::Ready(data) => self.emit(data),
+            Pending::Wait(id) => {
+                self.pending_weight += UNRESOLVED_WEIGHT;
+                self.pending.push_back(Pending::Wait(id));
+            }
+            Pending::End => self.finish(),
+        }
+    }
+
+    fn emit(&mut self, data: Bytes) {
+        self.resolved += data.len() as u64;
+        self.stats.delivered += data.len() as u64;
+        if !data.is_empty() {
+            self.output.push_back(data);
+        }
+        if self.resolved - self.acked >= self.config.ack_interval {
+            self.ack();
+        }
+    }
+
+    fn finish(&mut self) {
+        self.finished = true;
+        self.ack();
+    }
+
+    fn ack(&mut self) {
+        if self.resolved > self.acked {
+            self.acked = self.resolved;
+            self.control.push_back(Frame::Ack(self.resolved));
+        }
+    }
+
+    /// Resolves queued items from the front for as long as possible.
+    fn drain(&mut self) {
+        while let Some(front) = self.pending.front() {
+            let data = match front {
+                Pending::Ready(d) => {
+                    self.pending_weight -= d.len() as u64;
+                    d.clone()
+                }
+                Pending::Wait(id) => {
+                    let id = *id;
+                    match self.fills.get(&id).cloned().or_else(|| self.store.get(&id)) {
+                        Some(d) => {
+                            self.pending_weight -= UNRESOLVED_WEIGHT;
+                            self.stats.refs_resolved += 1;
+                            d
+                        }
+                        None => {
+                            // Evicted between arrival and now (tiny store): ask again.
+                            self.request(id);
+                            break;
+                        }
+                    }
+                }
+                Pending::End => {
+                    self.pending.pop_front();
+                    self.finish();
+                    continue;
+                }
+            };
+            self.pending.pop_front();
+            self.emit(data);
+        }
+        if self.pending.is_empty() {
+            // Nothing waits any more: what was fetched is in the store (or not wanted).
+            self.fills.clear();
+            self.requested.clear();
+        }
+    }
+
+    /// The input went idle: acknowledge whatever is resolved, so the peer can release
+    /// its pins even on a quiet, interactive stream.
+    pub fn handle_idle(&mut self) {
+        self.ack();
+    }
+
+    /// Next bytes to write to the local socket, in order.
+    pub fn poll_output(&mut self) -> Option<Bytes> {
+        self.output.pop_front()
+    }
+
+    /// Next control frame (MISS, ACK) to send to the peer.
+    pub fn poll_control(&mut self) -> Option<Frame> {
+        self.control.pop_front()
+    }
+
+    /// Whether END has been resolved: every byte of this direction is delivered.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Whether references wait for FILLs.
+    pub fn is_waiting(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Logical bytes resolved so far.
+    pub fn resolved(&self) -> u64 {
+        self.resolved
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &DecoderStats {
+        &self.stats
+    }
+}

@@ -1,0 +1,188 @@
+//! Local stream → tunnel frames, for one direction of one connection.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::compress::{CompressMode, CompressPolicy};
+use super::ledger::SendLedger;
+use crate::frame::{self, Frame, MAX_LITERAL};
+use crate::id::ChunkId;
+use crate::segment::Segment;
+use crate::store::PeerHoldings;
+
+/// Encoder settings.
+#[derive(Clone, Debug)]
+pub struct EncoderConfig {
+    /// Compression setting.
+    pub compress: CompressMode,
+    /// zstd level for compressed batches.
+    pub level: i32,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        EncoderConfig {
+            compress: CompressMode::Auto,
+            level: 1,
+        }
+    }
+}
+
+/// Counters of one encoder (logical = bytes of the proxied stream).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncoderStats {
+    /// Logical bytes sent as literals.
+    pub literal_bytes: u64,
+    /// Chunks sent in full.
+    pub chunks: u64,
+    /// Logical bytes sent in full as chunks.
+    pub chunk_bytes: u64,
+    /// Chunks sent as references.
+    pub refs: u64,
+    /// Logical bytes replaced by references.
+    pub ref_bytes: u64,
+    /// Frame bytes produced (after compression).
+    pub wire_bytes: u64,
+    /// Batches sent compressed.
+    pub batches_compressed: u64,
+    /// Batches where compression was tried and did not pay.
+    pub batches_incompressible: u64,
+}
+
+/// Turns segments into data frames, batched and optionally compressed.
+pub struct Encoder {
+    peer: Arc<dyn PeerHoldings>,
+    policy: CompressPolicy,
+    level: i32,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    batch: BytesMut,
+    end: bool,
+    end_sent: bool,
+    stats: EncoderStats,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("batch", &self.batch.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Encoder {
+    /// An encoder sending to a peer whose holdings are modelled by `peer`.
+    pub fn new(peer: Arc<dyn PeerHoldings>, config: EncoderConfig) -> Self {
+        Encoder {
+            peer,
+            policy: CompressPolicy::new(config.compress),
+            level: config.level,
+            zstd: None,
+            batch: BytesMut::with_capacity(64 * 1024),
+            end: false,
+            end_sent: false,
+            stats: EncoderStats::default(),
+        }
+    }
+
+    /// Encodes one segment into the pending batch. Blocks become references when the
+    /// peer is believed to hold them; their bytes are pinned in `ledger` until acked.
+    pub fn handle_segment(&mut self, segment: Segment, ledger: &mut SendLedger) {
+        debug_assert!(!self.end, "segment after end");
+        match segment {
+            Segment::Opaque(mut data) => {
+                while !data.is_empty() {
+                    let piece = data.split_to(data.len().min(MAX_LITERAL));
+                    ledger.advance(piece.len());
+                    self.stats.literal_bytes += piece.len() as u64;
+                    Frame::Literal(piece).encode(&mut self.batch);
+                }
+            }
+            Segment::Block(data) => {
+                debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
+                let id = ChunkId::of(&data);
+                ledger.advance(data.len());
+                if self.peer.check_and_mark(&id, data.len()) {
+                    self.stats.refs += 1;
+                    self.stats.ref_bytes += data.len() as u64;
+                    ledger.pin(id, &data);
+                    Frame::Ref(id).encode(&mut self.batch);
+                } else {
+                    self.stats.chunks += 1;
+                    self.stats.chunk_bytes += data.len() as u64;
+                    Frame::Chunk { id, data }.encode(&mut self.batch);
+                }
+            }
+        }
+    }
+
+    /// Marks the end of the local stream: the next [`Encoder::take_batch`] ends with END.
+    pub fn handle_end(&mut self) {
+        self.end = true;
+    }
+
+    /// Bytes of frames waiting in the batch.
+    pub fn batch_len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether END has been handed out.
+    pub fn is_finished(&self) -> bool {
+        self.end_sent
+    }
+
+    /// Takes the pending frames as wire bytes (a ZBATCH when compression is tried and
+    /// pays), followed by END if the stream ended. `link_backlogged` feeds the `Auto`
+    /// compression policy.
+    pub fn take_batch(&mut self, link_backlogged: bool) -> Option<Bytes> {
+        if self.batch.is_empty() && (!self.end || self.end_sent) {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        if !self.batch.is_empty() {
+            let raw = self.batch.split();
+            if self.policy.should_try(link_backlogged) {
+                match self.compress(&raw) {
+                    Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
+                        self.policy.record(true);
+                        self.stats.batches_compressed += 1;
+                        out.reserve(24 + z.len());
+                        frame::encode_zbatch_header(&mut out, raw.len(), z.len());
+                        out.extend_from_slice(&z);
+                    }
+                    _ => {
+                        self.policy.record(false);
+                        self.stats.batches_incompressible += 1;
+                        out = raw;
+                    }
+                }
+            } else {
+                out = raw;
+            }
+        }
+        if self.end && !self.end_sent {
+            Frame::End.encode(&mut out);
+            self.end_sent = true;
+        }
+        self.stats.wire_bytes += out.len() as u64;
+        Some(out.freeze())
+    }
+
+    fn compress(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
+        if raw.len() > frame::MAX_BATCH_RAW {
+            return None;
+        }
+        let level = self.level;
+        let z = match &mut self.zstd {
+            Some(z) => z,
+            None => self.zstd.insert(zstd::bulk::Compressor::new(level).ok()?),
+        };
+        z.compress(raw).ok()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &EncoderStats {
+        &self.stats
+    }
+}

@@ -1,0 +1,391 @@
+//! The invariant as properties: for any input, any read split on either side, any
+//! store size and eviction pattern, and any interleaving of concurrent connections
+//! sharing one store and one peer model, the receiving side rebuilds exactly the input.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use wire::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
+use wire::{
+    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder,
+    PeerHoldings, Segmenter, VerifiedChunk,
+};
+
+/// A FIFO store bounded in bytes (0 = stores nothing), with optional forced evictions.
+struct TinyStore {
+    cap: usize,
+    inner: Mutex<(VecDeque<ChunkId>, HashMap<ChunkId, Bytes>, usize)>,
+}
+
+impl TinyStore {
+    fn new(cap: usize) -> Self {
+        TinyStore {
+            cap,
+            inner: Mutex::new((VecDeque::new(), HashMap::new(), 0)),
+        }
+    }
+    fn evict_all(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.0.clear();
+        g.1.clear();
+        g.2 = 0;
+    }
+}
+
+impl ContentStore for TinyStore {
+    fn get(&self, id: &ChunkId) -> Option<Bytes> {
+        self.inner.lock().unwrap().1.get(id).cloned()
+    }
+    fn insert(&self, chunk: VerifiedChunk) {
+        let (id, data) = chunk.into_parts();
+        assert_eq!(ChunkId::of(&data), id, "unverified data reached the store");
+        let mut g = self.inner.lock().unwrap();
+        if data.len() > self.cap || g.1.contains_key(&id) {
+            return;
+        }
+        g.2 += data.len();
+        g.0.push_back(id);
+        g.1.insert(id, data);
+        while g.2 > self.cap {
+            let old = g.0.pop_front().unwrap();
+            let d = g.1.remove(&old).unwrap();
+            g.2 -= d.len();
+        }
+    }
+}
+
+/// Believes the peer holds everything it was ever sent (so evictions cause misses).
+#[derive(Default)]
+struct Optimist(Mutex<HashSet<ChunkId>>);
+
+impl PeerHoldings for Optimist {
+    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> bool {
+        !self.0.lock().unwrap().insert(*id)
+    }
+    fn forget(&self, id: &ChunkId) {
+        self.0.lock().unwrap().remove(id);
+    }
+}
+
+/// One proxied connection: sender side (segmenter, encoder, ledger) and receiver side
+/// (frame decoder, decoder), with the wire in between held as bytes in flight.
+struct Conn {
+    input: Vec<u8>,
+    fed: usize,
+    read_buf: BytesMut,
+    seg: Box<dyn Segmenter>,
+    enc: Encoder,
+    ledger: SendLedger,
+    wire: BytesMut,
+    carry: BytesMut,
+    fdec: FrameDecoder,
+    dec: Decoder,
+    back: VecDeque<Frame>,
+    out: Vec<u8>,
+}
+
+impl Conn {
+    fn new(
+        input: Vec<u8>,
+        store: Arc<dyn ContentStore>,
+        peer: Arc<dyn PeerHoldings>,
+        mode: CompressMode,
+    ) -> Self {
+        Conn {
+            input,
+            fed: 0,
+            read_buf: BytesMut::new(),
+            seg: default_segmenter(ChunkParams {
+                min: 256,
+                avg: 1024,
+                max: 4096,
+            }),
+            enc: Encoder::new(
+                peer,
+                EncoderConfig {
+                    compress: mode,
+                    level: 1,
+                },
+            ),
+            ledger: SendLedger::new(),
+            wire: BytesMut::new(),
+            carry: BytesMut::new(),
+            fdec: FrameDecoder::new(),
+            dec: Decoder::new(
+                store,
+                DecoderConfig {
+                    ack_interval: 2048,
+                    max_pending: u64::MAX,
+                },
+            ),
+            back: VecDeque::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Sender reads `n` bytes (and flushes when told, like an idle socket).
+    fn send_step(&mut self, n: usize, flush: bool, backlog: bool) {
+        let end = (self.fed + n).min(self.input.len());
+        self.read_buf.extend_from_slice(&self.input[self.fed..end]);
+        self.fed = end;
+        let done = self.fed == self.input.len();
+        let mut segs = Vec::new();
+        self.seg
+            .segment(&mut self.read_buf, flush || done, &mut segs);
+        for s in segs {
+            self.enc.handle_segment(s, &mut self.ledger);
+        }
+        if done && !self.enc.is_finished() {
+            self.enc.handle_end();
+        }
+        if let Some(b) = self.enc.take_batch(backlog) {
+            self.wire.extend_from_slice(&b);
+        }
+    }
+
+    /// Receiver reads `n` wire bytes.
+    fn recv_step(&mut self, n: usize) {
+        let take = n.min(self.wire.len());
+        let piece = self.wire.split_to(take);
+        self.carry.extend_from_slice(&piece);
+        while let Some(f) = self.fdec.decode(&mut self.carry).expect("valid frames") {
+            assert!(
+                !matches!(f, Frame::Miss(_) | Frame::Ack(_)),
+                "control on data path"
+            );
+            self.dec.handle_frame(f).expect("valid session");
+        }
+        self.dec.handle_idle();
+        while let Some(b) = self.dec.poll_output() {
+            self.out.extend_from_slice(&b);
+        }
+        while let Some(c) = self.dec.poll_control() {
+            self.back.push_back(c);
+        }
+    }
+
+    /// Sender handles control frames coming back.
+    fn control_step(&mut self) {
+        while let Some(c) = self.back.pop_front() {
+            if let Some(fill) = self.ledger.handle_control(c).expect("valid control") {
+                let mut b = BytesMut::new();
+                fill.encode(&mut b);
+                // FILLs travel on the data direction's wire, interleaved anywhere.
+                self.wire.extend_from_slice(&b);
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.dec.is_finished() && self.wire.is_empty() && self.back.is_empty()
+    }
+
+    fn check_finished(&self) {
+        assert_eq!(self.out.len(), self.input.len(), "length differs");
+        assert!(self.out == self.input, "bytes differ");
+        assert_eq!(
+            self.ledger.acked(),
+            self.ledger.sent(),
+            "not everything acknowledged"
+        );
+        assert_eq!(self.ledger.pinned_bytes(), 0, "pins left after final ack");
+    }
+}
+
+/// Migration-like input: pages drawn from a small pool (so content repeats, in a
+/// different order per stream), unique bytes, zero runs, odd-sized pieces.
+fn workload(seed: u64, len: usize, pool: &[Vec<u8>]) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        match next() % 4 {
+            0 | 1 => out.extend_from_slice(&pool[(next() as usize) % pool.len()]),
+            2 => {
+                let n = (next() % 3000) as usize;
+                for _ in 0..n {
+                    out.push(next() as u8);
+                }
+            }
+            _ => out.extend(std::iter::repeat(0u8).take((next() % 5000) as usize)),
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn pool(seed: u64) -> Vec<Vec<u8>> {
+    (0..8)
+        .map(|i| workload_raw(seed.wrapping_add(i * 7919), 4096 + (i as usize) * 1000))
+        .collect()
+}
+
+fn workload_raw(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Send {
+        conn: usize,
+        n: usize,
+        flush: bool,
+        backlog: bool,
+    },
+    Recv {
+        conn: usize,
+        n: usize,
+    },
+    Control {
+        conn: usize,
+    },
+    EvictAll,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..3usize, 1..20_000usize, any::<bool>(), any::<bool>())
+            .prop_map(|(conn, n, flush, backlog)| Op::Send { conn, n, flush, backlog }),
+        4 => (0..3usize, 1..30_000usize).prop_map(|(conn, n)| Op::Recv { conn, n }),
+        2 => (0..3usize).prop_map(|conn| Op::Control { conn }),
+        1 => Just(Op::EvictAll),
+    ]
+}
+
+fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>) {
+    let store = Arc::new(TinyStore::new(store_cap));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let mut conns: Vec<Conn> = inputs
+        .into_iter()
+        .map(|i| Conn::new(i, store.clone(), peer.clone(), mode))
+        .collect();
+    let n = conns.len();
+    for op in ops {
+        match op {
+            Op::Send {
+                conn,
+                n: len,
+                flush,
+                backlog,
+            } => conns[conn % n].send_step(len, flush, backlog),
+            Op::Recv { conn, n: len } => conns[conn % n].recv_step(len),
+            Op::Control { conn } => conns[conn % n].control_step(),
+            Op::EvictAll => store.evict_all(),
+        }
+    }
+    // Then run everything to completion, round robin, with bounded steps.
+    for _ in 0..100_000 {
+        if conns.iter().all(Conn::done) {
+            break;
+        }
+        for c in conns.iter_mut() {
+            c.send_step(8192, false, false);
+            c.recv_step(8192);
+            c.control_step();
+        }
+    }
+    for c in &conns {
+        assert!(c.done(), "connection did not finish");
+        c.check_finished();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, .. ProptestConfig::default() })]
+
+    #[test]
+    fn any_input_any_split_any_cache(
+        seed in any::<u64>(),
+        lens in proptest::collection::vec(0..120_000usize, 1..4),
+        store_cap in prop_oneof![Just(0usize), 0..20_000usize, Just(1usize << 30)],
+        mode in prop_oneof![Just(CompressMode::Off), Just(CompressMode::Auto), Just(CompressMode::Always)],
+        ops in proptest::collection::vec(op(), 0..200),
+    ) {
+        let p = pool(seed);
+        let inputs = lens.iter().enumerate().map(|(i, &l)| workload(seed ^ (i as u64 + 1), l, &p)).collect();
+        run(inputs, store_cap, mode, ops);
+    }
+
+    #[test]
+    fn arbitrary_bytes_roundtrip(
+        data in proptest::collection::vec(any::<u8>(), 0..50_000),
+        store_cap in 0..10_000usize,
+        ops in proptest::collection::vec(op(), 0..100),
+    ) {
+        let twice = [data.clone(), data].concat();
+        run(vec![twice.clone(), twice], store_cap, CompressMode::Always, ops);
+    }
+}
+
+#[test]
+fn repeated_content_becomes_references() {
+    let p = pool(1);
+    let a = workload(11, 400_000, &p);
+    let store = Arc::new(TinyStore::new(1 << 30));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let mut c1 = Conn::new(a.clone(), store.clone(), peer.clone(), CompressMode::Off);
+    let mut c2 = Conn::new(a, store, peer, CompressMode::Off);
+    for c in [&mut c1, &mut c2] {
+        while !c.done() {
+            c.send_step(65536, false, false);
+            c.recv_step(1 << 20);
+            c.control_step();
+        }
+        c.check_finished();
+    }
+    let s2 = c2.enc.stats();
+    assert!(
+        s2.ref_bytes > 370_000,
+        "second copy mostly references: {s2:?}"
+    );
+    assert!(
+        s2.wire_bytes < 30_000,
+        "second copy is small on the wire: {s2:?}"
+    );
+    assert_eq!(c2.dec.stats().misses, 0);
+}
+
+#[test]
+fn corrupt_chunk_is_refused() {
+    let store = Arc::new(TinyStore::new(1 << 20));
+    let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
+    let data = Bytes::from(vec![7u8; 4096]);
+    let wrong = ChunkId::of(b"something else");
+    let err = dec
+        .handle_frame(Frame::Chunk {
+            id: wrong,
+            data: data.clone(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("fails verification"), "{err}");
+    assert!(store.get(&wrong).is_none() && store.get(&ChunkId::of(&data)).is_none());
+    let err = dec
+        .handle_frame(Frame::Fill { id: wrong, data })
+        .unwrap_err();
+    assert!(matches!(err, wire::session::SessionError::Corrupt(_)));
+}
+
+#[test]
+fn unknown_miss_and_bad_ack_are_errors() {
+    let mut ledger = SendLedger::new();
+    assert!(ledger
+        .handle_control(Frame::Miss(ChunkId::of(b"x")))
+        .is_err());
+    assert!(ledger.handle_control(Frame::Ack(1)).is_err());
+    assert!(ledger.handle_control(Frame::Ack(0)).is_ok());
+}
