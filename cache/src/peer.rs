@@ -1,0 +1,358 @@
+//! The sending edge's model of its peers' stores: [`PeerIndex`] per peer, found through
+//! the [`PeerRegistry`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use wire::{ChunkId, PeerHoldings};
+
+use crate::shard::{default_shards, Insert, Sharded};
+
+/// What one peer edge is believed to hold: chunk ids with their lengths, evicted with
+/// the same layout and rule as that peer's [`ChunkStore`](crate::ChunkStore) uses.
+///
+/// Only lengths are kept (4 bytes per entry instead of the chunk), but every entry is
+/// charged its data length plus [`ENTRY_OVERHEAD`](crate::ENTRY_OVERHEAD) against the
+/// peer's advertised cache size, so this index forgets a chunk at about the time the
+/// peer evicts it. It still over-predicts, since the peer's store is also filled by
+/// other edges; each wrong guess costs one miss round trip.
+pub struct PeerIndex {
+    map: Sharded<u32>,
+    hits: AtomicU64,
+    marks: AtomicU64,
+    forgets: AtomicU64,
+    evictions: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// A snapshot of a [`PeerIndex`]'s size and counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerIndexStats {
+    /// Chunk ids believed held.
+    pub entries: usize,
+    /// Bytes charged: chunk lengths plus [`ENTRY_OVERHEAD`](crate::ENTRY_OVERHEAD) each.
+    pub bytes: u64,
+    /// The peer's advertised cache size.
+    pub capacity_bytes: u64,
+    /// `check_and_mark` calls that found the id (a reference can be sent).
+    pub hits: u64,
+    /// `check_and_mark` calls that recorded a new id (the chunk is sent in full).
+    pub marks: u64,
+    /// `forget` calls (the peer reported a miss).
+    pub forgets: u64,
+    /// Ids dropped to stay within the peer's budget.
+    pub evictions: u64,
+    /// Ids not recorded because the peer's store would reject a chunk that large.
+    pub rejected: u64,
+}
+
+impl PeerIndex {
+    /// An empty index for a peer whose store holds `peer_cache_bytes`, laid out as
+    /// [`ChunkStore::new`](crate::ChunkStore::new) lays out a store of that size.
+    pub fn new(peer_cache_bytes: u64) -> Self {
+        Self::with_shards(peer_cache_bytes, default_shards(peer_cache_bytes))
+    }
+
+    /// An empty index with an explicit shard count (rounded up to a power of two); it
+    /// models the peer well only if that matches the peer's store.
+    pub fn with_shards(peer_cache_bytes: u64, shards: usize) -> Self {
+        PeerIndex {
+            map: Sharded::new(peer_cache_bytes, shards),
+            hits: AtomicU64::new(0),
+            marks: AtomicU64::new(0),
+            forgets: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `id` is believed held, without marking it recently used.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.map.contains(id)
+    }
+
+    /// Number of ids believed held.
+    pub fn len(&self) -> usize {
+        self.map.usage().0
+    }
+
+    /// Whether no id is believed held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes charged; at most [`capacity_bytes`](Self::capacity_bytes).
+    pub fn bytes(&self) -> u64 {
+        self.map.usage().1
+    }
+
+    /// The peer's advertised cache size this index was built for.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.map.capacity_bytes()
+    }
+
+    /// Current size and counters.
+    pub fn stats(&self) -> PeerIndexStats {
+        let (entries, bytes) = self.map.usage();
+        PeerIndexStats {
+            entries,
+            bytes,
+            capacity_bytes: self.map.capacity_bytes(),
+            hits: self.hits.load(Relaxed),
+            marks: self.marks.load(Relaxed),
+            forgets: self.forgets.load(Relaxed),
+            evictions: self.evictions.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
+        self.map.check_invariants();
+    }
+}
+
+impl PeerHoldings for PeerIndex {
+    fn check_and_mark(&self, id: &ChunkId, len: usize) -> bool {
+        // Chunks are capped at 1 MiB by the wire; saturate rather than wrap if a
+        // caller ever passes more, so the entry is rejected instead of under-charged.
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        // Check and insert under one shard lock, so two connections racing on the same
+        // id cannot both see "absent" and "present" inconsistently: exactly one of them
+        // marks it.
+        match self.map.insert(*id, len) {
+            Insert::Present => {
+                self.hits.fetch_add(1, Relaxed);
+                true
+            }
+            Insert::Inserted { evicted } => {
+                self.marks.fetch_add(1, Relaxed);
+                if !evicted.is_empty() {
+                    self.evictions.fetch_add(evicted.len() as u64, Relaxed);
+                }
+                false
+            }
+            Insert::Rejected => {
+                // The peer will not keep it, so a later reference would only miss.
+                self.rejected.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+
+    fn forget(&self, id: &ChunkId) {
+        self.forgets.fetch_add(1, Relaxed);
+        self.map.remove(id);
+    }
+}
+
+impl fmt::Debug for PeerIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerIndex")
+            .field("shards", &self.map.shard_count())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// One [`PeerIndex`] per peer edge, keyed by the peer's name and tagged with the epoch
+/// the peer announced (a fresh value each time its store starts empty).
+///
+/// Cloning is cheap (an `Arc`); all clones share the map. Connections to the same
+/// peer in the same epoch share one index, which is what lets a chunk sent on one
+/// connection be referenced on another.
+#[derive(Clone, Default)]
+pub struct PeerRegistry {
+    inner: Arc<Mutex<PeerMap>>,
+}
+
+/// Peer edge name → (epoch, index for that epoch).
+type PeerMap = HashMap<String, (u64, Arc<PeerIndex>)>;
+
+impl PeerRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The index for `peer` in `epoch`.
+    ///
+    /// If the registry knows `peer` under the same epoch, its index is returned (and
+    /// `peer_cache_bytes` is ignored: a peer cannot resize its store without
+    /// restarting, which changes the epoch). Otherwise the peer is new or has
+    /// restarted and lost its store, so a fresh empty index of `peer_cache_bytes`
+    /// replaces any old one: no reference learned in an earlier epoch is ever sent.
+    /// Connections still holding the old `Arc` keep using it, harmlessly, until they end.
+    pub fn index_for(&self, peer: &str, epoch: u64, peer_cache_bytes: u64) -> Arc<PeerIndex> {
+        let mut map = self.inner.lock();
+        match map.get_mut(peer) {
+            Some((e, index)) if *e == epoch => Arc::clone(index),
+            Some(slot) => {
+                let index = Arc::new(PeerIndex::new(peer_cache_bytes));
+                *slot = (epoch, Arc::clone(&index));
+                index
+            }
+            None => {
+                let index = Arc::new(PeerIndex::new(peer_cache_bytes));
+                map.insert(peer.to_owned(), (epoch, Arc::clone(&index)));
+                index
+            }
+        }
+    }
+
+    /// Every known peer as `(name, epoch, entries)`, sorted by name.
+    pub fn peers(&self) -> Vec<(String, u64, usize)> {
+        // Copy the handles out first so no shard lock is taken under the registry lock.
+        let snapshot: Vec<(String, u64, Arc<PeerIndex>)> = self
+            .inner
+            .lock()
+            .iter()
+            .map(|(name, (epoch, index))| (name.clone(), *epoch, Arc::clone(index)))
+            .collect();
+        let mut out: Vec<_> = snapshot
+            .into_iter()
+            .map(|(name, epoch, index)| (name, epoch, index.len()))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl fmt::Debug for PeerRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerRegistry")
+            .field("peers", &self.peers())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ENTRY_OVERHEAD;
+
+    fn id(n: u32) -> ChunkId {
+        ChunkId::of(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn check_and_mark_then_hit_then_forget() {
+        let p = PeerIndex::new(1 << 20);
+        assert!(!p.check_and_mark(&id(1), 100));
+        assert!(p.check_and_mark(&id(1), 100));
+        assert!(p.contains(&id(1)));
+        assert_eq!(p.bytes(), 100 + ENTRY_OVERHEAD);
+        p.forget(&id(1));
+        assert!(!p.contains(&id(1)));
+        assert_eq!(p.bytes(), 0);
+        assert!(!p.check_and_mark(&id(1), 100));
+        // Forgetting an unknown id is harmless.
+        p.forget(&id(99));
+        let st = p.stats();
+        assert_eq!((st.hits, st.marks, st.forgets), (1, 2, 2));
+        assert_eq!(st.entries, 1);
+    }
+
+    #[test]
+    fn evicts_lru_by_bytes_like_the_store() {
+        // Room for three 100-byte chunks in one shard.
+        let p = PeerIndex::with_shards(3 * (100 + ENTRY_OVERHEAD), 1);
+        for n in 0..3 {
+            assert!(!p.check_and_mark(&id(n), 100));
+        }
+        // A hit refreshes id(0); id(1) is now the oldest.
+        assert!(p.check_and_mark(&id(0), 100));
+        assert!(!p.check_and_mark(&id(3), 100));
+        assert!(p.contains(&id(0)));
+        assert!(!p.contains(&id(1)));
+        assert!(p.contains(&id(2)));
+        // A 200-byte chunk needs two slots: id(2) and id(0) go.
+        assert!(!p.check_and_mark(&id(4), 200));
+        assert!(!p.contains(&id(2)));
+        assert!(!p.contains(&id(0)));
+        assert!(p.contains(&id(3)));
+        assert_eq!(p.stats().evictions, 3);
+        assert!(p.bytes() <= p.capacity_bytes());
+        p.check_invariants();
+    }
+
+    #[test]
+    fn mirrors_a_chunk_store_of_the_same_size() {
+        use bytes::Bytes;
+        use wire::{ContentStore, VerifiedChunk};
+        let cap = 5000;
+        let store = crate::ChunkStore::new(cap);
+        let index = PeerIndex::new(cap);
+        for n in 0u32..200 {
+            let data = Bytes::from(vec![n as u8; 100 + (n as usize * 37) % 900]);
+            let c = VerifiedChunk::from_local(data);
+            let held = index.check_and_mark(c.id(), c.data().len());
+            assert_eq!(held, store.contains(c.id()), "chunk {n}");
+            if !held {
+                store.insert(c);
+            } else {
+                store.get(c.id());
+            }
+        }
+        assert_eq!(index.len(), store.len());
+        assert_eq!(index.bytes(), store.bytes());
+    }
+
+    #[test]
+    fn zero_capacity_and_oversize_never_marked() {
+        let p = PeerIndex::new(0);
+        assert!(!p.check_and_mark(&id(1), 0));
+        assert!(!p.check_and_mark(&id(1), 0));
+        assert!(p.is_empty());
+        let p = PeerIndex::with_shards(1000, 1);
+        assert!(!p.check_and_mark(&id(2), 1000));
+        assert!(!p.check_and_mark(&id(2), 1000));
+        assert!(!p.check_and_mark(&id(3), usize::MAX));
+        assert_eq!(p.stats().rejected, 3);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn registry_reuses_index_within_an_epoch() {
+        let r = PeerRegistry::new();
+        let a = r.index_for("west", 7, 1 << 20);
+        assert!(!a.check_and_mark(&id(1), 10));
+        let b = r.clone().index_for("west", 7, 1 << 20);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(b.check_and_mark(&id(1), 10));
+    }
+
+    #[test]
+    fn registry_resets_index_on_epoch_change() {
+        let r = PeerRegistry::new();
+        let old = r.index_for("west", 1, 1 << 20);
+        old.check_and_mark(&id(1), 10);
+        old.check_and_mark(&id(2), 10);
+        let east = r.index_for("east", 1, 1 << 20);
+        east.check_and_mark(&id(1), 10);
+        assert_eq!(
+            r.peers(),
+            vec![("east".to_owned(), 1, 1), ("west".to_owned(), 1, 2)]
+        );
+
+        // The peer restarted: a new epoch must not inherit any holdings.
+        let new = r.index_for("west", 2, 2 << 20);
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert!(new.is_empty());
+        assert_eq!(new.capacity_bytes(), 2 << 20);
+        assert!(!new.check_and_mark(&id(1), 10));
+        assert!(Arc::ptr_eq(&new, &r.index_for("west", 2, 2 << 20)));
+        // Going back to an earlier epoch value is also a change.
+        assert!(r.index_for("west", 1, 1 << 20).is_empty());
+        // Other peers are untouched.
+        assert!(Arc::ptr_eq(&east, &r.index_for("east", 1, 1 << 20)));
+        assert_eq!(
+            r.peers(),
+            vec![("east".to_owned(), 1, 1), ("west".to_owned(), 1, 0)]
+        );
+        assert!(format!("{r:?}").contains("west"));
+    }
+}
