@@ -1,0 +1,376 @@
+//! Edge configuration: every setting works as a command-line flag and as a key in a
+//! TOML file (`--config`); flags override the file; unknown keys are rejected; the
+//! result is validated before anything binds a socket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use wire::session::CompressMode;
+
+use crate::size::ByteSize;
+
+/// One forward rule: accept on `listen`, carry each connection through the peer edge at
+/// `peer`, which connects to `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// Local address to accept hypervisor connections on.
+    pub listen: SocketAddr,
+    /// The peer edge's tunnel address (`host:port`).
+    pub peer: String,
+    /// Where the peer edge connects (`host:port`, resolved at the peer's site).
+    pub target: String,
+}
+
+impl FromStr for Forward {
+    type Err = String;
+
+    /// Parses `LISTEN=PEER=TARGET`, e.g. `0.0.0.0:4444=edge-b.example:7700=10.1.0.5:4444`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('=').collect();
+        let [listen, peer, target] = parts[..] else {
+            return Err(format!(
+                "invalid forward {s:?}: expected LISTEN=PEER=TARGET, e.g. 0.0.0.0:4444=198.51.100.7:7700=10.1.0.5:4444"
+            ));
+        };
+        let listen = listen
+            .parse()
+            .map_err(|_| format!("invalid forward {s:?}: LISTEN {listen:?} is not an IP:port address"))?;
+        for (what, v) in [("PEER", peer), ("TARGET", target)] {
+            check_host_port(v).map_err(|e| format!("invalid forward {s:?}: {what} {e}"))?;
+        }
+        Ok(Forward {
+            listen,
+            peer: peer.to_string(),
+            target: target.to_string(),
+        })
+    }
+}
+
+fn check_host_port(v: &str) -> Result<(), String> {
+    let Some((host, port)) = v.rsplit_once(':') else {
+        return Err(format!("{v:?} has no :port"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{v:?} is not host:port"));
+    }
+    Ok(())
+}
+
+/// Flags of `shrinker edge` (all optional: they override the config file).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EdgeArgs {
+    /// TOML file with any of these settings (keys as the flags, with `_` for `-`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This edge's name, sent to peers (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where peer edges connect (e.g. 0.0.0.0:7700).
+    #[arg(long, value_name = "ADDR")]
+    pub tunnel_listen: Option<SocketAddr>,
+    /// LISTEN=PEER=TARGET: accept on LISTEN, carry through the peer edge at PEER, which
+    /// connects to TARGET. Repeatable.
+    #[arg(long = "forward", value_name = "LISTEN=PEER=TARGET")]
+    pub forwards: Vec<Forward>,
+    /// The deployment's private CA certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This edge's certificate (PEM), issued by the CA.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This edge's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Run the WAN tunnel without TLS (lab use only: anyone on the path can read and
+    /// inject data).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Memory for the shared chunk store (e.g. 2GiB).
+    #[arg(long, value_name = "SIZE")]
+    pub cache_mem: Option<ByteSize>,
+    /// Most unacknowledged bytes per connection in flight to the peer (bounds memory
+    /// kept to answer misses; must cover bandwidth x RTT).
+    #[arg(long, value_name = "SIZE")]
+    pub window: Option<ByteSize>,
+    /// Compression of literals and new chunks on the WAN: off, auto (when the link is
+    /// the bottleneck and it pays) or always.
+    #[arg(long, value_name = "MODE")]
+    pub compress: Option<CompressMode>,
+    /// Write a JSON counters snapshot here, periodically and at exit.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Seconds between stats snapshots.
+    #[arg(long, value_name = "SECS")]
+    pub stats_interval: Option<f64>,
+    /// Seconds allowed for connecting (TCP + TLS + handshake) to a peer or target.
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<f64>,
+    /// Most concurrent proxied connections (further accepts wait).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+}
+
+/// The TOML file form of [`EdgeArgs`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeFile {
+    name: Option<String>,
+    tunnel_listen: Option<SocketAddr>,
+    #[serde(default)]
+    forward: Vec<ForwardEntry>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure_plaintext: Option<bool>,
+    cache_mem: Option<ByteSize>,
+    window: Option<ByteSize>,
+    compress: Option<String>,
+    stats_json: Option<PathBuf>,
+    stats_interval: Option<f64>,
+    connect_timeout: Option<f64>,
+    max_connections: Option<usize>,
+}
+
+/// A forward in the file: either `"LISTEN=PEER=TARGET"` or a table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum ForwardEntry {
+    Short(String),
+    Table(Forward),
+}
+
+/// TLS file paths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// Edge certificate.
+    pub cert: PathBuf,
+    /// Edge key.
+    pub key: PathBuf,
+}
+
+/// A complete, validated edge configuration.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// This edge's name.
+    pub name: String,
+    /// Tunnel listener, if this edge accepts peers.
+    pub tunnel_listen: Option<SocketAddr>,
+    /// Forward rules.
+    pub forwards: Vec<Forward>,
+    /// TLS files, or `None` for plaintext.
+    pub tls: Option<TlsPaths>,
+    /// Store size in bytes.
+    pub cache_bytes: u64,
+    /// Flow-control window per connection direction.
+    pub window: u64,
+    /// Compression mode.
+    pub compress: CompressMode,
+    /// Stats snapshot file.
+    pub stats_json: Option<PathBuf>,
+    /// Stats period.
+    pub stats_interval: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Connection limit.
+    pub max_connections: usize,
+}
+
+/// Default store size: large enough for the shared pages of a small cluster.
+pub const DEFAULT_CACHE: u64 = 1 << 30;
+/// Default window: 64 MiB covers 1 Gbit/s x 500 ms or 10 Gbit/s x 50 ms.
+pub const DEFAULT_WINDOW: u64 = 64 << 20;
+
+/// A configuration that cannot work, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key).
+        message: String,
+    },
+    /// A setting is invalid or missing.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EdgeArgs {
+    /// Loads the file (if any), applies the flags over it and validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key or flag at fault.
+    pub fn resolve(&self) -> Result<EdgeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => EdgeFile::default(),
+        };
+        let base = self.config.as_deref().and_then(Path::parent).map(Path::to_path_buf);
+        let rel = |p: PathBuf| match &base {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p,
+        };
+        let mut forwards = Vec::new();
+        for f in file.forward {
+            forwards.push(match f {
+                ForwardEntry::Short(s) => s.parse().map_err(ConfigError::Invalid)?,
+                ForwardEntry::Table(t) => {
+                    Forward::from_str(&format!("{}={}={}", t.listen, t.peer, t.target))
+                        .map_err(ConfigError::Invalid)?
+                }
+            });
+        }
+        if !self.forwards.is_empty() {
+            forwards = self.forwards.clone();
+        }
+        let compress = match (self.compress, file.compress) {
+            (Some(c), _) => c,
+            (None, Some(s)) => s.parse().map_err(ConfigError::Invalid)?,
+            (None, None) => CompressMode::Auto,
+        };
+        let insecure = self.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
+        let ca = self.tls_ca.clone().or(file.tls_ca.map(&rel));
+        let cert = self.tls_cert.clone().or(file.tls_cert.map(&rel));
+        let key = self.tls_key.clone().or(file.tls_key.map(&rel));
+        let tls = match (ca, cert, key, insecure) {
+            (_, _, _, true) => None,
+            (Some(ca), Some(cert), Some(key), false) => Some(TlsPaths { ca, cert, key }),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "the WAN tunnel needs TLS: pass --tls-ca, --tls-cert and --tls-key (create them with `shrinker certs --out DIR NAME...`), or --insecure-plaintext for a lab without TLS".into(),
+                ))
+            }
+        };
+        let secs = |v: Option<f64>, what: &str, default: f64| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v.is_finite() && v > 0.0 && v < 86_400.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(ConfigError::Invalid(format!("--{what} must be a number of seconds between 0 and 86400, got {v}")))
+            }
+        };
+        let config = EdgeConfig {
+            name: self
+                .name
+                .clone()
+                .or(file.name)
+                .unwrap_or_else(default_name),
+            tunnel_listen: self.tunnel_listen.or(file.tunnel_listen),
+            forwards,
+            tls,
+            cache_bytes: self.cache_mem.or(file.cache_mem).map_or(DEFAULT_CACHE, |s| s.0),
+            window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
+            compress,
+            stats_json: self.stats_json.clone().or(file.stats_json),
+            stats_interval: secs(self.stats_interval.or(file.stats_interval), "stats-interval", 1.0)?,
+            connect_timeout: secs(self.connect_timeout.or(file.connect_timeout), "connect-timeout", 10.0)?,
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(4096),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl EdgeConfig {
+    /// Checks the settings fit together.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] saying what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.tunnel_listen.is_none() && self.forwards.is_empty() {
+            return bad("nothing to do: give --tunnel-listen ADDR (accept peer edges) and/or --forward LISTEN=PEER=TARGET".into());
+        }
+        if self.name.is_empty() || self.name.len() > 255 {
+            return bad(format!("--name {:?} must be 1 to 255 bytes", self.name));
+        }
+        if self.window < (1 << 20) {
+            return bad(format!("--window {} is too small: use at least 1MiB (it should cover bandwidth x RTT)", ByteSize(self.window)));
+        }
+        if self.max_connections == 0 {
+            return bad("--max-connections must be at least 1".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.forwards {
+            if !seen.insert(f.listen) {
+                return bad(format!("two forwards listen on {}", f.listen));
+            }
+            if Some(f.listen) == self.tunnel_listen {
+                return bad(format!("forward listen address {} is also the tunnel listen address", f.listen));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn load_file(path: &Path) -> Result<EdgeFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "edge".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_parsing() {
+        let f: Forward = "127.0.0.1:4444=127.0.0.1:7700=10.0.0.2:4444".parse().unwrap();
+        assert_eq!(f.listen, "127.0.0.1:4444".parse().unwrap());
+        assert_eq!(f.peer, "127.0.0.1:7700");
+        assert!("127.0.0.1:1=x".parse::<Forward>().unwrap_err().contains("LISTEN=PEER=TARGET"));
+        assert!("nope:1=a:1=b:2".parse::<Forward>().unwrap_err().contains("LISTEN"));
+        assert!("127.0.0.1:1=a=b:2".parse::<Forward>().unwrap_err().contains("PEER"));
+        let v6: Forward = "[::1]:4444=[::1]:7700=[::1]:4445".parse().unwrap();
+        assert_eq!(v6.target, "[::1]:4445");
+    }
+
+    #[test]
+    fn tls_required_unless_insecure() {
+        let mut a = EdgeArgs {
+            tunnel_listen: Some("127.0.0.1:7700".parse().unwrap()),
+            ..Default::default()
+        };
+        let e = a.resolve().unwrap_err().to_string();
+        assert!(e.contains("shrinker certs"), "{e}");
+        a.insecure_plaintext = true;
+        assert!(a.resolve().unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn nothing_to_do_is_an_error() {
+        let a = EdgeArgs {
+            insecure_plaintext: true,
+            ..Default::default()
+        };
+        assert!(a.resolve().unwrap_err().to_string().contains("nothing to do"));
+    }
+}

@@ -1,0 +1,471 @@
+//! The driver of one proxied connection over its tunnel connection: three futures that
+//! only move bytes between sockets and the sans-IO state machines of `wire::session`.
+//!
+//! - **uplink**: local socket → segmenter → encoder → data queue;
+//! - **downlink**: tunnel → frame decoder → decoder → local socket; MISS/ACK from the
+//!   peer go to the ledger (a MISS is answered with a FILL on the control queue);
+//! - **writer**: control queue (first) and data queue → tunnel.
+//!
+//! Both edges run the same driver; only the handshake differs (see `edge.rs`).
+//! Shutdown rule: a tunnel end closes once its decoder delivered the peer's END, its own
+//! END is sent, and the peer acknowledged every byte it sent (no MISS can come any
+//! more). Any error aborts all three futures, tells the peer (RESET) when the fault is
+//! not the peer's, and resets the local socket (RST), so a failure is never silent.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{ReadHalf as LocalRead, WriteHalf as LocalWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use wire::session::{
+    Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig, EncoderStats, SendLedger,
+    SessionError,
+};
+use wire::{ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings};
+
+use crate::stats::EdgeStats;
+
+/// Local reads are taken in bursts up to this size: large enough to amortise hashing
+/// and frame overhead, small enough to keep per-connection memory low.
+const READ_CAP: usize = 256 * 1024;
+/// A burst shorter than this that ends with the socket drained is an interactive
+/// message (a return-path reply, an NBD reply): flush it at once for latency.
+const SMALL_BURST: usize = 16 * 1024;
+/// A bulk stream that pauses mid-chunk is flushed after this long, so chunk boundaries
+/// stay content-defined while data flows and nothing waits for long when it stops.
+const IDLE_FLUSH: Duration = Duration::from_millis(1);
+/// Resolved bytes are acknowledged at the latest this long after they resolve.
+const ACK_DELAY: Duration = Duration::from_millis(2);
+/// Batches queued for the tunnel writer. A non-empty queue means the link is the
+/// bottleneck, which is when compression is worth its CPU.
+const DATA_QUEUE: usize = 8;
+/// Frames smaller than this are gathered into one write.
+const COALESCE: usize = 64 * 1024;
+/// Extra pending allowance over the peer's window: one read burst plus frame slack.
+const PENDING_SLACK: u64 = 16 << 20;
+
+/// Everything a connection needs from its edge.
+#[derive(Clone)]
+pub(crate) struct PumpCtx {
+    pub(crate) store: Arc<dyn ContentStore>,
+    pub(crate) peer: Arc<dyn PeerHoldings>,
+    pub(crate) encoder: EncoderConfig,
+    pub(crate) chunk: ChunkParams,
+    /// Our send window.
+    pub(crate) window: u64,
+    /// The peer's send window (bounds what may queue behind a miss here).
+    pub(crate) peer_window: u64,
+    pub(crate) stats: Arc<EdgeStats>,
+}
+
+/// What a finished connection did.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub(crate) enc: EncoderStats,
+    pub(crate) dec: DecoderStats,
+    pub(crate) lan_in: u64,
+    pub(crate) lan_out: u64,
+    pub(crate) fills_sent: u64,
+}
+
+/// Why a proxied connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("reading from the local side failed: {0}")]
+    LocalRead(io::Error),
+    #[error("writing to the local side failed: {0}")]
+    LocalWrite(io::Error),
+    #[error("reading from the tunnel failed: {0}")]
+    TunnelRead(io::Error),
+    #[error("writing to the tunnel failed: {0}")]
+    TunnelWrite(io::Error),
+    #[error("the peer edge closed the tunnel mid-stream")]
+    TunnelClosed,
+    #[error("malformed tunnel data from the peer edge: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation by the peer edge: {0}")]
+    Session(#[from] SessionError),
+    #[error("the peer edge reset the connection: {0}")]
+    PeerReset(String),
+    #[error("aborted")]
+    Aborted,
+}
+
+impl ConnError {
+    /// Whether to tell the peer with a RESET (it does not know yet).
+    fn tell_peer(&self) -> bool {
+        matches!(
+            self,
+            ConnError::LocalRead(_) | ConnError::LocalWrite(_) | ConnError::Frame(_) | ConnError::Session(_)
+        )
+    }
+
+    /// Whether the local side (not the peer edge or this edge) caused it.
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self, ConnError::LocalRead(_) | ConnError::LocalWrite(_))
+    }
+}
+
+struct Shared {
+    ledger: Mutex<SendLedger>,
+    /// Signalled by the downlink on every ACK (the uplink may be waiting for window).
+    acked: Notify,
+    /// Signalled by the uplink when END is queued.
+    uplink_finished: Notify,
+    uplink_done: AtomicBool,
+    abort: CancellationToken,
+    error: Mutex<Option<ConnError>>,
+    lan_in: AtomicU64,
+    lan_out: AtomicU64,
+    fills_sent: AtomicU64,
+}
+
+impl Shared {
+    fn ledger(&self) -> MutexGuard<'_, SendLedger> {
+        // A panic while holding the lock would already have aborted the connection.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the first error, asks the peer to reset when it does not know, and
+    /// aborts the other futures.
+    fn fail(&self, err: ConnError, ctrl: &mpsc::UnboundedSender<Frame>) -> ConnError {
+        if matches!(err, ConnError::Aborted) {
+            return err;
+        }
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            if err.tell_peer() {
+                let _ = ctrl.send(Frame::Reset(err.to_string()));
+            }
+            *slot = Some(err);
+        }
+        drop(slot);
+        self.abort.cancel();
+        ConnError::Aborted
+    }
+}
+
+/// Relays `local` over `tunnel` until both directions are delivered, or fails loudly.
+/// `leftover` holds tunnel bytes read past the handshake.
+pub(crate) async fn pump<T>(
+    mut local: TcpStream,
+    tunnel: T,
+    leftover: BytesMut,
+    ctx: PumpCtx,
+) -> Result<Outcome, ConnError>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (tr, mut tw) = tokio::io::split(tunnel);
+    let shared = Shared {
+        ledger: Mutex::new(SendLedger::new()),
+        acked: Notify::new(),
+        uplink_finished: Notify::new(),
+        uplink_done: AtomicBool::new(false),
+        abort: CancellationToken::new(),
+        error: Mutex::new(None),
+        lan_in: AtomicU64::new(0),
+        lan_out: AtomicU64::new(0),
+        fills_sent: AtomicU64::new(0),
+    };
+    let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
+    let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
+    let (enc, dec) = {
+        let (mut lr, mut lw) = local.split();
+        let up = uplink(&mut lr, data_tx, ctrl_tx.clone(), &shared, &ctx);
+        let down = downlink(tr, &mut lw, leftover, ctrl_tx, &shared, &ctx);
+        let write = writer(&mut tw, ctrl_rx, data_rx, &shared);
+        let (up, down, _) = tokio::join!(up, down, write);
+        (up, down)
+    };
+    let error = shared.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(err) = error {
+        // RST, not FIN: the local application must see that the stream broke.
+        crate::io::reset_on_close(&local);
+        return Err(err);
+    }
+    Ok(Outcome {
+        enc: enc.unwrap_or_default(),
+        dec: dec.unwrap_or_default(),
+        lan_in: shared.lan_in.load(Relaxed),
+        lan_out: shared.lan_out.load(Relaxed),
+        fills_sent: shared.fills_sent.load(Relaxed),
+    })
+}
+
+async fn uplink(
+    lr: &mut LocalRead<'_>,
+    data_tx: mpsc::Sender<Bytes>,
+    ctrl_tx: mpsc::UnboundedSender<Frame>,
+    shared: &Shared,
+    ctx: &PumpCtx,
+) -> Result<EncoderStats, ConnError> {
+    let mut seg = wire::segment::default_segmenter(ctx.chunk);
+    let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
+    let mut buf = BytesMut::with_capacity(READ_CAP);
+    let mut segs = Vec::new();
+    let fail = |e| shared.fail(e, &ctrl_tx);
+    let mut eof = false;
+    while !eof {
+        // Flow control: the ledger pins every reference until acknowledged.
+        loop {
+            if shared.ledger().in_flight() <= ctx.window {
+                break;
+            }
+            tokio::select! {
+                _ = shared.acked.notified() => {}
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CAP / 4 {
+            buf.reserve(READ_CAP);
+        }
+        let first = if buf.is_empty() {
+            tokio::select! {
+                r = lr.read_buf(&mut buf) => Some(r),
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
+        } else {
+            tokio::select! {
+                r = tokio::time::timeout(IDLE_FLUSH, lr.read_buf(&mut buf)) => r.ok(),
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
+        };
+        let (mut burst, mut flush) = match first {
+            // The stream paused mid-chunk: cut what we have.
+            None => (0, true),
+            Some(Ok(0)) => {
+                eof = true;
+                (0, true)
+            }
+            Some(Ok(n)) => (n, false),
+            Some(Err(e)) => return Err(fail(ConnError::LocalRead(e))),
+        };
+        if burst > 0 {
+            // Take whatever else is already there, without waiting.
+            while buf.len() < READ_CAP {
+                match lr.try_read_buf(&mut buf) {
+                    Ok(0) => {
+                        eof = true;
+                        flush = true;
+                        break;
+                    }
+                    Ok(n) => burst += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        flush |= burst < SMALL_BURST;
+                        break;
+                    }
+                    Err(e) => return Err(fail(ConnError::LocalRead(e))),
+                }
+            }
+            shared.lan_in.fetch_add(burst as u64, Relaxed);
+            ctx.stats.lan_bytes_in.fetch_add(burst as u64, Relaxed);
+        }
+        seg.segment(&mut buf, flush, &mut segs);
+        if !segs.is_empty() {
+            let mut ledger = shared.ledger();
+            for s in segs.drain(..) {
+                enc.handle_segment(s, &mut ledger);
+            }
+        }
+        if eof {
+            enc.handle_end();
+        }
+        let backlogged = data_tx.capacity() < data_tx.max_capacity();
+        if let Some(batch) = enc.take_batch(backlogged) {
+            tokio::select! {
+                r = data_tx.send(batch) => if r.is_err() { return Err(ConnError::Aborted) },
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
+        }
+    }
+    shared.uplink_done.store(true, Relaxed);
+    shared.uplink_finished.notify_one();
+    Ok(enc.stats().clone())
+}
+
+async fn downlink<T: AsyncRead>(
+    mut tr: ReadHalf<T>,
+    lw: &mut LocalWrite<'_>,
+    mut rbuf: BytesMut,
+    ctrl_tx: mpsc::UnboundedSender<Frame>,
+    shared: &Shared,
+    ctx: &PumpCtx,
+) -> Result<DecoderStats, ConnError> {
+    let mut fdec = FrameDecoder::new();
+    let mut dec = Decoder::new(
+        ctx.store.clone(),
+        DecoderConfig {
+            ack_interval: 1 << 20,
+            max_pending: ctx.peer_window.saturating_add(PENDING_SLACK),
+        },
+    );
+    let fail = |e| shared.fail(e, &ctrl_tx);
+    let mut local_shut = false;
+    let mut ack_deadline: Option<Instant> = None;
+    let mut tunnel_eof = false;
+    loop {
+        loop {
+            let frame = match fdec.decode(&mut rbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(fail(e.into())),
+            };
+            match frame {
+                Frame::Miss(_) | Frame::Ack(_) => {
+                    let is_ack = matches!(frame, Frame::Ack(_));
+                    let reply = shared.ledger().handle_control(frame);
+                    match reply {
+                        Ok(Some(fill)) => {
+                            shared.fills_sent.fetch_add(1, Relaxed);
+                            let _ = ctrl_tx.send(fill);
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(fail(e.into())),
+                    }
+                    if is_ack {
+                        shared.acked.notify_one();
+                    }
+                }
+                Frame::Reset(reason) => return Err(fail(ConnError::PeerReset(reason))),
+                other => {
+                    if let Err(e) = dec.handle_frame(other) {
+                        return Err(fail(e.into()));
+                    }
+                }
+            }
+        }
+        while let Some(out) = dec.poll_output() {
+            tokio::select! {
+                r = lw.write_all(&out) => if let Err(e) = r { return Err(fail(ConnError::LocalWrite(e))) },
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
+            shared.lan_out.fetch_add(out.len() as u64, Relaxed);
+            ctx.stats.lan_bytes_out.fetch_add(out.len() as u64, Relaxed);
+        }
+        while let Some(c) = dec.poll_control() {
+            let _ = ctrl_tx.send(c);
+        }
+        if dec.is_finished() && !local_shut {
+            local_shut = true;
+            // Half-close: the peer's application finished sending.
+            if let Err(e) = lw.shutdown().await {
+                if e.kind() != io::ErrorKind::NotConnected {
+                    return Err(fail(ConnError::LocalWrite(e)));
+                }
+            }
+        }
+        if dec.is_finished() && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0 {
+            return Ok(dec.stats().clone());
+        }
+        if tunnel_eof {
+            return Err(fail(ConnError::TunnelClosed));
+        }
+        if dec.has_unacked() && ack_deadline.is_none() {
+            ack_deadline = Some(Instant::now() + ACK_DELAY);
+        }
+        let deadline = ack_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+            rbuf.reserve(READ_CAP);
+        }
+        tokio::select! {
+            r = tr.read_buf(&mut rbuf) => match r {
+                Ok(0) => tunnel_eof = true,
+                Ok(_) => {}
+                Err(e) => return Err(fail(ConnError::TunnelRead(e))),
+            },
+            _ = tokio::time::sleep_until(deadline), if ack_deadline.is_some() => {
+                dec.handle_idle();
+                ack_deadline = None;
+            }
+            _ = shared.uplink_finished.notified() => {}
+            _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+        }
+    }
+}
+
+async fn writer<T: AsyncWrite>(
+    tw: &mut WriteHalf<T>,
+    mut ctrl_rx: mpsc::UnboundedReceiver<Frame>,
+    mut data_rx: mpsc::Receiver<Bytes>,
+    shared: &Shared,
+) -> Result<(), ConnError> {
+    let mut scratch = BytesMut::with_capacity(COALESCE);
+    let (mut ctrl_open, mut data_open) = (true, true);
+    let result: Result<(), io::Error> = async {
+        loop {
+            // Control frames first: a MISS or FILL unblocks the peer, an ACK frees memory.
+            tokio::select! {
+                biased;
+                _ = shared.abort.cancelled() => {
+                    // Deliver a queued RESET so the peer learns why, then stop.
+                    while let Ok(f) = ctrl_rx.try_recv() {
+                        if let Frame::Reset(_) = f {
+                            f.encode(&mut scratch);
+                        }
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        tw.write_all(&scratch).await?;
+                        tw.shutdown().await
+                    }).await;
+                    return Ok(());
+                }
+                f = ctrl_rx.recv(), if ctrl_open => match f {
+                    Some(f) => f.encode(&mut scratch),
+                    None => ctrl_open = false,
+                },
+                b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
+                    Some(b) => {
+                        write_or_abort(tw, &b, shared).await?;
+                    }
+                    None => data_open = false,
+                },
+                else => break,
+            }
+            // Gather more control frames already queued into the same write.
+            while scratch.len() < COALESCE {
+                match ctrl_rx.try_recv() {
+                    Ok(f) => f.encode(&mut scratch),
+                    Err(_) => break,
+                }
+            }
+            if !scratch.is_empty() {
+                let bytes = scratch.split().freeze();
+                write_or_abort(tw, &bytes, shared).await?;
+            }
+            if ctrl_rx.is_empty() && data_rx.is_empty() {
+                tw.flush().await?;
+            }
+            if !ctrl_open && !data_open {
+                break;
+            }
+        }
+        tw.flush().await?;
+        // close_notify + FIN: this direction is complete.
+        tw.shutdown().await
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted && shared.abort.is_cancelled() => Err(ConnError::Aborted),
+        Err(e) => {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            Err(shared.fail(ConnError::TunnelWrite(e), &tx))
+        }
+    }
+}
+
+/// Writes all of `data` unless the connection is aborted meanwhile.
+async fn write_or_abort<T: AsyncWrite>(tw: &mut WriteHalf<T>, data: &[u8], shared: &Shared) -> Result<(), io::Error> {
+    tokio::select! {
+        r = tw.write_all(data) => r,
+        _ = shared.abort.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "aborted")),
+    }
+}

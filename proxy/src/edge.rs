@@ -1,0 +1,525 @@
+//! One edge process: listeners, handshakes, and the shared state every connection uses.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use cache::{ChunkStore, PeerRegistry};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+use wire::handshake::{Hello, HelloReply};
+use wire::session::EncoderConfig;
+use wire::ChunkParams;
+
+use crate::config::{EdgeConfig, Forward};
+use crate::conn::{pump, ConnError, Outcome, PumpCtx};
+use crate::error::EdgeError;
+use crate::io::{ConnWan, WanCountingIo};
+use crate::stats::{self, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
+
+/// How long open connections may take to finish after a shutdown request.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A boxed tunnel stream (TLS or plaintext), so both paths share one driver.
+trait TunnelIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> TunnelIo for T {}
+type Tunnel = Box<dyn TunnelIo>;
+
+/// State shared by every connection of the edge.
+pub(crate) struct EdgeShared {
+    config: EdgeConfig,
+    epoch: u64,
+    store: ChunkStore,
+    peers: PeerRegistry,
+    stats: Arc<EdgeStats>,
+    tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    tls_connector: Option<tokio_rustls::TlsConnector>,
+    conn_ids: AtomicU64,
+    limit: Arc<Semaphore>,
+    started: Instant,
+}
+
+/// An edge whose listeners are bound (so address errors surface before it runs).
+pub struct Edge {
+    shared: Arc<EdgeShared>,
+    tunnel: Option<TcpListener>,
+    forwards: Vec<(Forward, TcpListener)>,
+}
+
+impl Edge {
+    /// Loads TLS material and binds every listener.
+    ///
+    /// # Errors
+    /// [`EdgeError`] naming the file or address at fault.
+    pub async fn bind(config: EdgeConfig) -> Result<Edge, EdgeError> {
+        let (tls_acceptor, tls_connector) = match &config.tls {
+            Some(paths) => {
+                let files = tls::TlsFiles {
+                    ca: paths.ca.clone(),
+                    cert: paths.cert.clone(),
+                    key: paths.key.clone(),
+                };
+                (
+                    Some(tokio_rustls::TlsAcceptor::from(tls::server_config(&files)?)),
+                    Some(tokio_rustls::TlsConnector::from(tls::client_config(&files)?)),
+                )
+            }
+            None => {
+                warn!("TLS is off (--insecure-plaintext): the WAN tunnel can be read and altered by anyone on the path");
+                (None, None)
+            }
+        };
+        let tunnel = match config.tunnel_listen {
+            Some(addr) => Some(bind(addr, "tunnel").await?),
+            None => None,
+        };
+        let mut forwards = Vec::new();
+        for f in &config.forwards {
+            forwards.push((f.clone(), bind(f.listen, "forward").await?));
+        }
+        let shared = Arc::new(EdgeShared {
+            epoch: rand::random(),
+            store: ChunkStore::new(config.cache_bytes),
+            peers: PeerRegistry::new(),
+            stats: Arc::new(EdgeStats::default()),
+            tls_acceptor,
+            tls_connector,
+            conn_ids: AtomicU64::new(0),
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            started: Instant::now(),
+            config,
+        });
+        Ok(Edge {
+            shared,
+            tunnel,
+            forwards,
+        })
+    }
+
+    /// The bound tunnel address.
+    pub fn tunnel_addr(&self) -> Option<SocketAddr> {
+        self.tunnel.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound forward addresses, in configuration order.
+    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
+        self.forwards.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+    }
+
+    /// The edge's counters (live).
+    pub fn stats(&self) -> Arc<EdgeStats> {
+        self.shared.stats.clone()
+    }
+
+    /// A snapshot of counters, store and peers.
+    pub fn snapshot(&self) -> Snapshot {
+        self.shared.snapshot()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, gives open connections
+    /// a grace period, and writes a final stats snapshot.
+    ///
+    /// # Errors
+    /// Only for failures of the edge as a whole (none today: per-connection failures
+    /// are logged and counted).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
+        let Edge {
+            shared,
+            tunnel,
+            forwards,
+        } = self;
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        info!(
+            edge = %shared.config.name,
+            epoch = format_args!("{:016x}", shared.epoch),
+            cache = %crate::size::ByteSize(shared.config.cache_bytes),
+            tls = shared.config.tls.is_some(),
+            "edge started"
+        );
+        if let Some(listener) = tunnel {
+            info!(addr = %listener.local_addr().map_err(EdgeError::Io)?, "accepting peer edges");
+            tracker.spawn(accept_tunnels(shared.clone(), listener, stop.clone(), tracker.clone()));
+        }
+        for (fwd, listener) in forwards {
+            info!(listen = %fwd.listen, peer = %fwd.peer, target = %fwd.target, "forwarding");
+            tracker.spawn(accept_forward(shared.clone(), fwd, listener, stop.clone(), tracker.clone()));
+        }
+        let stats_task = shared.config.stats_json.clone().map(|path| {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(shared.config.stats_interval);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    if let Err(e) = stats::write_snapshot(&path, &shared.snapshot()) {
+                        warn!(path = %path.display(), "cannot write stats snapshot: {e}");
+                    }
+                }
+            })
+        });
+        shutdown.await;
+        info!("shutting down: no new connections; waiting for open ones");
+        stop.cancel();
+        tracker.close();
+        if timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+            warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+        }
+        if let Some(t) = stats_task {
+            let _ = t.await;
+        }
+        if let Some(path) = &shared.config.stats_json {
+            if let Err(e) = stats::write_snapshot(path, &shared.snapshot()) {
+                warn!(path = %path.display(), "cannot write final stats snapshot: {e}");
+            }
+        }
+        info!("edge stopped");
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, EdgeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| EdgeError::Bind { what, addr, source })
+}
+
+impl EdgeShared {
+    fn snapshot(&self) -> Snapshot {
+        let counters = self.stats.snapshot();
+        let s = self.store.stats();
+        let reduction_ratio = if counters.wan_bytes_out > 0 {
+            counters.lan_bytes_in as f64 / counters.wan_bytes_out as f64
+        } else {
+            0.0
+        };
+        Snapshot {
+            edge: self.config.name.clone(),
+            epoch: self.epoch,
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            counters,
+            store: StoreSnapshot {
+                entries: s.entries,
+                bytes: s.bytes,
+                capacity_bytes: s.capacity_bytes,
+                hits: s.hits,
+                misses: s.misses,
+                evictions: s.evictions,
+            },
+            peers: self
+                .peers
+                .peers()
+                .into_iter()
+                .map(|(name, epoch, modelled_entries)| PeerSnapshot {
+                    name,
+                    epoch,
+                    modelled_entries,
+                })
+                .collect(),
+            reduction_ratio,
+        }
+    }
+
+    fn ctx(&self, peer_edge: &str, peer_epoch: u64, peer_cache: u64, peer_window: u64) -> PumpCtx {
+        PumpCtx {
+            store: Arc::new(self.store.clone()),
+            peer: self.peers.index_for(peer_edge, peer_epoch, peer_cache),
+            encoder: EncoderConfig {
+                compress: self.config.compress,
+                level: 1,
+            },
+            chunk: ChunkParams::DEFAULT,
+            window: self.config.window,
+            peer_window,
+            stats: self.stats.clone(),
+        }
+    }
+
+    fn finish(&self, result: Result<Outcome, ConnError>, wan: &ConnWan) {
+        self.stats.active_connections.fetch_sub(1, Relaxed);
+        match result {
+            Ok(o) => {
+                self.stats.connections_completed.fetch_add(1, Relaxed);
+                self.stats.add_encoder(&o.enc);
+                self.stats.add_decoder(&o.dec);
+                self.stats.fills_sent.fetch_add(o.fills_sent, Relaxed);
+                let wan_out = wan.bytes_out.load(Relaxed);
+                info!(
+                    lan_in = o.lan_in,
+                    lan_out = o.lan_out,
+                    wan_out,
+                    wan_in = wan.bytes_in.load(Relaxed),
+                    refs = o.enc.refs,
+                    ref_bytes = o.enc.ref_bytes,
+                    chunks = o.enc.chunks,
+                    literal_bytes = o.enc.literal_bytes,
+                    misses = o.dec.misses,
+                    fills_sent = o.fills_sent,
+                    ratio = format_args!("{:.3}", if o.lan_in > 0 { wan_out as f64 / o.lan_in as f64 } else { 0.0 }),
+                    "connection closed"
+                );
+            }
+            Err(e) => {
+                self.stats.connections_failed.fetch_add(1, Relaxed);
+                match e {
+                    ConnError::PeerReset(_) => info!("connection reset: {e}"),
+                    ref e if e.is_local() => info!("connection reset by the local side: {e}"),
+                    e => warn!("connection failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+async fn accept_forward(
+    shared: Arc<EdgeShared>,
+    fwd: Forward,
+    listener: TcpListener,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let fwd = Arc::new(fwd);
+    let mut seq: u64 = 0;
+    loop {
+        let permit = tokio::select! {
+            p = shared.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = stop.cancelled() => return,
+        };
+        let (local, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(listen = %fwd.listen, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        seq += 1;
+        let id = shared.conn_ids.fetch_add(1, Relaxed);
+        shared.stats.connections_accepted.fetch_add(1, Relaxed);
+        shared.stats.active_connections.fetch_add(1, Relaxed);
+        let span = info_span!("conn", id, from = %addr, peer = %fwd.peer, target = %fwd.target);
+        let (shared, fwd) = (shared.clone(), fwd.clone());
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                let wan = Arc::new(ConnWan::default());
+                let result = forward_one(&shared, local, &fwd, seq, wan.clone()).await;
+                shared.finish(result, &wan);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Client side: open a tunnel to the peer for one accepted local connection.
+async fn forward_one(
+    shared: &Arc<EdgeShared>,
+    local: TcpStream,
+    fwd: &Forward,
+    seq: u64,
+    wan: Arc<ConnWan>,
+) -> Result<Outcome, ConnError> {
+    let _ = local.set_nodelay(true);
+    let cfg = &shared.config;
+    let opened = timeout(cfg.connect_timeout, async {
+        let tcp = TcpStream::connect(&fwd.peer)
+            .await
+            .map_err(|e| format!("cannot connect to peer edge {}: {e}", fwd.peer))?;
+        let _ = tcp.set_nodelay(true);
+        let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
+        let mut tunnel: Tunnel = match &shared.tls_connector {
+            Some(c) => {
+                let host = fwd.peer.rsplit_once(':').map_or(fwd.peer.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                Box::new(
+                    c.connect(tls::server_name_for(host), io)
+                        .await
+                        .map_err(|e| format!("TLS handshake with peer edge {} failed: {e}", fwd.peer))?,
+                )
+            }
+            None => Box::new(io),
+        };
+        let mut out = BytesMut::new();
+        Hello {
+            edge: cfg.name.clone(),
+            epoch: shared.epoch,
+            cache_bytes: cfg.cache_bytes,
+            window: cfg.window,
+            target: fwd.target.clone(),
+            open_seq: seq,
+        }
+        .encode(&mut out);
+        tunnel
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("sending handshake to peer edge {}: {e}", fwd.peer))?;
+        tunnel.flush().await.map_err(|e| format!("sending handshake: {e}"))?;
+        let mut rbuf = BytesMut::with_capacity(8192);
+        let reply = loop {
+            match HelloReply::decode(&mut rbuf) {
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(e) => return Err(format!("bad handshake reply from {}: {e}", fwd.peer)),
+            }
+            let n = tunnel
+                .read_buf(&mut rbuf)
+                .await
+                .map_err(|e| format!("reading handshake reply from {}: {e}", fwd.peer))?;
+            if n == 0 {
+                return Err(format!(
+                    "peer edge {} closed the connection during the handshake (is it a Shrinker edge with a certificate from the same CA?)",
+                    fwd.peer
+                ));
+            }
+        };
+        Ok::<_, String>((tunnel, rbuf, reply))
+    })
+    .await;
+    let (tunnel, rbuf, reply) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(msg)) => return Err(reset_local(local, msg)),
+        Err(_) => {
+            return Err(reset_local(
+                local,
+                format!("peer edge {} did not complete the handshake within {:?}", fwd.peer, cfg.connect_timeout),
+            ))
+        }
+    };
+    if let Err(reason) = reply.result {
+        return Err(reset_local(
+            local,
+            format!("peer edge {} cannot reach target {}: {reason}", reply.edge, fwd.target),
+        ));
+    }
+    debug!(peer_edge = %reply.edge, "tunnel open");
+    let ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
+    pump(local, tunnel, rbuf, ctx).await
+}
+
+fn reset_local(local: TcpStream, msg: String) -> ConnError {
+    crate::io::reset_on_close(&local);
+    drop(local);
+    ConnError::PeerReset(msg)
+}
+
+async fn accept_tunnels(shared: Arc<EdgeShared>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let permit = tokio::select! {
+            p = shared.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = stop.cancelled() => return,
+        };
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("tunnel accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let id = shared.conn_ids.fetch_add(1, Relaxed);
+        let span = info_span!("tunnel", id, from = %addr);
+        let shared = shared.clone();
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                let wan = Arc::new(ConnWan::default());
+                match accept_one(&shared, tcp, wan.clone()).await {
+                    Ok(Some(result)) => shared.finish(result, &wan),
+                    Ok(None) => {}
+                    Err(msg) => {
+                        shared.stats.tunnels_rejected.fetch_add(1, Relaxed);
+                        warn!("rejected tunnel connection from {addr}: {msg}");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Server side: TLS, handshake, connect to the target, then relay.
+/// `Err` = rejected before relaying (counted apart from failed connections).
+async fn accept_one(shared: &Arc<EdgeShared>, tcp: TcpStream, wan: Arc<ConnWan>) -> Result<Option<Result<Outcome, ConnError>>, String> {
+    let _ = tcp.set_nodelay(true);
+    let cfg = &shared.config;
+    let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
+    let opened = timeout(cfg.connect_timeout, async {
+        let mut tunnel: Tunnel = match &shared.tls_acceptor {
+            Some(a) => Box::new(a.accept(io).await.map_err(|e| format!("TLS handshake failed: {e}"))?),
+            None => Box::new(io),
+        };
+        let mut rbuf = BytesMut::with_capacity(8192);
+        let hello = loop {
+            match Hello::decode(&mut rbuf) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => return Err(format!("bad handshake: {e}")),
+            }
+            let n = tunnel.read_buf(&mut rbuf).await.map_err(|e| format!("reading handshake: {e}"))?;
+            if n == 0 {
+                return Err("closed during the handshake".to_string());
+            }
+        };
+        Ok((tunnel, rbuf, hello))
+    })
+    .await;
+    let (mut tunnel, rbuf, hello) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(msg)) => return Err(msg),
+        Err(_) => return Err(format!("no handshake within {:?}", cfg.connect_timeout)),
+    };
+    let target = timeout(cfg.connect_timeout, TcpStream::connect(&hello.target)).await;
+    let target = match target {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", hello.target)),
+        Err(_) => Err(format!("connecting to {} timed out after {:?}", hello.target, cfg.connect_timeout)),
+    };
+    let mut out = BytesMut::new();
+    HelloReply {
+        edge: cfg.name.clone(),
+        epoch: shared.epoch,
+        cache_bytes: cfg.cache_bytes,
+        window: cfg.window,
+        result: target.as_ref().map(|_| ()).map_err(Clone::clone),
+    }
+    .encode(&mut out);
+    let sent = async {
+        tunnel.write_all(&out).await?;
+        tunnel.flush().await
+    }
+    .await;
+    let target = match target {
+        Ok(t) => t,
+        Err(msg) => {
+            let _ = tunnel.shutdown().await;
+            return Err(format!("peer edge {} asked for an unreachable target: {msg}", hello.edge));
+        }
+    };
+    if let Err(e) = sent {
+        return Err(format!("sending handshake reply: {e}"));
+    }
+    let _ = target.set_nodelay(true);
+    shared.stats.tunnels_accepted.fetch_add(1, Relaxed);
+    shared.stats.active_connections.fetch_add(1, Relaxed);
+    debug!(peer_edge = %hello.edge, target = %hello.target, seq = hello.open_seq, "tunnel accepted");
+    let ctx = shared.ctx(&hello.edge, hello.epoch, hello.cache_bytes, hello.window);
+    Ok(Some(pump(target, tunnel, rbuf, ctx).await))
+}

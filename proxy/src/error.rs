@@ -1,0 +1,25 @@
+//! Errors of the edge as a whole (per-connection failures are logged and counted, not
+//! returned: one connection's error never stops the edge).
+
+use std::net::SocketAddr;
+
+/// Why an edge cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr} ({what}): {source} (is another process using it?)")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS material is missing or invalid.
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    /// Other I/O.
+    #[error("{0}")]
+    Io(std::io::Error),
+}

@@ -1,0 +1,155 @@
+//! Edge-wide counters and the JSON snapshot scripts read (`--stats-json`).
+//!
+//! Every counter is monotonic except the `active_*` gauges. Names are documented in
+//! docs/METRICS.md; keep the two in step.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+use wire::session::{DecoderStats, EncoderStats};
+
+macro_rules! counters {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        /// Edge-wide counters, updated lock-free by every connection task.
+        #[derive(Debug, Default)]
+        pub struct EdgeStats {
+            $($(#[$m])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of [`EdgeStats`].
+        #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+        pub struct CountersSnapshot {
+            $($(#[$m])* pub $name: u64,)*
+        }
+
+        impl EdgeStats {
+            /// Copies every counter.
+            pub fn snapshot(&self) -> CountersSnapshot {
+                CountersSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Local (hypervisor-side) connections accepted on forward listeners.
+    connections_accepted,
+    /// Tunnel connections accepted from peer edges (after TLS and handshake).
+    tunnels_accepted,
+    /// Tunnel connections refused: TLS failure, bad handshake, unreachable target.
+    tunnels_rejected,
+    /// Proxied connections open now (gauge).
+    active_connections,
+    /// Proxied connections that ended cleanly (both directions delivered).
+    connections_completed,
+    /// Proxied connections that ended in a reset or error.
+    connections_failed,
+    /// Bytes read from local sockets (hypervisor side).
+    lan_bytes_in,
+    /// Bytes written to local sockets.
+    lan_bytes_out,
+    /// Bytes written to tunnel TCP sockets (including TLS overhead).
+    wan_bytes_out,
+    /// Bytes read from tunnel TCP sockets (including TLS overhead).
+    wan_bytes_in,
+    /// Logical bytes sent as literals.
+    literal_bytes,
+    /// Chunks sent in full.
+    chunks_sent,
+    /// Logical bytes sent in full as chunks.
+    chunk_bytes,
+    /// Chunks sent as references.
+    refs_sent,
+    /// Logical bytes replaced by references.
+    ref_bytes,
+    /// Batches sent zstd-compressed.
+    batches_compressed,
+    /// MISS requests this edge sent (a reference it could not resolve).
+    misses_sent,
+    /// FILLs this edge sent in answer to a peer's MISS.
+    fills_sent,
+    /// New chunks verified and stored.
+    chunks_stored,
+    /// References resolved from the store or a fill.
+    refs_resolved,
+}
+
+impl EdgeStats {
+    /// Adds one finished direction's encoder counters.
+    pub fn add_encoder(&self, s: &EncoderStats) {
+        self.literal_bytes.fetch_add(s.literal_bytes, Relaxed);
+        self.chunks_sent.fetch_add(s.chunks, Relaxed);
+        self.chunk_bytes.fetch_add(s.chunk_bytes, Relaxed);
+        self.refs_sent.fetch_add(s.refs, Relaxed);
+        self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
+        self.batches_compressed.fetch_add(s.batches_compressed, Relaxed);
+    }
+
+    /// Adds one finished direction's decoder counters.
+    pub fn add_decoder(&self, s: &DecoderStats) {
+        self.misses_sent.fetch_add(s.misses, Relaxed);
+        self.chunks_stored.fetch_add(s.chunks_stored, Relaxed);
+        self.refs_resolved.fetch_add(s.refs_resolved, Relaxed);
+    }
+}
+
+/// The whole snapshot file.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    /// This edge's name.
+    pub edge: String,
+    /// This edge's cache epoch.
+    pub epoch: u64,
+    /// Seconds since the edge started.
+    pub uptime_secs: f64,
+    /// Counters.
+    pub counters: CountersSnapshot,
+    /// The shared chunk store.
+    pub store: StoreSnapshot,
+    /// Peers this edge has talked to: name, epoch, modelled entries.
+    pub peers: Vec<PeerSnapshot>,
+    /// LAN bytes in / WAN bytes out: above 1 means the WAN carried less than the LAN.
+    pub reduction_ratio: f64,
+}
+
+/// Store part of the snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreSnapshot {
+    /// Entries held.
+    pub entries: usize,
+    /// Weighted bytes held.
+    pub bytes: u64,
+    /// Budget.
+    pub capacity_bytes: u64,
+    /// Lookups that found the chunk.
+    pub hits: u64,
+    /// Lookups that did not.
+    pub misses: u64,
+    /// Entries evicted.
+    pub evictions: u64,
+}
+
+/// One peer in the snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerSnapshot {
+    /// Peer edge name.
+    pub name: String,
+    /// Its cache epoch as last seen.
+    pub epoch: u64,
+    /// Chunks this edge believes the peer holds.
+    pub modelled_entries: usize,
+}
+
+/// Writes `snapshot` to `path` atomically (temp file + rename), so readers never see
+/// a half-written file.
+///
+/// # Errors
+/// The I/O error, for the caller to log.
+pub fn write_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
+}
