@@ -36,9 +36,9 @@ impl FromStr for Forward {
                 "invalid forward {s:?}: expected LISTEN=PEER=TARGET, e.g. 0.0.0.0:4444=198.51.100.7:7700=10.1.0.5:4444"
             ));
         };
-        let listen = listen
-            .parse()
-            .map_err(|_| format!("invalid forward {s:?}: LISTEN {listen:?} is not an IP:port address"))?;
+        let listen = listen.parse().map_err(|_| {
+            format!("invalid forward {s:?}: LISTEN {listen:?} is not an IP:port address")
+        })?;
         for (what, v) in [("PEER", peer), ("TARGET", target)] {
             check_host_port(v).map_err(|e| format!("invalid forward {s:?}: {what} {e}"))?;
         }
@@ -220,7 +220,11 @@ impl EdgeArgs {
             Some(path) => load_file(path)?,
             None => EdgeFile::default(),
         };
-        let base = self.config.as_deref().and_then(Path::parent).map(Path::to_path_buf);
+        let base = self
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
         let rel = |p: PathBuf| match &base {
             Some(b) if p.is_relative() => b.join(p),
             _ => p,
@@ -261,25 +265,37 @@ impl EdgeArgs {
             if v.is_finite() && v > 0.0 && v < 86_400.0 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(ConfigError::Invalid(format!("--{what} must be a number of seconds between 0 and 86400, got {v}")))
+                Err(ConfigError::Invalid(format!(
+                    "--{what} must be a number of seconds between 0 and 86400, got {v}"
+                )))
             }
         };
         let config = EdgeConfig {
-            name: self
-                .name
-                .clone()
-                .or(file.name)
-                .unwrap_or_else(default_name),
+            name: self.name.clone().or(file.name).unwrap_or_else(default_name),
             tunnel_listen: self.tunnel_listen.or(file.tunnel_listen),
             forwards,
             tls,
-            cache_bytes: self.cache_mem.or(file.cache_mem).map_or(DEFAULT_CACHE, |s| s.0),
+            cache_bytes: self
+                .cache_mem
+                .or(file.cache_mem)
+                .map_or(DEFAULT_CACHE, |s| s.0),
             window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
             compress,
             stats_json: self.stats_json.clone().or(file.stats_json),
-            stats_interval: secs(self.stats_interval.or(file.stats_interval), "stats-interval", 1.0)?,
-            connect_timeout: secs(self.connect_timeout.or(file.connect_timeout), "connect-timeout", 10.0)?,
-            max_connections: self.max_connections.or(file.max_connections).unwrap_or(4096),
+            stats_interval: secs(
+                self.stats_interval.or(file.stats_interval),
+                "stats-interval",
+                1.0,
+            )?,
+            connect_timeout: secs(
+                self.connect_timeout.or(file.connect_timeout),
+                "connect-timeout",
+                10.0,
+            )?,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(4096),
         };
         config.validate()?;
         Ok(config)
@@ -300,7 +316,10 @@ impl EdgeConfig {
             return bad(format!("--name {:?} must be 1 to 255 bytes", self.name));
         }
         if self.window < (1 << 20) {
-            return bad(format!("--window {} is too small: use at least 1MiB (it should cover bandwidth x RTT)", ByteSize(self.window)));
+            return bad(format!(
+                "--window {} is too small: use at least 1MiB (it should cover bandwidth x RTT)",
+                ByteSize(self.window)
+            ));
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1".into());
@@ -311,7 +330,10 @@ impl EdgeConfig {
                 return bad(format!("two forwards listen on {}", f.listen));
             }
             if Some(f.listen) == self.tunnel_listen {
-                return bad(format!("forward listen address {} is also the tunnel listen address", f.listen));
+                return bad(format!(
+                    "forward listen address {} is also the tunnel listen address",
+                    f.listen
+                ));
             }
         }
         Ok(())
@@ -343,12 +365,23 @@ mod tests {
 
     #[test]
     fn forward_parsing() {
-        let f: Forward = "127.0.0.1:4444=127.0.0.1:7700=10.0.0.2:4444".parse().unwrap();
+        let f: Forward = "127.0.0.1:4444=127.0.0.1:7700=10.0.0.2:4444"
+            .parse()
+            .unwrap();
         assert_eq!(f.listen, "127.0.0.1:4444".parse().unwrap());
         assert_eq!(f.peer, "127.0.0.1:7700");
-        assert!("127.0.0.1:1=x".parse::<Forward>().unwrap_err().contains("LISTEN=PEER=TARGET"));
-        assert!("nope:1=a:1=b:2".parse::<Forward>().unwrap_err().contains("LISTEN"));
-        assert!("127.0.0.1:1=a=b:2".parse::<Forward>().unwrap_err().contains("PEER"));
+        assert!("127.0.0.1:1=x"
+            .parse::<Forward>()
+            .unwrap_err()
+            .contains("LISTEN=PEER=TARGET"));
+        assert!("nope:1=a:1=b:2"
+            .parse::<Forward>()
+            .unwrap_err()
+            .contains("LISTEN"));
+        assert!("127.0.0.1:1=a=b:2"
+            .parse::<Forward>()
+            .unwrap_err()
+            .contains("PEER"));
         let v6: Forward = "[::1]:4444=[::1]:7700=[::1]:4445".parse().unwrap();
         assert_eq!(v6.target, "[::1]:4445");
     }
@@ -371,6 +404,10 @@ mod tests {
             insecure_plaintext: true,
             ..Default::default()
         };
-        assert!(a.resolve().unwrap_err().to_string().contains("nothing to do"));
+        assert!(a
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("nothing to do"));
     }
 }

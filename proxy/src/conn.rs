@@ -103,7 +103,10 @@ impl ConnError {
     fn tell_peer(&self) -> bool {
         matches!(
             self,
-            ConnError::LocalRead(_) | ConnError::LocalWrite(_) | ConnError::Frame(_) | ConnError::Session(_)
+            ConnError::LocalRead(_)
+                | ConnError::LocalWrite(_)
+                | ConnError::Frame(_)
+                | ConnError::Session(_)
         )
     }
 
@@ -185,7 +188,11 @@ where
         let (up, down, _) = tokio::join!(up, down, write);
         (up, down)
     };
-    let error = shared.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let error = shared
+        .error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(err) = error {
         // RST, not FIN: the local application must see that the stream broke.
         crate::io::reset_on_close(&local);
@@ -362,7 +369,8 @@ async fn downlink<T: AsyncRead>(
                 }
             }
         }
-        if dec.is_finished() && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0 {
+        if dec.is_finished() && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0
+        {
             return Ok(dec.stats().clone());
         }
         if tunnel_eof {
@@ -454,7 +462,9 @@ async fn writer<T: AsyncWrite>(
     .await;
     match result {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted && shared.abort.is_cancelled() => Err(ConnError::Aborted),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted && shared.abort.is_cancelled() => {
+            Err(ConnError::Aborted)
+        }
         Err(e) => {
             let (tx, _rx) = mpsc::unbounded_channel();
             Err(shared.fail(ConnError::TunnelWrite(e), &tx))
@@ -463,7 +473,11 @@ async fn writer<T: AsyncWrite>(
 }
 
 /// Writes all of `data` unless the connection is aborted meanwhile.
-async fn write_or_abort<T: AsyncWrite>(tw: &mut WriteHalf<T>, data: &[u8], shared: &Shared) -> Result<(), io::Error> {
+async fn write_or_abort<T: AsyncWrite>(
+    tw: &mut WriteHalf<T>,
+    data: &[u8],
+    shared: &Shared,
+) -> Result<(), io::Error> {
     tokio::select! {
         r = tw.write_all(data) => r,
         _ = shared.abort.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "aborted")),

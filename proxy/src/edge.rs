@@ -69,7 +69,9 @@ impl Edge {
                 };
                 (
                     Some(tokio_rustls::TlsAcceptor::from(tls::server_config(&files)?)),
-                    Some(tokio_rustls::TlsConnector::from(tls::client_config(&files)?)),
+                    Some(tokio_rustls::TlsConnector::from(tls::client_config(
+                        &files,
+                    )?)),
                 )
             }
             None => {
@@ -111,7 +113,10 @@ impl Edge {
 
     /// The bound forward addresses, in configuration order.
     pub fn forward_addrs(&self) -> Vec<SocketAddr> {
-        self.forwards.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+        self.forwards
+            .iter()
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .collect()
     }
 
     /// The edge's counters (live).
@@ -147,11 +152,22 @@ impl Edge {
         );
         if let Some(listener) = tunnel {
             info!(addr = %listener.local_addr().map_err(EdgeError::Io)?, "accepting peer edges");
-            tracker.spawn(accept_tunnels(shared.clone(), listener, stop.clone(), tracker.clone()));
+            tracker.spawn(accept_tunnels(
+                shared.clone(),
+                listener,
+                stop.clone(),
+                tracker.clone(),
+            ));
         }
         for (fwd, listener) in forwards {
             info!(listen = %fwd.listen, peer = %fwd.peer, target = %fwd.target, "forwarding");
-            tracker.spawn(accept_forward(shared.clone(), fwd, listener, stop.clone(), tracker.clone()));
+            tracker.spawn(accept_forward(
+                shared.clone(),
+                fwd,
+                listener,
+                stop.clone(),
+                tracker.clone(),
+            ));
         }
         let stats_task = shared.config.stats_json.clone().map(|path| {
             let shared = shared.clone();
@@ -266,7 +282,14 @@ impl EdgeShared {
                     literal_bytes = o.enc.literal_bytes,
                     misses = o.dec.misses,
                     fills_sent = o.fills_sent,
-                    ratio = format_args!("{:.3}", if o.lan_in > 0 { wan_out as f64 / o.lan_in as f64 } else { 0.0 }),
+                    ratio = format_args!(
+                        "{:.3}",
+                        if o.lan_in > 0 {
+                            wan_out as f64 / o.lan_in as f64
+                        } else {
+                            0.0
+                        }
+                    ),
                     "connection closed"
                 );
             }
@@ -396,14 +419,20 @@ async fn forward_one(
         Err(_) => {
             return Err(reset_local(
                 local,
-                format!("peer edge {} did not complete the handshake within {:?}", fwd.peer, cfg.connect_timeout),
+                format!(
+                    "peer edge {} did not complete the handshake within {:?}",
+                    fwd.peer, cfg.connect_timeout
+                ),
             ))
         }
     };
     if let Err(reason) = reply.result {
         return Err(reset_local(
             local,
-            format!("peer edge {} cannot reach target {}: {reason}", reply.edge, fwd.target),
+            format!(
+                "peer edge {} cannot reach target {}: {reason}",
+                reply.edge, fwd.target
+            ),
         ));
     }
     debug!(peer_edge = %reply.edge, "tunnel open");
@@ -417,7 +446,12 @@ fn reset_local(local: TcpStream, msg: String) -> ConnError {
     ConnError::PeerReset(msg)
 }
 
-async fn accept_tunnels(shared: Arc<EdgeShared>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+async fn accept_tunnels(
+    shared: Arc<EdgeShared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let permit = tokio::select! {
             p = shared.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -457,13 +491,21 @@ async fn accept_tunnels(shared: Arc<EdgeShared>, listener: TcpListener, stop: Ca
 
 /// Server side: TLS, handshake, connect to the target, then relay.
 /// `Err` = rejected before relaying (counted apart from failed connections).
-async fn accept_one(shared: &Arc<EdgeShared>, tcp: TcpStream, wan: Arc<ConnWan>) -> Result<Option<Result<Outcome, ConnError>>, String> {
+async fn accept_one(
+    shared: &Arc<EdgeShared>,
+    tcp: TcpStream,
+    wan: Arc<ConnWan>,
+) -> Result<Option<Result<Outcome, ConnError>>, String> {
     let _ = tcp.set_nodelay(true);
     let cfg = &shared.config;
     let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
     let opened = timeout(cfg.connect_timeout, async {
         let mut tunnel: Tunnel = match &shared.tls_acceptor {
-            Some(a) => Box::new(a.accept(io).await.map_err(|e| format!("TLS handshake failed: {e}"))?),
+            Some(a) => Box::new(
+                a.accept(io)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?,
+            ),
             None => Box::new(io),
         };
         let mut rbuf = BytesMut::with_capacity(8192);
@@ -473,7 +515,10 @@ async fn accept_one(shared: &Arc<EdgeShared>, tcp: TcpStream, wan: Arc<ConnWan>)
                 Ok(None) => {}
                 Err(e) => return Err(format!("bad handshake: {e}")),
             }
-            let n = tunnel.read_buf(&mut rbuf).await.map_err(|e| format!("reading handshake: {e}"))?;
+            let n = tunnel
+                .read_buf(&mut rbuf)
+                .await
+                .map_err(|e| format!("reading handshake: {e}"))?;
             if n == 0 {
                 return Err("closed during the handshake".to_string());
             }
@@ -490,7 +535,10 @@ async fn accept_one(shared: &Arc<EdgeShared>, tcp: TcpStream, wan: Arc<ConnWan>)
     let target = match target {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", hello.target)),
-        Err(_) => Err(format!("connecting to {} timed out after {:?}", hello.target, cfg.connect_timeout)),
+        Err(_) => Err(format!(
+            "connecting to {} timed out after {:?}",
+            hello.target, cfg.connect_timeout
+        )),
     };
     let mut out = BytesMut::new();
     HelloReply {
@@ -510,7 +558,10 @@ async fn accept_one(shared: &Arc<EdgeShared>, tcp: TcpStream, wan: Arc<ConnWan>)
         Ok(t) => t,
         Err(msg) => {
             let _ = tunnel.shutdown().await;
-            return Err(format!("peer edge {} asked for an unreachable target: {msg}", hello.edge));
+            return Err(format!(
+                "peer edge {} asked for an unreachable target: {msg}",
+                hello.edge
+            ));
         }
     };
     if let Err(e) = sent {

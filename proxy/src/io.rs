@@ -41,7 +41,11 @@ impl<T> WanCountingIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for WanCountingIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -52,7 +56,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for WanCountingIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for WanCountingIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.stats.wan_bytes_out.fetch_add(n as u64, Relaxed);

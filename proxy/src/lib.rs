@@ -12,6 +12,7 @@
 
 pub mod config;
 mod conn;
+pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod io;

@@ -13,7 +13,9 @@ impl FromStr for ByteSize {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let value: f64 = num
             .parse()
@@ -45,7 +47,12 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.0;
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (name, size) in UNITS {
             if v >= size && v % size == 0 {
                 return write!(f, "{}{}", v / size, name);
@@ -83,7 +90,10 @@ mod tests {
         assert_eq!("10MB".parse(), Ok(ByteSize(10_000_000)));
         assert_eq!("0".parse(), Ok(ByteSize(0)));
         assert!("lots".parse::<ByteSize>().is_err());
-        assert!("5 parsecs".parse::<ByteSize>().unwrap_err().contains("unknown unit"));
+        assert!("5 parsecs"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .contains("unknown unit"));
         assert_eq!(ByteSize(2 << 30).to_string(), "2GiB");
     }
 }

@@ -83,7 +83,8 @@ impl EdgeStats {
         self.chunk_bytes.fetch_add(s.chunk_bytes, Relaxed);
         self.refs_sent.fetch_add(s.refs, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
-        self.batches_compressed.fetch_add(s.batches_compressed, Relaxed);
+        self.batches_compressed
+            .fetch_add(s.batches_compressed, Relaxed);
     }
 
     /// Adds one finished direction's decoder counters.

@@ -1,1 +1,110 @@
-fn main() {}
+//! The `shrinker` command: CLI parsing, logging, then the library. Nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "shrinker",
+    version,
+    about = "WAN optimizer for live migration of virtual clusters: an edge proxy pair that sends repeated pages and blocks as hash references"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an edge: accept peer edges and/or forward local connections through a peer.
+    Edge(Box<proxy::config::EdgeArgs>),
+    /// Create a private CA (or reuse DIR/ca.crt + ca.key) and a certificate per edge.
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Edge names (one certificate each).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Demo: a migration-like cluster through two local edges, savings printed.
+    Demo(proxy::demo::DemoArgs),
+}
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shrinker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = match cli.cmd {
+        Cmd::Edge(args) => {
+            init_logging("info");
+            rt.block_on(async move {
+                let config = args.resolve()?;
+                let edge = proxy::Edge::bind(config).await?;
+                edge.run(shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+        Cmd::Certs { out, names } => match tls::generate_certs(&out, &names) {
+            Ok(g) => {
+                println!(
+                    "{} {}",
+                    if g.ca_reused {
+                        "reused CA"
+                    } else {
+                        "created CA"
+                    },
+                    g.ca_cert.display()
+                );
+                for e in &g.edges {
+                    println!(
+                        "edge {}: --tls-ca {} --tls-cert {} --tls-key {}",
+                        e.name,
+                        g.ca_cert.display(),
+                        e.cert.display(),
+                        e.key.display()
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
+        Cmd::Demo(args) => {
+            init_logging("warn");
+            rt.block_on(proxy::demo::run(args))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shrinker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT: graceful shutdown.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
