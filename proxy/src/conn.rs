@@ -48,6 +48,8 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 const DATA_QUEUE: usize = 8;
 /// Frames smaller than this are gathered into one write.
 const COALESCE: usize = 64 * 1024;
+/// How long a finished tunnel waits for the peer's close before closing anyway.
+const LINGER: Duration = Duration::from_secs(5);
 /// Extra pending allowance over the peer's window: one read burst plus frame slack.
 const PENDING_SLACK: u64 = 16 << 20;
 
@@ -166,7 +168,7 @@ pub(crate) async fn pump<T>(
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let (tr, mut tw) = tokio::io::split(tunnel);
+    let (mut tr, mut tw) = tokio::io::split(tunnel);
     let shared = Shared {
         ledger: Mutex::new(SendLedger::new()),
         acked: Notify::new(),
@@ -183,7 +185,7 @@ where
     let (enc, dec) = {
         let (mut lr, mut lw) = local.split();
         let up = uplink(&mut lr, data_tx, ctrl_tx.clone(), &shared, &ctx);
-        let down = downlink(tr, &mut lw, leftover, ctrl_tx, &shared, &ctx);
+        let down = downlink(&mut tr, &mut lw, leftover, ctrl_tx, &shared, &ctx);
         let write = writer(&mut tw, ctrl_rx, data_rx, &shared);
         let (up, down, _) = tokio::join!(up, down, write);
         (up, down)
@@ -193,6 +195,19 @@ where
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
+    if error.is_none() {
+        // Our close_notify is sent; wait for the peer's before closing the socket, so
+        // its last frames (and its own close_notify) never hit a closed socket.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = tr.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     if let Some(err) = error {
         // RST, not FIN: the local application must see that the stream broke.
         crate::io::reset_on_close(&local);
@@ -299,7 +314,7 @@ async fn uplink(
 }
 
 async fn downlink<T: AsyncRead>(
-    mut tr: ReadHalf<T>,
+    tr: &mut ReadHalf<T>,
     lw: &mut LocalWrite<'_>,
     mut rbuf: BytesMut,
     ctrl_tx: mpsc::UnboundedSender<Frame>,
@@ -319,11 +334,16 @@ async fn downlink<T: AsyncRead>(
     let mut ack_deadline: Option<Instant> = None;
     let mut tunnel_eof = false;
     loop {
+        // A protocol error is acted on after delivering what preceded it.
+        let mut broken: Option<ConnError> = None;
         loop {
             let frame = match fdec.decode(&mut rbuf) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Err(fail(e.into())),
+                Err(e) => {
+                    broken = Some(e.into());
+                    break;
+                }
             };
             match frame {
                 Frame::Miss(_) | Frame::Ack(_) => {
@@ -344,7 +364,8 @@ async fn downlink<T: AsyncRead>(
                 Frame::Reset(reason) => return Err(fail(ConnError::PeerReset(reason))),
                 other => {
                     if let Err(e) = dec.handle_frame(other) {
-                        return Err(fail(e.into()));
+                        broken = Some(e.into());
+                        break;
                     }
                 }
             }
@@ -356,6 +377,9 @@ async fn downlink<T: AsyncRead>(
             }
             shared.lan_out.fetch_add(out.len() as u64, Relaxed);
             ctx.stats.lan_bytes_out.fetch_add(out.len() as u64, Relaxed);
+        }
+        if let Some(e) = broken {
+            return Err(fail(e));
         }
         while let Some(c) = dec.poll_control() {
             let _ = ctrl_tx.send(c);

@@ -1,0 +1,554 @@
+//! Two real edge processes on loopback: byte-exact relay under concurrency, dedup in
+//! both directions, misses, bad certificates, garbage, half-close, resets, crashes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+fn forward(
+    listen: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+) -> Vec<String> {
+    vec![s("--forward"), format!("{listen}={peer}={target}")]
+}
+
+fn reply_for(id: u64) -> Vec<u8> {
+    payload(1000 + id, 256 * 1024 + id * 7919)
+}
+
+fn request_for(id: u64) -> Vec<u8> {
+    with_id(id, &payload(id, 768 * 1024 + id * 4099))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_connections_both_directions_byte_exact() {
+    let dir = Scratch::new("concurrent");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(11, 17000), addr(11, 14000), addr(11, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let mut received = serve_exchange(listener, reply_for).await;
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+
+    let mut tasks = Vec::new();
+    for id in 0..64u64 {
+        tasks.push(tokio::spawn(async move {
+            let back = exchange(fwd, request_for(id)).await.expect("exchange");
+            (id, back)
+        }));
+    }
+    for t in tasks {
+        let (id, back) = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("in time")
+            .unwrap();
+        let want = reply_for(id);
+        assert_eq!(back.len(), want.len(), "conn {id}: reply length");
+        assert!(back == want, "conn {id}: reply bytes differ");
+    }
+    let mut got = HashMap::new();
+    for _ in 0..64 {
+        let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.insert(id, (n, h));
+    }
+    for id in 0..64u64 {
+        let want = request_for(id);
+        assert_eq!(
+            got[&id],
+            (want.len() as u64, blake3::hash(&want)),
+            "conn {id}: request differs at the target"
+        );
+    }
+    let sa = a.wait_for("64 completed connections", |c| {
+        c["connections_completed"] == 64
+    });
+    let sb = b.wait_for("64 completed tunnels", |c| c["connections_completed"] == 64);
+    let (ca, cb) = (&sa["counters"], &sb["counters"]);
+    // Overlapping content: later connections reference what earlier ones sent, and
+    // the replies (B -> A) are deduplicated too.
+    assert!(
+        ca["refs_sent"].as_u64().unwrap() > 100,
+        "A sent few refs: {ca}"
+    );
+    assert!(
+        cb["refs_sent"].as_u64().unwrap() > 100,
+        "B sent few refs: {cb}"
+    );
+    assert!(
+        ca["wan_bytes_out"].as_u64().unwrap() < ca["lan_bytes_in"].as_u64().unwrap(),
+        "{ca}"
+    );
+    assert_eq!(ca["connections_failed"], 0);
+    assert_eq!(cb["tunnels_rejected"], 0);
+}
+
+/// Two source edges share one small receiving store: the second evicts what the first
+/// sent, so the first edge's references miss and are filled by a round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_receiving_cache_forces_misses_and_stays_exact() {
+    let dir = Scratch::new("misses");
+    certs(dir.path(), &["a1", "a2", "b"]);
+    let (tunnel, f1, f2, target) = (
+        addr(12, 17000),
+        addr(12, 14001),
+        addr(12, 14002),
+        addr(12, 15000),
+    );
+    let listener = TcpListener::bind(target).await.unwrap();
+    let mut received = serve_exchange(listener, |_| Vec::new()).await;
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--cache-mem"),
+            s("4MiB"),
+        ],
+        tunnel,
+    );
+    let a1 = EdgeProc::start(dir.path(), "a1", &forward(f1, tunnel, target), f1);
+    let _a2 = EdgeProc::start(dir.path(), "a2", &forward(f2, tunnel, target), f2);
+    let content = payload(5, 2 << 20);
+    let other = testkit::Workload::cluster(99, 64 << 20)
+        .stream(1, 16 << 20)
+        .collect_all();
+    let plan = [
+        (f1, 1u64, &content),
+        (f2, 2, &other),
+        (f1, 3, &content),
+        (f2, 4, &other),
+        (f1, 5, &content),
+    ];
+    for (fwd, id, body) in plan {
+        let data = with_id(id, body);
+        let back = exchange(fwd, data.clone()).await.expect("exchange");
+        assert!(back.is_empty());
+        let (rid, n, h) = tokio::time::timeout(Duration::from_secs(60), received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (rid, n, h),
+            (id, data.len() as u64, blake3::hash(&data)),
+            "stream {id} differs"
+        );
+    }
+    let sb = b.wait_for("misses at B", |c| c["misses_sent"].as_u64().unwrap() > 0);
+    let sa1 = a1.wait_for("fills from A1", |c| c["fills_sent"].as_u64().unwrap() > 0);
+    assert!(
+        sb["store"]["bytes"].as_u64().unwrap() <= 4 << 20,
+        "store over budget: {sb}"
+    );
+    assert_eq!(sa1["counters"]["connections_failed"], 0, "{sa1}");
+    assert_eq!(sb["counters"]["connections_failed"], 0, "{sb}");
+    assert!(sa1["counters"]["refs_sent"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_without_a_valid_certificate_is_rejected() {
+    let good = Scratch::new("cert-good");
+    let evil = Scratch::new("cert-evil");
+    certs(good.path(), &["a", "b"]);
+    certs(evil.path(), &["a", "b"]); // same names, another CA
+    let (tunnel, fwd, target, evil_tunnel, fwd2) = (
+        addr(13, 17000),
+        addr(13, 14000),
+        addr(13, 15000),
+        addr(13, 17001),
+        addr(13, 14001),
+    );
+    let listener = TcpListener::bind(target).await.unwrap();
+    let mut received = serve_exchange(listener, |_| b"hello".to_vec()).await;
+    let b = EdgeProc::start(
+        good.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    // A client edge with a certificate from another CA.
+    let a_evil = EdgeProc::start(evil.path(), "a", &forward(fwd, tunnel, target), fwd);
+    let r = exchange(fwd, with_id(1, b"secret")).await;
+    assert!(
+        matches!(&r, Err(_)) || r.as_ref().unwrap().is_empty(),
+        "data crossed: {r:?}"
+    );
+    b.wait_for("rejection", |c| {
+        c["tunnels_rejected"].as_u64().unwrap() >= 1
+    });
+    assert!(
+        b.log().contains("rejected tunnel connection"),
+        "{}",
+        b.log()
+    );
+    assert!(
+        a_evil.log().contains("TLS") || a_evil.log().contains("handshake"),
+        "{}",
+        a_evil.log()
+    );
+    // A legitimate client edge refuses a server edge whose certificate is from another CA.
+    let b_evil = EdgeProc::start(
+        evil.path(),
+        "b",
+        &[s("--tunnel-listen"), evil_tunnel.to_string()],
+        evil_tunnel,
+    );
+    let a_good = EdgeProc::start(good.path(), "a", &forward(fwd2, evil_tunnel, target), fwd2);
+    let r = exchange(fwd2, with_id(2, b"secret")).await;
+    assert!(
+        matches!(&r, Err(_)) || r.as_ref().unwrap().is_empty(),
+        "data crossed: {r:?}"
+    );
+    a_good.wait_for("failed connection", |c| {
+        c["connections_failed"].as_u64().unwrap() >= 1
+    });
+    assert!(
+        a_good.log().contains("TLS handshake with peer edge"),
+        "{}",
+        a_good.log()
+    );
+    drop(b_evil);
+    // Nothing reached the target.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), received.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_tunnel_port_closes_only_that_connection() {
+    let dir = Scratch::new("garbage");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(14, 17000), addr(14, 14000), addr(14, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let _received = serve_exchange(listener, reply_for).await;
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let _a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    // A proxied connection in flight while garbage arrives.
+    let good = tokio::spawn(exchange(fwd, request_for(3)));
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..],
+        &payload(9, 4096)[..],
+    ] {
+        let mut raw = TcpStream::connect(tunnel).await.unwrap();
+        let _ = raw.write_all(junk).await;
+        let mut buf = vec![0u8; 4096];
+        // The edge must close this connection promptly (EOF or reset), not hang.
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match raw.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "edge kept a garbage connection open");
+    }
+    let back = tokio::time::timeout(Duration::from_secs(60), good)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(back == reply_for(3), "the good connection was disturbed");
+    b.wait_for("3 rejections", |c| {
+        c["tunnels_rejected"].as_u64().unwrap() >= 3
+    });
+    let log = b.log();
+    assert!(
+        log.contains("rejected tunnel connection from 127.0."),
+        "{log}"
+    );
+    assert!(log.contains("TLS handshake failed"), "{log}");
+}
+
+/// With plaintext tunnels (lab mode), garbage after a valid handshake is a protocol
+/// error for that connection only, and the target sees a reset, not a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_reset_the_target_connection() {
+    let dir = Scratch::new("frames");
+    let (tunnel, target) = (addr(15, 17000), addr(15, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--insecure-plaintext"),
+        ],
+        tunnel,
+    );
+    let mut raw = TcpStream::connect(tunnel).await.unwrap();
+    let mut hello = bytes::BytesMut::new();
+    wire::handshake::Hello {
+        edge: "raw".into(),
+        epoch: 1,
+        cache_bytes: 0,
+        window: 1 << 20,
+        target: target.to_string(),
+        open_seq: 1,
+    }
+    .encode(&mut hello);
+    raw.write_all(&hello).await.unwrap();
+    let (mut at_target, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    // A valid literal, then a frame type that does not exist.
+    raw.write_all(&[0x01, 0x03, b'a', b'b', b'c', 0xEE, 0, 0])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), at_target.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"abc", "bytes before the bad frame are delivered");
+    assert!(r.is_err(), "the target must see a reset, not a clean end");
+    b.wait_for("failed connection", |c| {
+        c["connections_failed"].as_u64().unwrap() >= 1
+    });
+    assert!(b.log().contains("unknown frame type 0xee"), "{}", b.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_and_reset_propagate() {
+    let dir = Scratch::new("halfclose");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(16, 17000), addr(16, 14000), addr(16, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let _b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    let server = tokio::spawn(async move {
+        // 1: request/response: read to EOF, then answer, then close.
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        c.read_to_end(&mut req).await.unwrap();
+        let answer: Vec<u8> = req.iter().rev().copied().collect();
+        c.write_all(&answer).await.unwrap();
+        c.shutdown().await.unwrap();
+        // 2: read a little, then reset.
+        let (c, _) = listener.accept().await.unwrap();
+        let mut c = c;
+        let mut buf = [0u8; 1000];
+        c.read_exact(&mut buf).await.unwrap();
+        common_reset(c);
+    });
+    let req = payload(42, 300_000);
+    let mut c = TcpStream::connect(fwd).await.unwrap();
+    c.write_all(&req).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).await.unwrap();
+    let want: Vec<u8> = req.iter().rev().copied().collect();
+    assert!(answer == want, "half-closed request/response differs");
+
+    let mut c = TcpStream::connect(fwd).await.unwrap();
+    let big = payload(43, 8 << 20);
+    let _ = c.write_all(&big).await;
+    let mut sink = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut sink))
+        .await
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "a reset at the target must reach the client as a reset, got {r:?}"
+    );
+    server.await.unwrap();
+    a.wait_for("a reset connection", |c| {
+        c["connections_failed"].as_u64().unwrap() >= 1
+    });
+}
+
+fn common_reset(c: TcpStream) {
+    #[allow(deprecated)]
+    c.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_killed_mid_stream_fails_loudly_then_a_restarted_peer_works() {
+    let dir = Scratch::new("killed");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(17, 17000), addr(17, 14000), addr(17, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let mut received = serve_exchange(listener, |_| Vec::new()).await;
+    let mut b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    let body = payload(7, 4 << 20);
+    // Warm B's store with `body`, so A believes B holds it.
+    let back = exchange(fwd, with_id(1, &body)).await.unwrap();
+    assert!(back.is_empty());
+    received.recv().await.unwrap();
+    // A slow stream, then kill B in the middle of it.
+    let mut c = TcpStream::connect(fwd).await.unwrap();
+    c.write_all(&with_id(2, &payload(8, 1 << 20)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.kill();
+    let mut rest = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        // Keep writing until the edge resets us; a clean EOF would be a silent failure.
+        for _ in 0..1000 {
+            if c.write_all(&[0u8; 65536]).await.is_err() {
+                return Err(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.read_to_end(&mut rest).await.map(|_| ()).map_err(|_| ())
+    })
+    .await
+    .expect("the client was not told");
+    assert!(
+        outcome.is_err(),
+        "the client must see a reset when the peer edge dies"
+    );
+    a.wait_for("failure counted", |c| {
+        c["connections_failed"].as_u64().unwrap() >= 1
+    });
+    assert!(
+        a.log().contains("WARN"),
+        "a mid-stream loss must be logged as a warning: {}",
+        a.log()
+    );
+    // B comes back with an empty store and a new epoch: A must not send stale tokens.
+    let b2 = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let data = with_id(3, &body);
+    let back = exchange(fwd, data.clone()).await.unwrap();
+    assert!(back.is_empty());
+    loop {
+        let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if id == 3 {
+            assert_eq!((n, h), (data.len() as u64, blake3::hash(&data)));
+            break;
+        }
+    }
+    let s2 = b2.wait_for("completed", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(
+        s2["counters"]["misses_sent"], 0,
+        "stale references were sent to a restarted peer: {s2}"
+    );
+}
+
+#[test]
+fn config_errors_are_clear() {
+    let dir = Scratch::new("config");
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "tunnel_listen = \"127.0.0.1:7700\"\ncache_mem = \"1GiB\"\ninsecure_plaintext = true\ncahce_mem = 5\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["edge", "--config"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cahce_mem") && err.contains("typo.toml"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(BIN)
+        .args([
+            "edge",
+            "--tunnel-listen",
+            "127.0.0.1:7700",
+            "--tls-ca",
+            "/nonexistent/ca.crt",
+            "--tls-cert",
+            "/nonexistent/a.crt",
+            "--tls-key",
+            "/nonexistent/a.key",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("/nonexistent/") && err.contains("shrinker certs"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(BIN)
+        .args(["edge", "--tunnel-listen", "127.0.0.1:7700"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(BIN)
+        .args(["edge", "--forward", "nonsense", "--insecure-plaintext"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LISTEN=PEER=TARGET"));
+}
+
+#[test]
+fn sigterm_stops_gracefully_and_writes_final_stats() {
+    let dir = Scratch::new("sigterm");
+    let tunnel = addr(18, 17000);
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--insecure-plaintext"),
+        ],
+        tunnel,
+    );
+    let stats = b.stats.clone();
+    let log = b.stop();
+    assert!(log.contains("edge stopped"), "{log}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stats).unwrap()).unwrap();
+    assert_eq!(v["edge"], "b");
+}
