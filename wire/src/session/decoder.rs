@@ -282,6 +282,11 @@ impl Decoder {
         !self.pending.is_empty()
     }
 
+    /// Whether resolved bytes wait for an ACK.
+    pub fn has_unacked(&self) -> bool {
+        self.resolved > self.acked
+    }
+
     /// Logical bytes resolved so far.
     pub fn resolved(&self) -> u64 {
         self.resolved
