@@ -1,0 +1,77 @@
+//! Every shipped example configuration parses and validates.
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    edge: proxy::config::EdgeArgs,
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../docker");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+            let cfg = cli
+                .edge
+                .resolve()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                cfg.tls.is_some(),
+                "{}: shipped configs use TLS",
+                path.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "expected the shipped configs in {dir}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("shrinker-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("listen_tunnel = \"127.0.0.1:1\"\n", "listen_tunnel"),
+        ("tunnel_listen = \"127.0.0.1:1\"\ninsecure_plaintext = true\ncache_mem = \"12 bananas\"\n", "bananas"),
+        ("tunnel_listen = \"127.0.0.1:1\"\ninsecure_plaintext = true\ncompress = \"maybe\"\n", "maybe"),
+        ("forward = [\"1.2.3.4:5=x\"]\ninsecure_plaintext = true\n", "LISTEN=PEER=TARGET"),
+        ("tunnel_listen = \"127.0.0.1:1\"\ninsecure_plaintext = true\nwindow = \"4KiB\"\n", "--window"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("c{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        let err = cli.edge.resolve().unwrap_err().to_string();
+        assert!(err.contains(needle), "case {i}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flags_override_the_file_and_tables_work() {
+    let dir = std::env::temp_dir().join(format!("shrinker-cfg2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("e.toml");
+    std::fs::write(
+        &path,
+        "insecure_plaintext = true\ncache_mem = \"2GiB\"\n[[forward]]\nlisten = \"127.0.0.1:4444\"\npeer = \"127.0.0.2:7700\"\ntarget = \"10.0.0.1:4444\"\n",
+    )
+    .unwrap();
+    let cli = Cli::parse_from([
+        "x",
+        "--config",
+        path.to_str().unwrap(),
+        "--cache-mem",
+        "512MiB",
+    ]);
+    let cfg = cli.edge.resolve().unwrap();
+    assert_eq!(cfg.cache_bytes, 512 << 20);
+    assert_eq!(cfg.forwards.len(), 1);
+    assert_eq!(cfg.forwards[0].target, "10.0.0.1:4444");
+    let _ = std::fs::remove_dir_all(&dir);
+}

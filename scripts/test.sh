@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need, then runs
+# formatting and lint gates, every unit/property/integration test (including the fuzz
+# corpus replay), and a short demo through a real edge pair.
+#
+# Usage: scripts/test.sh            (from the repository root or anywhere)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s ==\n' "$*"; }
+
+log "toolchain"
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is missing: install Rust (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+cargo --version
+# rustfmt and clippy ship as rustup components; add them when missing.
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+# The zstd crate builds libzstd from source with a C compiler.
+if ! command -v cc >/dev/null 2>&1; then
+  log "installing a C compiler"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q build-essential
+fi
+
+log "format"
+cargo fmt --all -- --check
+
+log "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "tests"
+cargo test --workspace --locked
+
+log "demo smoke (2 VMs x 32 MiB through a TLS edge pair)"
+cargo build --release --locked -p shrinker-proxy
+./target/release/shrinker demo --vms 2 --vm-size 32MiB --shared-pool 16MiB
+
+log "all tests passed"
