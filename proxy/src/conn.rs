@@ -30,6 +30,7 @@ use wire::session::{
 };
 use wire::{ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings};
 
+use crate::governor::{CompressGovernor, LinkMeter};
 use crate::stats::EdgeStats;
 
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
@@ -130,6 +131,7 @@ struct Shared {
     lan_in: AtomicU64,
     lan_out: AtomicU64,
     fills_sent: AtomicU64,
+    link: LinkMeter,
 }
 
 impl Shared {
@@ -179,6 +181,7 @@ where
         lan_in: AtomicU64::new(0),
         lan_out: AtomicU64::new(0),
         fills_sent: AtomicU64::new(0),
+        link: LinkMeter::default(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
@@ -230,6 +233,7 @@ async fn uplink(
     ctx: &PumpCtx,
 ) -> Result<EncoderStats, ConnError> {
     let mut seg = wire::segment::default_segmenter(ctx.chunk);
+    let mut governor = CompressGovernor::default();
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     let mut buf = BytesMut::with_capacity(READ_CAP);
     let mut segs = Vec::new();
@@ -301,7 +305,13 @@ async fn uplink(
             enc.handle_end();
         }
         let backlogged = data_tx.capacity() < data_tx.max_capacity();
-        if let Some(batch) = enc.take_batch(backlogged) {
+        let limited = governor.link_limited(backlogged, shared.link.rate());
+        let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());
+        let batch = enc.take_batch(limited);
+        if compress_attempts(&enc) > attempts {
+            governor.record(raw, started.elapsed());
+        }
+        if let Some(batch) = batch {
             tokio::select! {
                 r = data_tx.send(batch) => if r.is_err() { return Err(ConnError::Aborted) },
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
@@ -455,7 +465,14 @@ async fn writer<T: AsyncWrite>(
                 },
                 b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
                     Some(b) => {
+                        // Time writes made while more is queued: that is the link's
+                        // drain rate, which decides whether compression pays.
+                        let backed_up = !data_rx.is_empty();
+                        let started = Instant::now();
                         write_or_abort(tw, &b, shared).await?;
+                        if backed_up {
+                            shared.link.record(b.len(), started.elapsed());
+                        }
                     }
                     None => data_open = false,
                 },
@@ -494,6 +511,10 @@ async fn writer<T: AsyncWrite>(
             Err(shared.fail(ConnError::TunnelWrite(e), &tx))
         }
     }
+}
+
+fn compress_attempts(enc: &Encoder) -> u64 {
+    enc.stats().batches_compressed + enc.stats().batches_incompressible
 }
 
 /// Writes all of `data` unless the connection is aborted meanwhile.

@@ -15,6 +15,7 @@ mod conn;
 pub mod demo;
 pub mod edge;
 pub mod error;
+mod governor;
 pub mod io;
 pub mod size;
 pub mod stats;

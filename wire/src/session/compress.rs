@@ -2,9 +2,10 @@
 //!
 //! Compression must never become the bottleneck: zstd-1 runs at ~0.3-0.4 GB/s per core
 //! on this class of machine, slower than a LAN and than a fast WAN. In `Auto` mode the
-//! driver asks for compression only while the tunnel's send queue is backed up (the
-//! link, not the CPU, is the bottleneck), and the policy backs off exponentially while
-//! compression does not pay (already-compressed or random data).
+//! driver says whether the link is the bottleneck (`link_limited`: the tunnel's send
+//! queue is backed up *and* it drains slower than compression runs), and the policy
+//! backs off exponentially while compression does not pay (already-compressed or
+//! random data).
 
 /// User-facing compression setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -61,12 +62,12 @@ impl CompressPolicy {
         self.mode
     }
 
-    /// Whether to try compressing the next batch; `link_backlogged` says the tunnel's
-    /// send queue is not draining as fast as we fill it.
-    pub fn should_try(&mut self, link_backlogged: bool) -> bool {
+    /// Whether to try compressing the next batch; `link_limited` says the link, not the
+    /// CPU, is what limits throughput now.
+    pub fn should_try(&mut self, link_limited: bool) -> bool {
         let wanted = match self.mode {
             CompressMode::Off => false,
-            CompressMode::Auto => link_backlogged,
+            CompressMode::Auto => link_limited,
             CompressMode::Always => true,
         };
         if !wanted {

@@ -133,16 +133,16 @@ impl Encoder {
     }
 
     /// Takes the pending frames as wire bytes (a ZBATCH when compression is tried and
-    /// pays), followed by END if the stream ended. `link_backlogged` feeds the `Auto`
+    /// pays), followed by END if the stream ended. `link_limited` feeds the `Auto`
     /// compression policy.
-    pub fn take_batch(&mut self, link_backlogged: bool) -> Option<Bytes> {
+    pub fn take_batch(&mut self, link_limited: bool) -> Option<Bytes> {
         if self.batch.is_empty() && (!self.end || self.end_sent) {
             return None;
         }
         let mut out = BytesMut::new();
         if !self.batch.is_empty() {
             let raw = self.batch.split();
-            if self.policy.should_try(link_backlogged) {
+            if self.policy.should_try(link_limited) {
                 match self.compress(&raw) {
                     Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
                         self.policy.record(true);
