@@ -214,7 +214,7 @@ fn workload(seed: u64, len: usize, pool: &[Vec<u8>]) -> Vec<u8> {
                     out.push(next() as u8);
                 }
             }
-            _ => out.extend(std::iter::repeat(0u8).take((next() % 5000) as usize)),
+            _ => out.extend(std::iter::repeat_n(0u8, (next() % 5000) as usize)),
         }
     }
     out.truncate(len);
