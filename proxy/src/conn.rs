@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use wire::segment::SegmenterReport;
 use wire::session::{
     Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig, EncoderStats, SendLedger,
     SessionError,
@@ -72,6 +73,7 @@ pub(crate) struct PumpCtx {
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
     pub(crate) enc: EncoderStats,
+    pub(crate) seg: SegmenterReport,
     pub(crate) dec: DecoderStats,
     pub(crate) lan_in: u64,
     pub(crate) lan_out: u64,
@@ -216,8 +218,10 @@ where
         crate::io::reset_on_close(&local);
         return Err(err);
     }
+    let (enc, seg) = enc.unwrap_or_default();
     Ok(Outcome {
-        enc: enc.unwrap_or_default(),
+        enc,
+        seg,
         dec: dec.unwrap_or_default(),
         lan_in: shared.lan_in.load(Relaxed),
         lan_out: shared.lan_out.load(Relaxed),
@@ -231,8 +235,8 @@ async fn uplink(
     ctrl_tx: mpsc::UnboundedSender<Frame>,
     shared: &Shared,
     ctx: &PumpCtx,
-) -> Result<EncoderStats, ConnError> {
-    let mut seg = wire::segment::default_segmenter(ctx.chunk);
+) -> Result<(EncoderStats, SegmenterReport), ConnError> {
+    let mut seg = wire::segment::detecting_segmenter(ctx.chunk);
     let mut governor = CompressGovernor::default();
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     let mut buf = BytesMut::with_capacity(READ_CAP);
@@ -320,7 +324,7 @@ async fn uplink(
     }
     shared.uplink_done.store(true, Relaxed);
     shared.uplink_finished.notify_one();
-    Ok(enc.stats().clone())
+    Ok((enc.stats().clone(), seg.report()))
 }
 
 async fn downlink<T: AsyncRead>(

@@ -271,7 +271,25 @@ impl EdgeShared {
                 self.stats.add_decoder(&o.dec);
                 self.stats.fills_sent.fetch_add(o.fills_sent, Relaxed);
                 let wan_out = wan.bytes_out.load(Relaxed);
+                self.stats.add_segmenter(&o.seg);
+                let pages = o
+                    .seg
+                    .counters
+                    .iter()
+                    .find(|(k, _)| *k == "pages")
+                    .map_or(0, |c| c.1);
                 info!(
+                    kind = o.seg.kind,
+                    blocks = o.seg.blocks,
+                    pages,
+                    parsed_opaque = o.seg.opaque_bytes,
+                    fallback = o.seg.fallback_bytes,
+                    gave_up = o
+                        .seg
+                        .gave_up
+                        .as_ref()
+                        .map(|(at, why)| format!("at {at}: {why}"))
+                        .unwrap_or_default(),
                     lan_in = o.lan_in,
                     lan_out = o.lan_out,
                     wan_out,

@@ -73,6 +73,16 @@ counters! {
     chunks_stored,
     /// References resolved from the store or a fill.
     refs_resolved,
+    /// Outgoing streams recognised as QEMU migration main channels.
+    qemu_streams,
+    /// Exact protocol blocks (RAM pages, disk blocks) found by stream parsers.
+    protocol_blocks,
+    /// Bytes the stream parsers classified as headers or device state.
+    parsed_opaque_bytes,
+    /// Bytes content-defined chunked (unknown streams, or after a parser gave up).
+    cdc_bytes,
+    /// Streams whose parser gave up part-way (a fallback, never an error).
+    parser_fallbacks,
 }
 
 impl EdgeStats {
@@ -85,6 +95,19 @@ impl EdgeStats {
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
         self.batches_compressed
             .fetch_add(s.batches_compressed, Relaxed);
+    }
+
+    /// Adds one finished direction's segmenter report.
+    pub fn add_segmenter(&self, r: &wire::segment::SegmenterReport) {
+        if r.kind == "qemu-main" {
+            self.qemu_streams.fetch_add(1, Relaxed);
+            if r.gave_up.is_some() {
+                self.parser_fallbacks.fetch_add(1, Relaxed);
+            }
+        }
+        self.protocol_blocks.fetch_add(r.blocks, Relaxed);
+        self.parsed_opaque_bytes.fetch_add(r.opaque_bytes, Relaxed);
+        self.cdc_bytes.fetch_add(r.fallback_bytes, Relaxed);
     }
 
     /// Adds one finished direction's decoder counters.

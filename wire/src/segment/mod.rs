@@ -10,7 +10,10 @@ use bytes::{Bytes, BytesMut};
 
 use crate::chunk::{ChunkParams, Chunker};
 
+pub mod blocks;
 mod cdc;
+pub mod qemu;
+pub use blocks::{BlockFinder, BlockSegmenter};
 pub use cdc::CdcSegmenter;
 
 /// A piece of the stream, in order.
@@ -40,6 +43,33 @@ pub trait Segmenter: Send {
 
     /// A short name for logs and stats ("cdc", "qemu-main", ...).
     fn kind(&self) -> &'static str;
+
+    /// What the segmenter recognised so far.
+    fn report(&self) -> SegmenterReport {
+        SegmenterReport {
+            kind: self.kind(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What a segmenter recognised in its stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegmenterReport {
+    /// The segmenter's kind.
+    pub kind: &'static str,
+    /// Exact protocol blocks (4 KiB pages, disk blocks) found.
+    pub blocks: u64,
+    /// Blocks found but not sent as blocks (their bytes left early, e.g. on a flush).
+    pub blocks_lost: u64,
+    /// Bytes the protocol parser classified as not-a-block.
+    pub opaque_bytes: u64,
+    /// Bytes after the parser gave up, content-defined chunked.
+    pub fallback_bytes: u64,
+    /// Where and why the parser gave up, if it did.
+    pub gave_up: Option<(u64, String)>,
+    /// Protocol-specific counters.
+    pub counters: Vec<(&'static str, u64)>,
 }
 
 /// Chunks shorter than this travel as literals: a reference (33 bytes) would save
@@ -49,4 +79,14 @@ pub const MIN_BLOCK: usize = 512;
 /// Builds the default segmenter for a stream of unknown kind.
 pub fn default_segmenter(params: ChunkParams) -> Box<dyn Segmenter> {
     Box::new(CdcSegmenter::new(Chunker::new(params)))
+}
+
+/// Builds the segmenter for a connection's client-to-server direction: QEMU
+/// migration streams are parsed page-exact; any other stream falls back to
+/// content-defined chunking from its first byte.
+pub fn detecting_segmenter(params: ChunkParams) -> Box<dyn Segmenter> {
+    Box::new(BlockSegmenter::new(
+        qemu::QemuMainFinder::new(),
+        Chunker::new(params),
+    ))
 }
