@@ -27,6 +27,9 @@ if ! command -v cc >/dev/null 2>&1; then
   $SUDO apt-get update -q && $SUDO apt-get install -y -q build-essential
 fi
 
+log "QEMU 7.2 and 10.0 for the end-to-end migration tests"
+bash scripts/install-qemu.sh
+
 log "format"
 cargo fmt --all -- --check
 

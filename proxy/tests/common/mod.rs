@@ -267,3 +267,5 @@ pub async fn exchange(to: SocketAddr, data: Vec<u8>) -> std::io::Result<Vec<u8>>
     sender.await.unwrap()?;
     Ok(back)
 }
+#[allow(dead_code)]
+pub mod qemu;

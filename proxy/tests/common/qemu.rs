@@ -1,0 +1,297 @@
+//! Real QEMU VMs for end-to-end tests: guest RAM in a shared memory-backend-file on
+//! tmpfs (so it can be compared byte for byte), QMP over a unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// A QEMU build under test.
+#[derive(Clone, Debug)]
+pub struct QemuBuild {
+    pub name: &'static str,
+    pub binary: PathBuf,
+    pub firmware: Option<PathBuf>,
+}
+
+/// QEMU 7.2 (Debian bookworm) and 10.x (unpacked from bookworm-backports) as installed
+/// by scripts/install-qemu.sh; both are required unless SHRINKER_QEMU_ONLY names one.
+pub fn builds() -> Vec<QemuBuild> {
+    let dir10 = std::env::var("QEMU10_DIR").unwrap_or_else(|_| "/opt/shrinker-qemu-10.0".into());
+    let all = vec![
+        QemuBuild {
+            name: "7.2",
+            binary: std::env::var("SHRINKER_QEMU_72")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| "/usr/bin/qemu-system-x86_64".into()),
+            firmware: None,
+        },
+        QemuBuild {
+            name: "10.0",
+            binary: Path::new(&dir10).join("usr/bin/qemu-system-x86_64"),
+            firmware: Some(Path::new(&dir10).join("usr/share/qemu")),
+        },
+    ];
+    let only = std::env::var("SHRINKER_QEMU_ONLY").ok();
+    let chosen: Vec<QemuBuild> = all
+        .into_iter()
+        .filter(|b| only.as_deref().is_none_or(|o| o == b.name))
+        .collect();
+    for b in &chosen {
+        assert!(
+            b.binary.exists(),
+            "QEMU {} not found at {}: run scripts/install-qemu.sh (or set SHRINKER_QEMU_ONLY to test one version)",
+            b.name,
+            b.binary.display()
+        );
+    }
+    chosen
+}
+
+/// Writes a guest's initial RAM into its backing file.
+pub type RamFill<'a> = Box<dyn FnMut(&mut std::fs::File) + 'a>;
+
+/// A QEMU process, killed on drop.
+pub struct Vm {
+    child: Child,
+    pub qmp: Qmp,
+    pub ram: PathBuf,
+    log: PathBuf,
+}
+
+pub struct VmSpec<'a> {
+    pub build: &'a QemuBuild,
+    pub dir: &'a Path,
+    pub name: String,
+    pub ram_mib: u64,
+    /// Prefill the RAM file with this (its length must be ram_mib MiB); None = zeros.
+    pub ram_content: Option<RamFill<'a>>,
+    pub incoming: bool,
+    pub kernel: Option<PathBuf>,
+    pub disk: Option<PathBuf>,
+}
+
+impl Vm {
+    pub async fn start(mut spec: VmSpec<'_>) -> Vm {
+        // tmpfs: fast, and postcopy could register it with userfaultfd.
+        let ram = PathBuf::from(format!(
+            "/dev/shm/shrinker-test-{}-{}.ram",
+            std::process::id(),
+            spec.name
+        ));
+        {
+            let mut f = std::fs::File::create(&ram).unwrap();
+            if let Some(fill) = spec.ram_content.as_mut() {
+                fill(&mut f);
+            }
+            f.set_len(spec.ram_mib << 20).unwrap();
+        }
+        let qmp_path = spec.dir.join(format!("{}.qmp", spec.name));
+        let _ = std::fs::remove_file(&qmp_path);
+        let log = spec.dir.join(format!("{}.qemu.log", spec.name));
+        let mut cmd = Command::new(&spec.build.binary);
+        if let Some(fw) = &spec.build.firmware {
+            cmd.arg("-L").arg(fw);
+        }
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-smp",
+            "1",
+            "-accel",
+            "tcg",
+        ])
+        .args(["-machine", "pc,memory-backend=pc.ram"])
+        .arg("-m")
+        .arg(format!("{}M", spec.ram_mib))
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=pc.ram,size={}M,mem-path={},share=on",
+            spec.ram_mib,
+            ram.display()
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        match &spec.kernel {
+            Some(k) => {
+                cmd.arg("-kernel").arg(k);
+            }
+            None => {
+                cmd.arg("-S");
+            }
+        }
+        if spec.incoming {
+            cmd.args(["-incoming", "defer"]);
+            if spec.kernel.is_some() {
+                cmd.arg("-S");
+            }
+        }
+        if let Some(d) = &spec.disk {
+            cmd.arg("-drive")
+                .arg(format!("if=none,id=d0,file={},format=raw", d.display()))
+                .args(["-device", "virtio-blk-pci,drive=d0"]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        let qmp = Qmp::connect(&qmp_path, &log).await;
+        Vm {
+            child,
+            qmp,
+            ram,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ram);
+    }
+}
+
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    async fn connect(path: &Path, log: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!(
+                    "QMP {}: {e}\n{}",
+                    path.display(),
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ),
+            }
+        };
+        let (r, w) = stream.into_split();
+        let mut q = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).await.unwrap();
+        q.cmd("qmp_capabilities", json!({})).await;
+        q
+    }
+
+    /// Runs a command; panics on a QMP error.
+    pub async fn cmd(&mut self, name: &str, args: Value) -> Value {
+        match self.try_cmd(name, args.clone()).await {
+            Ok(v) => v,
+            Err(e) => panic!("QMP {name} {args}: {e}"),
+        }
+    }
+
+    pub async fn try_cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
+        let msg = json!({"execute": name, "arguments": args});
+        self.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .await
+            .unwrap();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).await.unwrap();
+            assert!(n > 0, "QMP closed during {name}");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(e.clone());
+            }
+        }
+    }
+
+    /// Polls query-migrate until completed (panics on failure or timeout).
+    pub async fn wait_migration(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.cmd("query-migrate", json!({})).await;
+            match v["status"].as_str() {
+                Some("completed") => return v,
+                Some("failed") | Some("cancelled") => panic!("migration failed: {v}"),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "migration not completed in {timeout:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Compares two RAM (or disk) files; panics with the first differing page.
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let x = std::fs::read(a).unwrap();
+    let y = std::fs::read(b).unwrap();
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{} and {} differ at byte {i} (page {})",
+            a.display(),
+            b.display(),
+            i / 4096
+        );
+    }
+}
+
+/// A multiboot kernel (flat binary, address-field header) that loops forever writing
+/// one dword per 4 KiB page over guest memory [4 MiB, `end`), so precopy has dirty
+/// pages to send again in every round. It writes many pages, never one page in a
+/// tight loop (TCG can lose dirty tracking for a single very hot page).
+pub fn dirtying_kernel(end: u32) -> Vec<u8> {
+    const MAGIC: u32 = 0x1BAD_B002;
+    const FLAGS: u32 = 1 << 16; // address fields valid
+    let mut k = Vec::new();
+    for v in [
+        MAGIC,
+        FLAGS,
+        MAGIC.wrapping_add(FLAGS).wrapping_neg(),
+        0x0010_0000,
+        0x0010_0000,
+        0,
+        0,
+        0x0010_0020,
+    ] {
+        k.extend_from_slice(&v.to_le_bytes());
+    }
+    // 0x20 outer: mov esi, 0x00400000
+    k.extend_from_slice(&[0xBE, 0x00, 0x00, 0x40, 0x00]);
+    // 0x25 inner: inc dword [esi]
+    k.extend_from_slice(&[0xFF, 0x06]);
+    // add esi, 0x1000
+    k.extend_from_slice(&[0x81, 0xC6, 0x00, 0x10, 0x00, 0x00]);
+    // cmp esi, end
+    k.extend_from_slice(&[0x81, 0xFE]);
+    k.extend_from_slice(&end.to_le_bytes());
+    // jb inner ; jmp outer
+    k.extend_from_slice(&[0x72, 0xF0, 0xEB, 0xE9]);
+    k
+}

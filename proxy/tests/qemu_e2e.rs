@@ -1,0 +1,375 @@
+//! Real QEMU migrations through two edge processes, on every QEMU build the project
+//! supports (7.2 and 10.0, see scripts/install-qemu.sh): the destination's guest RAM
+//! (and disk) must equal the source's byte for byte, and the source edge must have
+//! recognised the stream as QEMU and every guest page in it.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::qemu::{assert_same_file, builds, dirtying_kernel, QemuBuild, RamFill, Vm, VmSpec};
+use common::*;
+use serde_json::json;
+
+const RAM_MIB: u64 = 128;
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// Guest RAM of VM `vm` in a cluster: shared OS-like pages in a VM-specific order,
+/// unique pages and zero pages.
+fn cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
+    move |f: &mut std::fs::File| {
+        let mut stream = testkit::Workload::cluster(2026, 48 << 20).stream(vm, RAM_MIB << 20);
+        let mut w = std::io::BufWriter::new(f);
+        while let Some(p) = stream.next_piece(1 << 20) {
+            w.write_all(&p).unwrap();
+        }
+        w.flush().unwrap();
+    }
+}
+
+fn nonzero_pages(path: &Path) -> u64 {
+    let data = std::fs::read(path).unwrap();
+    data.chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
+}
+
+struct Pair {
+    a: EdgeProc,
+    _b: EdgeProc,
+}
+
+/// Edge B accepts tunnels; edge A forwards `fwd[i]` to `dst[i]` through B.
+fn start_pair(dir: &Path, net: u8, n: u16) -> (Pair, Vec<SocketAddr>, Vec<SocketAddr>) {
+    certs(dir, &["a", "b"]);
+    let tunnel = addr(net, 17000);
+    let fwd: Vec<SocketAddr> = (0..n).map(|i| addr(net, 14000 + i)).collect();
+    let dst: Vec<SocketAddr> = (0..n).map(|i| addr(net, 15000 + i)).collect();
+    let b = EdgeProc::start(
+        dir,
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--cache-mem"),
+            s("2GiB"),
+        ],
+        tunnel,
+    );
+    let mut args = vec![s("--cache-mem"), s("2GiB")];
+    for i in 0..n as usize {
+        args.push(s("--forward"));
+        args.push(format!("{}={}={}", fwd[i], tunnel, dst[i]));
+    }
+    let a = EdgeProc::start(dir, "a", &args, fwd[0]);
+    (Pair { a, _b: b }, fwd, dst)
+}
+
+/// Starts source and destination VMs, migrates through `via` into `dst`, waits for
+/// completion and compares RAM. Returns (LAN bytes the source sent, pages it had).
+async fn migrate_one(
+    build: &QemuBuild,
+    dir: &Path,
+    name: &str,
+    via: SocketAddr,
+    dst: SocketAddr,
+    fill: Option<RamFill<'_>>,
+    kernel: Option<&Path>,
+) -> u64 {
+    let mut src = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-src"),
+        ram_mib: RAM_MIB,
+        ram_content: fill,
+        incoming: false,
+        kernel: kernel.map(Path::to_path_buf),
+        disk: None,
+    })
+    .await;
+    let mut dstvm = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-dst"),
+        ram_mib: RAM_MIB,
+        ram_content: None,
+        incoming: true,
+        kernel: kernel.map(Path::to_path_buf),
+        disk: None,
+    })
+    .await;
+    dstvm
+        .qmp
+        .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
+        .await;
+    let dirty = kernel.is_some();
+    src.qmp
+        .cmd(
+            "migrate-set-parameters",
+            if dirty {
+                // Slow enough that the guest dirties pages during the first pass, with
+                // a downtime budget that lets the second or third pass converge.
+                json!({"max-bandwidth": 200u64 << 20, "downtime-limit": 2000})
+            } else {
+                json!({"max-bandwidth": 8u64 << 30})
+            },
+        )
+        .await;
+    if dirty {
+        // Let the guest run (and write) for a moment before migrating.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    src.qmp
+        .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
+        .await;
+    let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
+    let pages = nonzero_pages(&src.ram);
+    assert_same_file(&src.ram, &dstvm.ram);
+    if dirty {
+        let dirty_synced = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        assert!(
+            dirty_synced >= 2,
+            "the guest should force several precopy rounds: {info}"
+        );
+    }
+    pages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_vm_migrates_byte_exact() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-one-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 30 + i as u8, 1);
+        let pages = migrate_one(
+            build,
+            dir.path(),
+            "vm0",
+            fwd[0],
+            dst[0],
+            Some(Box::new(cluster_ram(0))),
+            None,
+        )
+        .await;
+        let st = pair.a.wait_for("migration connection done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        let c = &st["counters"];
+        assert_eq!(
+            c["qemu_streams"], 1,
+            "QEMU {}: stream not recognised: {st}",
+            build.name
+        );
+        assert_eq!(
+            c["parser_fallbacks"],
+            0,
+            "QEMU {}: parser gave up: {}",
+            build.name,
+            pair.a.log()
+        );
+        assert!(
+            c["protocol_blocks"].as_u64().unwrap() >= pages,
+            "QEMU {}: {pages} guest pages, {c}",
+            build.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_of_four_sequential_then_concurrent() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-cluster-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 32 + i as u8, 8);
+        let mut pages = 0;
+        for vm in 0..4u64 {
+            let v = vm as usize;
+            pages += migrate_one(
+                build,
+                dir.path(),
+                &format!("seq{vm}"),
+                fwd[v],
+                dst[v],
+                Some(Box::new(cluster_ram(vm))),
+                None,
+            )
+            .await;
+        }
+        let seq = pair.a.wait_for("4 migrations", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 4
+        });
+        let (lan, wan) = (
+            seq["counters"]["lan_bytes_in"].as_u64().unwrap(),
+            seq["counters"]["wan_bytes_out"].as_u64().unwrap(),
+        );
+        assert!(seq["counters"]["protocol_blocks"].as_u64().unwrap() >= pages);
+        // Shared pages cross once: the cluster costs far less than its size.
+        assert!(wan * 2 < lan, "QEMU {}: WAN {wan} of LAN {lan}", build.name);
+        // The same cluster again, all four at once, on fresh VMs (same content).
+        let dir_ref = dir.path();
+        let jobs = (0..4u64).map(|vm| {
+            let v = 4 + vm as usize;
+            let (f, d) = (fwd[v], dst[v]);
+            async move {
+                migrate_one(
+                    build,
+                    dir_ref,
+                    &format!("con{vm}"),
+                    f,
+                    d,
+                    Some(Box::new(cluster_ram(vm))),
+                    None,
+                )
+                .await
+            }
+        });
+        futures_join_all(jobs).await;
+        let all = pair.a.wait_for("8 migrations", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 8
+        });
+        let c = &all["counters"];
+        assert_eq!(c["parser_fallbacks"], 0, "{c}");
+        assert_eq!(c["connections_failed"], 0, "{c}");
+        let (lan2, wan2) = (
+            c["lan_bytes_in"].as_u64().unwrap() - lan,
+            c["wan_bytes_out"].as_u64().unwrap() - wan,
+        );
+        // Everything was seen before: the second round is almost all references.
+        assert!(
+            wan2 * 10 < lan2,
+            "QEMU {}: concurrent round WAN {wan2} of LAN {lan2}",
+            build.name
+        );
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = u64>>(jobs: impl Iterator<Item = F>) {
+    let handles: Vec<_> = jobs.collect();
+    // Poll all futures concurrently on this task.
+    let mut set = Vec::new();
+    for h in handles {
+        set.push(Box::pin(h));
+    }
+    let mut done = vec![false; set.len()];
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, f) in set.iter_mut().enumerate() {
+            if !done[i] {
+                if f.as_mut().poll(cx).is_ready() {
+                    done[i] = true;
+                } else {
+                    all = false;
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_writing_memory_needs_several_rounds_and_stays_exact() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-dirty-{}", build.name));
+        let kernel = dir.path().join("dirty.bin");
+        std::fs::write(&kernel, dirtying_kernel(0x0200_0000)).unwrap();
+        let (pair, fwd, dst) = start_pair(dir.path(), 36 + i as u8, 1);
+        migrate_one(
+            build,
+            dir.path(),
+            "dirty",
+            fwd[0],
+            dst[0],
+            Some(Box::new(cluster_ram(9))),
+            Some(&kernel),
+        )
+        .await;
+        let st = pair.a.wait_for("done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        assert_eq!(st["counters"]["parser_fallbacks"], 0, "{st}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_block_migration_on_7_2() {
+    let Some(build) = builds().into_iter().find(|b| b.name == "7.2") else {
+        return; // SHRINKER_QEMU_ONLY excludes 7.2: block migration was removed in 9.1.
+    };
+    let dir = Scratch::new("qemu-blk");
+    let (pair, fwd, dst) = start_pair(dir.path(), 38, 1);
+    let (src_disk, dst_disk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+    {
+        // 64 MiB disk: OS-like blocks shared with the guest's RAM, zeros, unique data.
+        let mut f = std::fs::File::create(&src_disk).unwrap();
+        let mut stream = testkit::Workload::cluster(2026, 48 << 20).stream(77, 64 << 20);
+        while let Some(p) = stream.next_piece(1 << 20) {
+            f.write_all(&p).unwrap();
+        }
+        std::fs::File::create(&dst_disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    }
+    let mut src = Vm::start(VmSpec {
+        build: &build,
+        dir: dir.path(),
+        name: "blk-src".into(),
+        ram_mib: RAM_MIB,
+        ram_content: Some(Box::new(cluster_ram(5))),
+        incoming: false,
+        kernel: None,
+        disk: Some(src_disk.clone()),
+    })
+    .await;
+    let mut dstvm = Vm::start(VmSpec {
+        build: &build,
+        dir: dir.path(),
+        name: "blk-dst".into(),
+        ram_mib: RAM_MIB,
+        ram_content: None,
+        incoming: true,
+        kernel: None,
+        disk: Some(dst_disk.clone()),
+    })
+    .await;
+    dstvm
+        .qmp
+        .cmd(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:{}", dst[0])}),
+        )
+        .await;
+    src.qmp
+        .cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 8u64 << 30}),
+        )
+        .await;
+    src.qmp
+        .cmd(
+            "migrate",
+            json!({"uri": format!("tcp:{}", fwd[0]), "blk": true}),
+        )
+        .await;
+    src.qmp.wait_migration(Duration::from_secs(300)).await;
+    assert_same_file(&src.ram, &dstvm.ram);
+    drop(src);
+    drop(dstvm);
+    assert_same_file(&src_disk, &dst_disk);
+    let st = pair.a.wait_for("done", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 1
+    });
+    let c = &st["counters"];
+    assert_eq!(c["parser_fallbacks"], 0, "{}", pair.a.log());
+    // 64 MiB of disk = 16384 blocks, plus the RAM pages.
+    assert!(c["protocol_blocks"].as_u64().unwrap() >= 16384, "{c}");
+}
