@@ -244,34 +244,33 @@ impl FrameDecoder {
         if let Some(f) = self.batch.pop_front() {
             return Ok(Some(f));
         }
-        loop {
-            let Some((header_len, body_len, ty)) = peek_header(src)? else {
-                return Ok(None);
-            };
-            let total = header_len + body_len;
-            if src.len() < total {
-                src.reserve(total - src.len());
-                return Ok(None);
-            }
-            self.consumed += total as u64;
-            let mut frame = src.split_to(total).freeze();
-            let header = frame.split_to(header_len);
-            let frame = if ty == T_ZBATCH {
-                let (raw_len, _) =
-                    get_varint(&header[1..], "ZBATCH")?.ok_or(FrameError::BadVarint("ZBATCH"))?;
-                self.expand_batch(raw_len as usize, frame)?;
-                if let Some(f) = self.batch.pop_front() {
-                    return Ok(Some(f));
-                }
-                continue; // an empty batch is legal, if pointless
-            } else {
-                frame
-            };
-            return build(ty, frame).map(Some);
+        let Some((header_len, body_len, ty)) = peek_header(src)? else {
+            return Ok(None);
+        };
+        let total = header_len + body_len;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
         }
+        self.consumed += total as u64;
+        let mut frame = src.split_to(total).freeze();
+        let header = frame.split_to(header_len);
+        if ty == T_ZBATCH {
+            let (raw_len, _) =
+                get_varint(&header[1..], "ZBATCH")?.ok_or(FrameError::BadVarint("ZBATCH"))?;
+            self.expand_batch(raw_len as usize, frame)?;
+            // expand_batch refuses empty batches, so there is a frame to return.
+            return Ok(self.batch.pop_front());
+        }
+        build(ty, frame).map(Some)
     }
 
     fn expand_batch(&mut self, raw_len: usize, compressed: Bytes) -> Result<(), FrameError> {
+        // An encoder never sends an empty batch; refusing it keeps `Ok(None)` meaning
+        // "consumed nothing".
+        if raw_len == 0 {
+            return Err(FrameError::BadBatch(0));
+        }
         let z = match &mut self.zstd {
             Some(z) => z,
             None => self.zstd.insert(

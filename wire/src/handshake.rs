@@ -21,6 +21,10 @@ pub const MAGIC: &[u8; 4] = b"SHRK";
 pub const VERSION: u16 = 1;
 /// Largest handshake body.
 pub const MAX_BODY: usize = 4096;
+/// Longest target address (`host:port`).
+pub const MAX_TARGET: usize = 2048;
+/// Longest refusal reason.
+pub const MAX_REASON: usize = 1024;
 const KIND_HELLO: u8 = 1;
 const KIND_REPLY: u8 = 2;
 const HEADER_LEN: usize = 4 + 2 + 1 + 2;
@@ -103,7 +107,7 @@ impl Hello {
             epoch: get_u64(b)?,
             cache_bytes: get_u64(b)?,
             window: get_u64(b)?,
-            target: get_str16(b)?,
+            target: get_str16_max(b, MAX_TARGET, "target too long")?,
             open_seq: get_u64(b)?,
         };
         if b.has_remaining() {
@@ -128,7 +132,7 @@ impl HelloReply {
             }
             Err(reason) => {
                 body.put_u8(1);
-                put_str16(&mut body, truncate(reason, 1024));
+                put_str16(&mut body, truncate(reason, MAX_REASON));
             }
         }
         put_envelope(dst, KIND_REPLY, &body);
@@ -151,7 +155,7 @@ impl HelloReply {
             return Err(HandshakeError::Malformed("truncated"));
         }
         let status = b.get_u8();
-        let reason = get_str16(b)?;
+        let reason = get_str16_max(b, MAX_REASON, "reason too long")?;
         if b.has_remaining() {
             return Err(HandshakeError::Malformed("trailing bytes"));
         }
@@ -217,7 +221,7 @@ fn put_str8(dst: &mut BytesMut, s: &str) {
 }
 
 fn put_str16(dst: &mut BytesMut, s: &str) {
-    let s = truncate(s, 2048);
+    let s = truncate(s, MAX_TARGET);
     dst.put_u16(s.len() as u16);
     dst.put_slice(s.as_bytes());
 }
@@ -244,11 +248,19 @@ fn get_str8(b: &mut bytes::Bytes) -> Result<String, HandshakeError> {
     get_str(b, len)
 }
 
-fn get_str16(b: &mut bytes::Bytes) -> Result<String, HandshakeError> {
+/// Reads a str16 no longer than `max`: decode accepts exactly what encode can produce.
+fn get_str16_max(
+    b: &mut bytes::Bytes,
+    max: usize,
+    what: &'static str,
+) -> Result<String, HandshakeError> {
     if b.remaining() < 2 {
         return Err(HandshakeError::Malformed("truncated"));
     }
     let len = b.get_u16() as usize;
+    if len > max {
+        return Err(HandshakeError::Malformed(what));
+    }
     get_str(b, len)
 }
 
@@ -298,5 +310,35 @@ mod tests {
         let mut v2 = enc.clone();
         v2[5] = 2;
         assert_eq!(HelloReply::decode(&mut v2), Err(HandshakeError::Version(2)));
+    }
+
+    #[test]
+    fn overlong_fields_are_rejected_not_truncated() {
+        let h = Hello {
+            edge: "a".into(),
+            epoch: 1,
+            cache_bytes: 2,
+            window: 3,
+            target: "h".repeat(MAX_TARGET),
+            open_seq: 4,
+        };
+        let mut enc = BytesMut::new();
+        h.encode(&mut enc);
+        assert_eq!(Hello::decode(&mut enc.clone()), Ok(Some(h)));
+        // One byte longer, built by hand: refused.
+        let mut body = BytesMut::new();
+        put_str8(&mut body, "a");
+        body.put_u64(1);
+        body.put_u64(2);
+        body.put_u64(3);
+        body.put_u16((MAX_TARGET + 1) as u16);
+        body.put_slice("h".repeat(MAX_TARGET + 1).as_bytes());
+        body.put_u64(4);
+        let mut msg = BytesMut::new();
+        put_envelope(&mut msg, KIND_HELLO, &body);
+        assert_eq!(
+            Hello::decode(&mut msg),
+            Err(HandshakeError::Malformed("target too long"))
+        );
     }
 }

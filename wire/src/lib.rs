@@ -20,6 +20,8 @@ pub use store::{ContentStore, PeerHoldings};
 pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
 pub mod chunk;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod segment;
 pub mod session;

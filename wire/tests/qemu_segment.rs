@@ -47,57 +47,64 @@ fn nonzero_pages(ram: &[u8]) -> HashSet<Vec<u8>> {
         .collect()
 }
 
+/// Captures of the same 16 MiB guest (`pc-16M.ram.zst`) migrated by each QEMU version.
+const CAPTURES: [&str; 2] = ["qemu-7.2-pc-16M.mig.zst", "qemu-10.0-pc-16M.mig.zst"];
+
 #[test]
 fn real_capture_every_page_found_any_split() {
-    let stream = fixture("qemu-7.2-pc-16M.mig.zst");
-    let ram = fixture("qemu-7.2-pc-16M.ram.zst");
+    let ram = fixture("pc-16M.ram.zst");
     let want = nonzero_pages(&ram);
-    for sizes in [
-        &[1usize << 20][..],
-        &[1, 2, 3, 5, 7, 4096, 9],
-        &[65_536, 4095, 32_768],
-        &[13],
-    ] {
-        let (segs, seg) = run(&stream, sizes, false);
-        assert!(
-            concat(&segs) == stream,
-            "not byte-exact with splits {sizes:?}"
-        );
-        let blocks: HashSet<Vec<u8>> = segs
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Block(b) if b.len() == 4096 => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
-        let missing = want.iter().filter(|p| !blocks.contains(*p)).count();
-        assert_eq!(
-            missing, 0,
-            "{missing} guest pages not recognised as blocks (splits {sizes:?})"
-        );
-        let r = seg.report();
-        assert_eq!(r.kind, "qemu-main");
-        assert_eq!(r.gave_up, None, "{r:?}");
-        assert_eq!(r.blocks_lost, 0);
-        let pages = r.counters.iter().find(|(k, _)| *k == "pages").unwrap().1;
-        assert_eq!(r.blocks, pages, "every PAGE record became a block");
-        assert!(
-            r.counters
+    for capture in CAPTURES {
+        let stream = fixture(capture);
+        for sizes in [
+            &[1usize << 20][..],
+            &[1, 2, 3, 5, 7, 4096, 9],
+            &[65_536, 4095, 32_768],
+            &[13],
+        ] {
+            let (segs, seg) = run(&stream, sizes, false);
+            assert!(
+                concat(&segs) == stream,
+                "not byte-exact with splits {sizes:?}"
+            );
+            let blocks: HashSet<Vec<u8>> = segs
                 .iter()
-                .any(|(k, v)| *k == "zero_pages" && *v > 3000),
-            "{r:?}"
-        );
+                .filter_map(|s| match s {
+                    Segment::Block(b) if b.len() == 4096 => Some(b.to_vec()),
+                    _ => None,
+                })
+                .collect();
+            let missing = want.iter().filter(|p| !blocks.contains(*p)).count();
+            assert_eq!(
+                missing, 0,
+                "{missing} guest pages not recognised as blocks (splits {sizes:?})"
+            );
+            let r = seg.report();
+            assert_eq!(r.kind, "qemu-main");
+            assert_eq!(r.gave_up, None, "{r:?}");
+            assert_eq!(r.blocks_lost, 0);
+            let pages = r.counters.iter().find(|(k, _)| *k == "pages").unwrap().1;
+            assert_eq!(r.blocks, pages, "every PAGE record became a block");
+            assert!(
+                r.counters
+                    .iter()
+                    .any(|(k, v)| *k == "zero_pages" && *v > 3000),
+                "{r:?}"
+            );
+        }
     }
 }
 
 #[test]
 fn flush_after_every_read_stays_exact() {
-    let stream = fixture("qemu-7.2-pc-16M.mig.zst");
-    let (segs, seg) = run(&stream, &[1000, 3, 70_000], true);
-    assert!(concat(&segs) == stream);
-    let r = seg.report();
-    assert_eq!(r.gave_up, None, "flushes must not derail the parser: {r:?}");
-    assert!(r.blocks > 0);
+    for capture in CAPTURES {
+        let stream = fixture(capture);
+        let (segs, seg) = run(&stream, &[1000, 3, 70_000], true);
+        assert!(concat(&segs) == stream);
+        let r = seg.report();
+        assert_eq!(r.gave_up, None, "flushes must not derail the parser: {r:?}");
+        assert!(r.blocks > 0);
+    }
 }
 
 #[test]
@@ -134,7 +141,7 @@ proptest! {
         sizes in proptest::collection::vec(1usize..70_000, 1..6),
         flush in any::<bool>(),
     ) {
-        let mut stream = fixture("qemu-7.2-pc-16M.mig.zst");
+        let mut stream = fixture(CAPTURES[edits.len() % 2]);
         stream.truncate(300_000);
         for (idx, byte, kind) in edits {
             let i = idx.index(stream.len());
