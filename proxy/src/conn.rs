@@ -52,6 +52,8 @@ const DATA_QUEUE: usize = 8;
 const COALESCE: usize = 64 * 1024;
 /// How long a finished tunnel waits for the peer's close before closing anyway.
 const LINGER: Duration = Duration::from_secs(5);
+/// How long a failed tunnel keeps reading so the peer can take in our RESET.
+const RESET_LINGER: Duration = Duration::from_secs(1);
 /// Extra pending allowance over the peer's window: one read burst plus frame slack.
 const PENDING_SLACK: u64 = 16 << 20;
 
@@ -200,11 +202,17 @@ where
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    if error.is_none() {
-        // Our close_notify is sent; wait for the peer's before closing the socket, so
-        // its last frames (and its own close_notify) never hit a closed socket.
-        let _ = tokio::time::timeout(LINGER, async {
-            let mut sink = [0u8; 4096];
+    // Our close_notify (and, after a failure, our RESET) is sent: read until the peer
+    // closes too before closing the socket. Closing with unread data would make the
+    // kernel send RST, which can destroy our last frames before the peer reads them.
+    let linger = match &error {
+        None => Some(LINGER),
+        Some(e) if e.tell_peer() => Some(RESET_LINGER),
+        Some(_) => None,
+    };
+    if let Some(limit) = linger {
+        let _ = tokio::time::timeout(limit, async {
+            let mut sink = vec![0u8; 64 * 1024];
             while let Ok(n) = tr.read(&mut sink).await {
                 if n == 0 {
                     break;

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod edge;
 pub mod error;
 mod governor;
+pub mod inspect;
 pub mod io;
 pub mod size;
 pub mod stats;

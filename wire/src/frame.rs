@@ -7,7 +7,7 @@
 //! | type | name | body |
 //! |---|---|---|
 //! | `0x01` | LITERAL | varint len, len bytes |
-//! | `0x02` | CHUNK | 32-byte id, varint len, len bytes (receiver verifies the hash) |
+//! | `0x02` | CHUNK | varint len, len bytes (the receiver names it by hashing it) |
 //! | `0x03` | REF | 32-byte id |
 //! | `0x04` | MISS | 32-byte id (control: "send me this chunk") |
 //! | `0x05` | FILL | 32-byte id, varint len, len bytes (control: answer to MISS) |
@@ -50,13 +50,10 @@ const T_ZBATCH: u8 = 0x09;
 pub enum Frame {
     /// Bytes to deliver as they are.
     Literal(Bytes),
-    /// A chunk the peer did not hold: deliver it and keep it.
-    Chunk {
-        /// Claimed BLAKE3 of `data`.
-        id: ChunkId,
-        /// The chunk's bytes.
-        data: Bytes,
-    },
+    /// A chunk the peer did not hold: deliver it and keep it. It carries no id: the
+    /// receiver hashes the bytes anyway, so an id would only cost 32 bytes and could
+    /// not be trusted.
+    Chunk(Bytes),
     /// Deliver the chunk the receiver already holds under this id.
     Ref(ChunkId),
     /// The receiver lacks this chunk: the sender must answer with [`Frame::Fill`].
@@ -80,10 +77,7 @@ pub enum Frame {
 impl Frame {
     /// Whether this frame stands for bytes of the proxied stream (order matters).
     pub fn is_data(&self) -> bool {
-        matches!(
-            self,
-            Frame::Literal(_) | Frame::Chunk { .. } | Frame::Ref(_)
-        )
+        matches!(self, Frame::Literal(_) | Frame::Chunk(_) | Frame::Ref(_))
     }
 
     /// Appends the encoded frame to `dst`.
@@ -92,14 +86,8 @@ impl Frame {
     /// In debug builds, if a payload exceeds its cap (the encoder never builds one).
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
-            Frame::Literal(data) => {
-                debug_assert!(data.len() <= MAX_LITERAL);
-                dst.reserve(1 + varint::MAX_VARINT_LEN + data.len());
-                dst.put_u8(T_LITERAL);
-                varint::put(dst, data.len() as u64);
-                dst.put_slice(data);
-            }
-            Frame::Chunk { id, data } => encode_chunk(dst, T_CHUNK, id, data),
+            Frame::Literal(data) => encode_bytes(dst, T_LITERAL, data, MAX_LITERAL),
+            Frame::Chunk(data) => encode_bytes(dst, T_CHUNK, data, MAX_CHUNK),
             Frame::Fill { id, data } => encode_chunk(dst, T_FILL, id, data),
             Frame::Ref(id) => {
                 dst.put_u8(T_REF);
@@ -129,8 +117,8 @@ impl Frame {
     /// Encoded size in bytes.
     pub fn encoded_len(&self) -> usize {
         match self {
-            Frame::Literal(d) => 1 + varint::len(d.len() as u64) + d.len(),
-            Frame::Chunk { data, .. } | Frame::Fill { data, .. } => {
+            Frame::Literal(d) | Frame::Chunk(d) => 1 + varint::len(d.len() as u64) + d.len(),
+            Frame::Fill { data, .. } => {
                 1 + CHUNK_ID_LEN + varint::len(data.len() as u64) + data.len()
             }
             Frame::Ref(_) | Frame::Miss(_) => 1 + CHUNK_ID_LEN,
@@ -142,6 +130,14 @@ impl Frame {
             }
         }
     }
+}
+
+fn encode_bytes(dst: &mut BytesMut, ty: u8, data: &[u8], max: usize) {
+    debug_assert!(data.len() <= max);
+    dst.reserve(1 + varint::MAX_VARINT_LEN + data.len());
+    dst.put_u8(ty);
+    varint::put(dst, data.len() as u64);
+    dst.put_slice(data);
 }
 
 fn encode_chunk(dst: &mut BytesMut, ty: u8, id: &ChunkId, data: &[u8]) {
@@ -339,7 +335,10 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
         T_LITERAL => get_varint(rest, "LITERAL")?
             .map(|(n, l)| capped(n, MAX_LITERAL, "LITERAL").map(|n| (1 + l, n, ty)))
             .transpose()?,
-        T_CHUNK | T_FILL => {
+        T_CHUNK => get_varint(rest, "CHUNK")?
+            .map(|(n, l)| capped(n, MAX_CHUNK, "CHUNK").map(|n| (1 + l, n, ty)))
+            .transpose()?,
+        T_FILL => {
             if rest.len() < CHUNK_ID_LEN {
                 return Ok(None);
             }
@@ -381,15 +380,12 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
     };
     Ok(match ty {
         T_LITERAL => Frame::Literal(body),
-        T_CHUNK | T_FILL => {
+        T_CHUNK => Frame::Chunk(body),
+        T_FILL => {
             let id = take_id(&mut body);
-            let (_, l) = get_varint(&body, "CHUNK")?.ok_or(FrameError::BadVarint("CHUNK"))?;
+            let (_, l) = get_varint(&body, "FILL")?.ok_or(FrameError::BadVarint("FILL"))?;
             body.advance(l);
-            if ty == T_CHUNK {
-                Frame::Chunk { id, data: body }
-            } else {
-                Frame::Fill { id, data: body }
-            }
+            Frame::Fill { id, data: body }
         }
         T_REF => Frame::Ref(take_id(&mut body)),
         T_MISS => Frame::Miss(take_id(&mut body)),

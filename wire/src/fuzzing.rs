@@ -676,7 +676,7 @@ impl Tunnel {
                 matches!(
                     f,
                     Frame::Literal(_)
-                        | Frame::Chunk { .. }
+                        | Frame::Chunk(_)
                         | Frame::Ref(_)
                         | Frame::Fill { .. }
                         | Frame::End

@@ -15,7 +15,8 @@ pub struct VerifiedChunk {
 }
 
 impl VerifiedChunk {
-    /// Hashes local bytes (read from our own socket) and pairs them with their id.
+    /// Hashes bytes and names them by that hash: verified by construction, whatever
+    /// their origin (our own socket, or a peer's CHUNK frame that carries no id).
     pub fn from_local(data: Bytes) -> Self {
         VerifiedChunk {
             id: ChunkId::of(&data),

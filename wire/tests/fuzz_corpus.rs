@@ -241,10 +241,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let id = ChunkId::of(&chunk);
     let every = vec![
         Frame::Literal(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n")),
-        Frame::Chunk {
-            id,
-            data: chunk.clone(),
-        },
+        Frame::Chunk(chunk.clone()),
         Frame::Ref(id),
         Frame::Miss(id),
         Frame::Fill {
@@ -260,10 +257,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ];
     let data_frames = vec![
         Frame::Literal(Bytes::from_static(b"hello")),
-        Frame::Chunk {
-            id,
-            data: chunk.clone(),
-        },
+        Frame::Chunk(chunk.clone()),
         Frame::Ref(id),
         Frame::Ref(id),
     ];
@@ -407,10 +401,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Literal(Bytes::from_static(b"queued behind a miss")),
         Frame::Ref(ids[1]),
         Frame::Ref(ids[3]),
-        Frame::Chunk {
-            id: fresh_id,
-            data: fresh.clone(),
-        },
+        Frame::Chunk(fresh.clone()),
         Frame::Fill {
             id: ids[3],
             data: blocks[3].clone(),
@@ -451,10 +442,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             id: ids[2],
             data: blocks[1].clone(),
         },
-        Frame::Chunk {
-            id: ids[0],
-            data: fresh.clone(),
-        },
+        Frame::Chunk(fresh.clone()),
     ]);
     let bad_ledger = enc(&[Frame::Ack(sent + 1), Frame::Miss(fresh_id), Frame::Ack(10)]);
     let after_end = enc(&[

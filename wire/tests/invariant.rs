@@ -361,23 +361,25 @@ fn repeated_content_becomes_references() {
 }
 
 #[test]
-fn corrupt_chunk_is_refused() {
+fn corrupt_fill_is_refused_and_chunks_are_named_by_their_hash() {
     let store = Arc::new(TinyStore::new(1 << 20));
     let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
     let data = Bytes::from(vec![7u8; 4096]);
     let wrong = ChunkId::of(b"something else");
     let err = dec
-        .handle_frame(Frame::Chunk {
+        .handle_frame(Frame::Fill {
             id: wrong,
             data: data.clone(),
         })
         .unwrap_err();
     assert!(err.to_string().contains("fails verification"), "{err}");
-    assert!(store.get(&wrong).is_none() && store.get(&ChunkId::of(&data)).is_none());
-    let err = dec
-        .handle_frame(Frame::Fill { id: wrong, data })
-        .unwrap_err();
     assert!(matches!(err, wire::session::SessionError::Corrupt(_)));
+    assert!(store.get(&wrong).is_none() && store.get(&ChunkId::of(&data)).is_none());
+    // A CHUNK carries no id: whatever its bytes, they are stored under their own hash.
+    let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
+    dec.handle_frame(Frame::Chunk(data.clone())).unwrap();
+    assert_eq!(store.get(&ChunkId::of(&data)), Some(data));
+    assert!(store.get(&wrong).is_none());
 }
 
 #[test]

@@ -32,6 +32,8 @@ enum Cmd {
     },
     /// Demo: a migration-like cluster through two local edges, savings printed.
     Demo(proxy::demo::DemoArgs),
+    /// Analyse captured migration streams: what they hold, what the pair would send.
+    Inspect(proxy::inspect::InspectArgs),
 }
 
 fn init_logging(default: &str) {
@@ -85,6 +87,10 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        Cmd::Inspect(args) => {
+            init_logging("warn");
+            proxy::inspect::run(args)
+        }
         Cmd::Demo(args) => {
             init_logging("warn");
             rt.block_on(proxy::demo::run(args))

@@ -9,7 +9,7 @@ use super::SessionError;
 use crate::frame::Frame;
 use crate::id::ChunkId;
 use crate::store::ContentStore;
-use crate::verified::UnverifiedChunk;
+use crate::verified::{UnverifiedChunk, VerifiedChunk};
 
 /// Decoder settings.
 #[derive(Clone, Debug)]
@@ -116,8 +116,9 @@ impl Decoder {
         }
         let item = match frame {
             Frame::Literal(data) => Pending::Ready(data),
-            Frame::Chunk { id, data } => {
-                let chunk = UnverifiedChunk { id, data }.verify()?;
+            Frame::Chunk(data) => {
+                // Named by its own hash: verified by construction, cannot poison.
+                let chunk = VerifiedChunk::from_local(data);
                 let data = chunk.data().clone();
                 self.store.insert(chunk);
                 self.stats.chunks_stored += 1;

@@ -111,7 +111,7 @@ impl Encoder {
                 } else {
                     self.stats.chunks += 1;
                     self.stats.chunk_bytes += data.len() as u64;
-                    Frame::Chunk { id, data }.encode(&mut self.batch);
+                    Frame::Chunk(data).encode(&mut self.batch);
                 }
             }
         }
