@@ -20,11 +20,15 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
-# The zstd crate builds libzstd from source with a C compiler.
-if ! command -v cc >/dev/null 2>&1; then
-  log "installing a C compiler"
+# The zstd crate builds libzstd from source with a C compiler; the zstd CLI is the
+# baseline the QEMU cluster test compares against.
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v zstd >/dev/null 2>&1 || missing+=(zstd)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q build-essential
+  $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
 
 log "QEMU 7.2 and 10.0 for the end-to-end migration tests"

@@ -298,6 +298,8 @@ impl EdgeShared {
                     ref_bytes = o.enc.ref_bytes,
                     chunks = o.enc.chunks,
                     literal_bytes = o.enc.literal_bytes,
+                    compressed = o.enc.batches_compressed,
+                    incompressible = o.enc.batches_incompressible,
                     misses = o.dec.misses,
                     fills_sent = o.fills_sent,
                     ratio = format_args!(

@@ -47,22 +47,29 @@ struct Pair {
 
 /// Edge B accepts tunnels; edge A forwards `fwd[i]` to `dst[i]` through B.
 fn start_pair(dir: &Path, net: u8, n: u16) -> (Pair, Vec<SocketAddr>, Vec<SocketAddr>) {
+    start_pair_with(dir, net, n, &[])
+}
+
+fn start_pair_with(
+    dir: &Path,
+    net: u8,
+    n: u16,
+    extra: &[String],
+) -> (Pair, Vec<SocketAddr>, Vec<SocketAddr>) {
     certs(dir, &["a", "b"]);
     let tunnel = addr(net, 17000);
     let fwd: Vec<SocketAddr> = (0..n).map(|i| addr(net, 14000 + i)).collect();
     let dst: Vec<SocketAddr> = (0..n).map(|i| addr(net, 15000 + i)).collect();
-    let b = EdgeProc::start(
-        dir,
-        "b",
-        &[
-            s("--tunnel-listen"),
-            tunnel.to_string(),
-            s("--cache-mem"),
-            s("2GiB"),
-        ],
-        tunnel,
-    );
+    let mut bargs = vec![
+        s("--tunnel-listen"),
+        tunnel.to_string(),
+        s("--cache-mem"),
+        s("2GiB"),
+    ];
+    bargs.extend_from_slice(extra);
+    let b = EdgeProc::start(dir, "b", &bargs, tunnel);
     let mut args = vec![s("--cache-mem"), s("2GiB")];
+    args.extend_from_slice(extra);
     for i in 0..n as usize {
         args.push(s("--forward"));
         args.push(format!("{}={}={}", fwd[i], tunnel, dst[i]));
@@ -372,4 +379,173 @@ async fn legacy_block_migration_on_7_2() {
     assert_eq!(c["parser_fallbacks"], 0, "{}", pair.a.log());
     // 64 MiB of disk = 16384 blocks, plus the RAM pages.
     assert!(c["protocol_blocks"].as_u64().unwrap() >= 16384, "{c}");
+}
+
+/// Captures a VM's migration stream into a file (`migrate "exec:cat > FILE"`).
+async fn capture(build: &QemuBuild, dir: &Path, name: &str, fill: RamFill<'_>, out: &Path) {
+    let mut src = Vm::start(VmSpec {
+        build,
+        dir,
+        name: name.into(),
+        ram_mib: RAM_MIB,
+        ram_content: Some(fill),
+        incoming: false,
+        kernel: None,
+        disk: None,
+    })
+    .await;
+    src.qmp
+        .cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 8u64 << 30}),
+        )
+        .await;
+    src.qmp
+        .cmd(
+            "migrate",
+            json!({"uri": format!("exec:cat > {}", out.display())}),
+        )
+        .await;
+    src.qmp.wait_migration(Duration::from_secs(300)).await;
+}
+
+/// The cluster's WAN bytes through the pair are within 5% of the ideal that
+/// `shrinker inspect` computes from captures of the same migrations, and inspect's
+/// count of distinct pages agrees with one taken directly from the guests' RAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wan_bytes_near_ideal() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-ideal-{}", build.name));
+        let (pair, fwd, dst) =
+            start_pair_with(dir.path(), 40 + i as u8, 4, &[s("--compress"), s("always")]);
+        let mut files = Vec::new();
+        let mut distinct_ram = std::collections::HashSet::new();
+        for vm in 0..4u64 {
+            let f = dir.path().join(format!("vm{vm}.mig"));
+            capture(
+                build,
+                dir.path(),
+                &format!("cap{vm}"),
+                Box::new(cluster_ram(vm)),
+                &f,
+            )
+            .await;
+            files.push(f);
+            let mut ram = Vec::new();
+            cluster_ram(vm)(&mut tempfile_rw(dir.path(), &mut ram));
+            for p in ram.chunks(4096).filter(|p| p.iter().any(|&b| b != 0)) {
+                distinct_ram.insert(blake3::hash(p));
+            }
+        }
+        for vm in 0..4u64 {
+            let v = vm as usize;
+            migrate_one(
+                build,
+                dir.path(),
+                &format!("m{vm}"),
+                fwd[v],
+                dst[v],
+                Some(Box::new(cluster_ram(vm))),
+                None,
+            )
+            .await;
+        }
+        let st = pair.a.wait_for("4 migrations", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 4
+        });
+        let wan = st["counters"]["wan_bytes_out"].as_u64().unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["inspect", "--json", "--compress", "always"])
+            .args(&files)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let total = &report["total"];
+        let ideal = total["ideal_bytes"].as_u64().unwrap();
+        let distinct = total["distinct_blocks"].as_u64().unwrap();
+        // ROM blocks (BIOS, option ROMs, ACPI tables) add a few distinct pages.
+        let ram_distinct = distinct_ram.len() as u64;
+        assert!(
+            distinct >= ram_distinct && distinct <= ram_distinct + 256,
+            "QEMU {}: inspect found {distinct} distinct blocks, the RAM files hold {ram_distinct}",
+            build.name
+        );
+        eprintln!(
+            "QEMU {}: cluster LAN {} B, pair WAN {wan} B (TLS included), ideal {ideal} B, ratio {:.4}",
+            build.name,
+            total["bytes"],
+            wan as f64 / ideal as f64
+        );
+        assert!(
+            (wan as f64) <= 1.05 * ideal as f64,
+            "QEMU {}: WAN {wan} B is more than 1.05 x the ideal {ideal} B",
+            build.name
+        );
+        // The tunnel a user would otherwise build: zstd -3 with long-range matching
+        // (--long=27, a 128 MiB window) per connection.
+        let mut zstd_long = 0u64;
+        for f in &files {
+            let out = std::process::Command::new("zstd")
+                .args(["-3", "--long=27", "-c", "-q"])
+                .arg(f)
+                .output()
+                .expect("zstd CLI (scripts/test.sh installs it)");
+            assert!(out.status.success());
+            zstd_long += out.stdout.len() as u64;
+        }
+        eprintln!(
+            "QEMU {}: zstd -3 --long=27 per connection {zstd_long} B",
+            build.name
+        );
+        assert!(
+            wan < zstd_long,
+            "QEMU {}: pair {wan} B vs zstd --long=27 {zstd_long} B",
+            build.name
+        );
+    }
+}
+
+/// Runs a RAM fill function into memory (through a scratch file).
+fn tempfile_rw<'a>(dir: &Path, sink: &'a mut Vec<u8>) -> FileToVec<'a> {
+    FileToVec {
+        file: std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join("ram-scratch"))
+            .unwrap(),
+        sink,
+    }
+}
+
+struct FileToVec<'a> {
+    file: std::fs::File,
+    sink: &'a mut Vec<u8>,
+}
+
+impl std::ops::Deref for FileToVec<'_> {
+    type Target = std::fs::File;
+    fn deref(&self) -> &std::fs::File {
+        &self.file
+    }
+}
+
+impl std::ops::DerefMut for FileToVec<'_> {
+    fn deref_mut(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+}
+
+impl Drop for FileToVec<'_> {
+    fn drop(&mut self) {
+        use std::io::{Read, Seek};
+        self.file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        self.file.read_to_end(self.sink).unwrap();
+    }
 }

@@ -57,6 +57,9 @@ pub struct Encoder {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
     batch: BytesMut,
+    /// Literal and chunk bytes in `batch`: what compression can act on (references
+    /// and frame headers are random or tiny).
+    batch_payload: usize,
     end: bool,
     end_sent: bool,
     stats: EncoderStats,
@@ -80,6 +83,7 @@ impl Encoder {
             level: config.level,
             zstd: None,
             batch: BytesMut::with_capacity(64 * 1024),
+            batch_payload: 0,
             end: false,
             end_sent: false,
             stats: EncoderStats::default(),
@@ -96,6 +100,7 @@ impl Encoder {
                     let piece = data.split_to(data.len().min(MAX_LITERAL));
                     ledger.advance(piece.len());
                     self.stats.literal_bytes += piece.len() as u64;
+                    self.batch_payload += piece.len();
                     Frame::Literal(piece).encode(&mut self.batch);
                 }
             }
@@ -111,6 +116,7 @@ impl Encoder {
                 } else {
                     self.stats.chunks += 1;
                     self.stats.chunk_bytes += data.len() as u64;
+                    self.batch_payload += data.len();
                     Frame::Chunk(data).encode(&mut self.batch);
                 }
             }
@@ -142,7 +148,11 @@ impl Encoder {
         let mut out = BytesMut::new();
         if !self.batch.is_empty() {
             let raw = self.batch.split();
-            if self.policy.should_try(link_limited) {
+            let payload = std::mem::take(&mut self.batch_payload);
+            // A batch of mostly references has nothing to compress: do not try, and
+            // do not let it count as evidence that the data is incompressible.
+            let worth_trying = payload * 4 >= raw.len() * 3;
+            if worth_trying && self.policy.should_try(link_limited) {
                 match self.compress(&raw) {
                     Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
                         self.policy.record(true);
