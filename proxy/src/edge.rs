@@ -23,7 +23,7 @@ use crate::config::{EdgeConfig, Forward};
 use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
 use crate::io::{ConnWan, WanCountingIo};
-use crate::stats::{self, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
+use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
 /// How long open connections may take to finish after a shutdown request.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -45,7 +45,11 @@ pub(crate) struct EdgeShared {
     conn_ids: AtomicU64,
     limit: Arc<Semaphore>,
     started: Instant,
+    recent: std::sync::Mutex<std::collections::VecDeque<ConnSummary>>,
 }
+
+/// Finished connections kept in the stats snapshot.
+const RECENT_CONNECTIONS: usize = 64;
 
 /// An edge whose listeners are bound (so address errors surface before it runs).
 pub struct Edge {
@@ -97,6 +101,7 @@ impl Edge {
             conn_ids: AtomicU64::new(0),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             started: Instant::now(),
+            recent: Default::default(),
             config,
         });
         Ok(Edge {
@@ -244,6 +249,13 @@ impl EdgeShared {
                 })
                 .collect(),
             reduction_ratio,
+            recent_connections: self
+                .recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 
@@ -262,8 +274,56 @@ impl EdgeShared {
         }
     }
 
-    fn finish(&self, result: Result<Outcome, ConnError>, wan: &ConnWan) {
+    fn finish(
+        &self,
+        id: u64,
+        role: &'static str,
+        result: Result<Outcome, ConnError>,
+        wan: &ConnWan,
+    ) {
         self.stats.active_connections.fetch_sub(1, Relaxed);
+        let mut summary = ConnSummary {
+            id,
+            role,
+            finished_at_secs: self.started.elapsed().as_secs_f64(),
+            wan_in: wan.bytes_in.load(Relaxed),
+            wan_out: wan.bytes_out.load(Relaxed),
+            ..Default::default()
+        };
+        match &result {
+            Ok(o) => {
+                summary.kind = o.seg.kind.to_string();
+                summary.pages = o
+                    .seg
+                    .counters
+                    .iter()
+                    .find(|(k, _)| *k == "pages")
+                    .map_or(0, |c| c.1);
+                summary.blocks = o.seg.blocks;
+                summary.parser_gave_up = o
+                    .seg
+                    .gave_up
+                    .as_ref()
+                    .map(|(at, why)| format!("at {at}: {why}"));
+                summary.lan_in = o.lan_in;
+                summary.lan_out = o.lan_out;
+                summary.refs = o.enc.refs;
+                summary.ref_bytes = o.enc.ref_bytes;
+                summary.chunks = o.enc.chunks;
+                summary.chunk_bytes = o.enc.chunk_bytes;
+                summary.misses = o.dec.misses;
+                summary.fills_sent = o.fills_sent;
+                summary.result = "ok".into();
+            }
+            Err(e) => summary.result = e.to_string(),
+        }
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT_CONNECTIONS {
+                recent.pop_front();
+            }
+            recent.push_back(summary);
+        }
         match result {
             Ok(o) => {
                 self.stats.connections_completed.fetch_add(1, Relaxed);
@@ -362,7 +422,7 @@ async fn accept_forward(
                 let _permit = permit;
                 let wan = Arc::new(ConnWan::default());
                 let result = forward_one(&shared, local, &fwd, seq, wan.clone()).await;
-                shared.finish(result, &wan);
+                shared.finish(id, "forward", result, &wan);
             }
             .instrument(span),
         );
@@ -496,7 +556,7 @@ async fn accept_tunnels(
                 let _permit = permit;
                 let wan = Arc::new(ConnWan::default());
                 match accept_one(&shared, tcp, wan.clone()).await {
-                    Ok(Some(result)) => shared.finish(result, &wan),
+                    Ok(Some(result)) => shared.finish(id, "tunnel", result, &wan),
                     Ok(None) => {}
                     Err(msg) => {
                         shared.stats.tunnels_rejected.fetch_add(1, Relaxed);

@@ -135,6 +135,49 @@ pub struct Snapshot {
     pub peers: Vec<PeerSnapshot>,
     /// LAN bytes in / WAN bytes out: above 1 means the WAN carried less than the LAN.
     pub reduction_ratio: f64,
+    /// The most recently finished connections, oldest first.
+    pub recent_connections: Vec<ConnSummary>,
+}
+
+/// One finished proxied connection (one migration channel, one NBD connection...).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConnSummary {
+    /// Connection id (as in the log's span).
+    pub id: u64,
+    /// `forward` (this edge accepted the local side) or `tunnel` (a peer opened it).
+    pub role: &'static str,
+    /// Seconds since the edge started, at the end.
+    pub finished_at_secs: f64,
+    /// `ok`, or the error that ended it.
+    pub result: String,
+    /// What the outgoing stream was recognised as (`qemu-main`, `unknown`).
+    pub kind: String,
+    /// RAM PAGE records found (QEMU).
+    pub pages: u64,
+    /// Exact blocks found by the parser.
+    pub blocks: u64,
+    /// Where the parser gave up, if it did.
+    pub parser_gave_up: Option<String>,
+    /// Bytes read from the local side.
+    pub lan_in: u64,
+    /// Bytes written to the local side.
+    pub lan_out: u64,
+    /// Tunnel bytes written (TLS included).
+    pub wan_out: u64,
+    /// Tunnel bytes read (TLS included).
+    pub wan_in: u64,
+    /// Chunks sent as references, and their bytes.
+    pub refs: u64,
+    /// Logical bytes replaced by references.
+    pub ref_bytes: u64,
+    /// Chunks sent in full.
+    pub chunks: u64,
+    /// Their bytes.
+    pub chunk_bytes: u64,
+    /// References this edge could not resolve (fetched from the peer).
+    pub misses: u64,
+    /// Chunks sent to answer the peer's misses.
+    pub fills_sent: u64,
 }
 
 /// Store part of the snapshot.

@@ -184,6 +184,11 @@ async fn one_vm_migrates_byte_exact() {
             "QEMU {}: {pages} guest pages, {c}",
             build.name
         );
+        // The per-migration summary is in the snapshot too.
+        let recent = &st["recent_connections"][0];
+        assert_eq!(recent["kind"], "qemu-main", "{recent}");
+        assert_eq!(recent["result"], "ok");
+        assert!(recent["pages"].as_u64().unwrap() >= pages, "{recent}");
     }
 }
 
