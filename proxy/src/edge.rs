@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use cache::{ChunkStore, PeerRegistry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -394,6 +394,7 @@ async fn accept_forward(
 ) {
     let fwd = Arc::new(fwd);
     let mut seq: u64 = 0;
+    let mut prev_turn: Option<oneshot::Receiver<()>> = None;
     loop {
         let permit = tokio::select! {
             p = shared.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -412,6 +413,11 @@ async fn accept_forward(
             _ = stop.cancelled() => return,
         };
         seq += 1;
+        let (release, next_wait) = oneshot::channel::<()>();
+        let turn = OpenTurn {
+            wait: prev_turn.replace(next_wait),
+            release,
+        };
         let id = shared.conn_ids.fetch_add(1, Relaxed);
         shared.stats.connections_accepted.fetch_add(1, Relaxed);
         shared.stats.active_connections.fetch_add(1, Relaxed);
@@ -421,12 +427,20 @@ async fn accept_forward(
             async move {
                 let _permit = permit;
                 let wan = Arc::new(ConnWan::default());
-                let result = forward_one(&shared, local, &fwd, seq, wan.clone()).await;
+                let result = forward_one(&shared, local, &fwd, seq, wan.clone(), turn).await;
                 shared.finish(id, "forward", result, &wan);
             }
             .instrument(span),
         );
     }
+}
+
+/// A connection's place in its forward's handshake order: wait for the previous
+/// connection's handshake (`wait` resolves, or errors when it is dropped), then let the
+/// next one go (dropping `release`).
+struct OpenTurn {
+    wait: Option<oneshot::Receiver<()>>,
+    release: oneshot::Sender<()>,
 }
 
 /// Client side: open a tunnel to the peer for one accepted local connection.
@@ -436,9 +450,18 @@ async fn forward_one(
     fwd: &Forward,
     seq: u64,
     wan: Arc<ConnWan>,
+    turn: OpenTurn,
 ) -> Result<Outcome, ConnError> {
     let _ = local.set_nodelay(true);
     let cfg = &shared.config;
+    // The peer must connect to the target in the order we accepted: QEMU 7.2 tells a
+    // migration's main channel from its multifd channels only by accept order. So
+    // each connection's handshake waits for the previous one's (bounded by its
+    // connect timeout); only setup is serialised, data flows in parallel.
+    if let Some(prev) = turn.wait {
+        let _ = timeout(cfg.connect_timeout, prev).await;
+    }
+    let _release_next = turn.release;
     let opened = timeout(cfg.connect_timeout, async {
         let tcp = TcpStream::connect(&fwd.peer)
             .await
@@ -515,6 +538,7 @@ async fn forward_one(
             ),
         ));
     }
+    drop(_release_next);
     debug!(peer_edge = %reply.edge, "tunnel open");
     let ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
     pump(local, tunnel, rbuf, ctx).await

@@ -75,6 +75,8 @@ counters! {
     refs_resolved,
     /// Outgoing streams recognised as QEMU migration main channels.
     qemu_streams,
+    /// Outgoing streams recognised as QEMU multifd channels.
+    multifd_channels,
     /// Exact protocol blocks (RAM pages, disk blocks) found by stream parsers.
     protocol_blocks,
     /// Bytes the stream parsers classified as headers or device state.
@@ -99,8 +101,13 @@ impl EdgeStats {
 
     /// Adds one finished direction's segmenter report.
     pub fn add_segmenter(&self, r: &wire::segment::SegmenterReport) {
-        if r.kind == "qemu-main" {
-            self.qemu_streams.fetch_add(1, Relaxed);
+        let counter = match r.kind {
+            "qemu-main" => Some(&self.qemu_streams),
+            "qemu-multifd" => Some(&self.multifd_channels),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Relaxed);
             if r.gave_up.is_some() {
                 self.parser_fallbacks.fetch_add(1, Relaxed);
             }

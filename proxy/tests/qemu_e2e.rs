@@ -554,3 +554,148 @@ impl Drop for FileToVec<'_> {
         self.file.read_to_end(self.sink).unwrap();
     }
 }
+
+/// Capabilities and parameters set on both source and destination before migrating.
+#[derive(Clone, Default)]
+struct Mode {
+    caps: Vec<&'static str>,
+    params: serde_json::Value,
+}
+
+async fn migrate_with_mode(
+    build: &QemuBuild,
+    dir: &Path,
+    name: &str,
+    via: SocketAddr,
+    dst: SocketAddr,
+    fill: RamFill<'_>,
+    mode: &Mode,
+) -> u64 {
+    let mut src = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-src"),
+        ram_mib: RAM_MIB,
+        ram_content: Some(fill),
+        incoming: false,
+        kernel: None,
+        disk: None,
+    })
+    .await;
+    let mut dstvm = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-dst"),
+        ram_mib: RAM_MIB,
+        ram_content: None,
+        incoming: true,
+        kernel: None,
+        disk: None,
+    })
+    .await;
+    let caps: Vec<_> = mode
+        .caps
+        .iter()
+        .map(|c| json!({"capability": c, "state": true}))
+        .collect();
+    for vm in [&mut src, &mut dstvm] {
+        vm.qmp
+            .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .await;
+        if mode.params.is_object() {
+            vm.qmp
+                .cmd("migrate-set-parameters", mode.params.clone())
+                .await;
+        }
+    }
+    dstvm
+        .qmp
+        .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
+        .await;
+    src.qmp
+        .cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 8u64 << 30}),
+        )
+        .await;
+    src.qmp
+        .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
+        .await;
+    src.qmp.wait_migration(Duration::from_secs(300)).await;
+    let pages = nonzero_pages(&src.ram);
+    assert_same_file(&src.ram, &dstvm.ram);
+    pages
+}
+
+/// multifd with 4 channels: the channels reach the destination in the order the
+/// source opened them (7.2 tells main from multifd by accept order only), every page
+/// on a multifd channel is found, and a cluster deduplicates across channels and VMs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_four_channels_one_vm_and_cluster() {
+    let mode = Mode {
+        caps: vec!["multifd"],
+        params: json!({"multifd-channels": 4}),
+    };
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-multifd-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 44 + i as u8, 4);
+        let mut pages = 0;
+        for vm in 0..4u64 {
+            let v = vm as usize;
+            pages += migrate_with_mode(
+                build,
+                dir.path(),
+                &format!("mf{vm}"),
+                fwd[v],
+                dst[v],
+                Box::new(cluster_ram(vm)),
+                &mode,
+            )
+            .await;
+            let want = 5 * (vm + 1);
+            let st = pair.a.wait_for("main + 4 multifd channels", |c| {
+                c["connections_completed"].as_u64().unwrap() >= want
+            });
+            let c = &st["counters"];
+            assert_eq!(
+                c["multifd_channels"].as_u64().unwrap(),
+                4 * (vm + 1),
+                "QEMU {}: {c}",
+                build.name
+            );
+            assert_eq!(
+                c["qemu_streams"].as_u64().unwrap(),
+                vm + 1,
+                "QEMU {}: {c}",
+                build.name
+            );
+            assert_eq!(
+                c["parser_fallbacks"],
+                0,
+                "QEMU {}: {}",
+                build.name,
+                pair.a.log()
+            );
+        }
+        let st = pair.a.stats();
+        let c = &st["counters"];
+        assert!(
+            c["protocol_blocks"].as_u64().unwrap() >= pages,
+            "QEMU {}: {pages} pages, {c}",
+            build.name
+        );
+        let (lan, wan) = (
+            c["lan_bytes_in"].as_u64().unwrap(),
+            c["wan_bytes_out"].as_u64().unwrap(),
+        );
+        eprintln!(
+            "QEMU {} multifd cluster: LAN {lan} B, WAN {wan} B",
+            build.name
+        );
+        assert!(
+            wan * 2 < lan,
+            "QEMU {}: multifd cluster WAN {wan} of LAN {lan}",
+            build.name
+        );
+    }
+}

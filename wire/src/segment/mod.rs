@@ -12,6 +12,8 @@ use crate::chunk::{ChunkParams, Chunker};
 
 pub mod blocks;
 mod cdc;
+pub mod detect;
+pub mod multifd;
 pub mod qemu;
 pub use blocks::{BlockFinder, BlockSegmenter};
 pub use cdc::CdcSegmenter;
@@ -81,12 +83,12 @@ pub fn default_segmenter(params: ChunkParams) -> Box<dyn Segmenter> {
     Box::new(CdcSegmenter::new(Chunker::new(params)))
 }
 
-/// Builds the segmenter for a connection's client-to-server direction: QEMU
-/// migration streams are parsed page-exact; any other stream falls back to
+/// Builds the segmenter for a connection's outgoing direction: QEMU migration main
+/// channels and multifd channels are parsed page-exact; any other stream falls back to
 /// content-defined chunking from its first byte.
 pub fn detecting_segmenter(params: ChunkParams) -> Box<dyn Segmenter> {
     Box::new(BlockSegmenter::new(
-        qemu::QemuMainFinder::new(),
+        detect::DetectingFinder::default(),
         Chunker::new(params),
     ))
 }

@@ -636,10 +636,7 @@ impl BlockFinder for QemuMainFinder {
     }
 
     fn kind(&self) -> &'static str {
-        match &self.gave_up {
-            Some((0, _)) => "unknown",
-            _ => "qemu-main",
-        }
+        "qemu-main"
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
