@@ -155,3 +155,22 @@ proptest! {
         prop_assert!(concat(&segs) == stream);
     }
 }
+
+#[test]
+fn multifd_channel_pages_found_and_opaque_packets_skipped() {
+    let seed = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/qemu_segment/seed-multifd-opaque"
+    ))
+    .unwrap();
+    let stream = &seed[3..];
+    for sizes in [&[1usize << 20][..], &[1, 7, 1344, 4096], &[100]] {
+        let (segs, seg) = run(stream, sizes, false);
+        assert!(concat(&segs) == stream);
+        let r = seg.report();
+        assert_eq!(r.kind, "qemu-multifd", "{r:?}");
+        assert_eq!(r.gave_up, None, "{r:?}");
+        assert_eq!(r.blocks, 1, "the one uncompressed page is a block: {r:?}");
+        assert!(r.counters.contains(&("opaque_packets", 2)), "{r:?}");
+    }
+}
