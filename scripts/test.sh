@@ -25,6 +25,7 @@ fi
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -808,3 +808,228 @@ async fn postcopy_switched_mid_migration_with_a_writing_guest() {
         }
     }
 }
+
+/// xbzrle (delta-encoded dirty pages) is relayed exactly; its deltas stay opaque.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xbzrle_with_a_writing_guest() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-xbzrle-{}", build.name));
+        let kernel = dir.path().join("dirty.bin");
+        // A small hot region, so later rounds are mostly deltas.
+        std::fs::write(&kernel, dirtying_kernel(0x0080_0000)).unwrap();
+        let (pair, fwd, dst) = start_pair(dir.path(), 52 + i as u8, 1);
+        let mut src = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "x-src".into(),
+            ram_mib: RAM_MIB,
+            ram_content: Some(Box::new(cluster_ram(4))),
+            incoming: false,
+            kernel: Some(kernel.clone()),
+            disk: None,
+        })
+        .await;
+        let mut dstvm = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "x-dst".into(),
+            ram_mib: RAM_MIB,
+            ram_content: None,
+            incoming: true,
+            kernel: Some(kernel.clone()),
+            disk: None,
+        })
+        .await;
+        let caps = json!({"capabilities": [{"capability": "xbzrle", "state": true}]});
+        src.qmp.cmd("migrate-set-capabilities", caps.clone()).await;
+        dstvm.qmp.cmd("migrate-set-capabilities", caps).await;
+        dstvm
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                // The first pass takes ~2 s; after it, the hot pages cannot fit in the
+                // downtime budget, so rounds repeat and hit the xbzrle cache.
+                json!({"max-bandwidth": 64u64 << 20, "downtime-limit": 1, "xbzrle-cache-size": 64u64 << 20}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        // Let a few rounds go by, then allow convergence.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        src.qmp
+            .cmd("migrate-set-parameters", json!({"downtime-limit": 5000}))
+            .await;
+        let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
+        let xbzrle_pages = info["xbzrle-cache"]["pages"].as_u64().unwrap_or(0);
+        assert!(
+            xbzrle_pages > 0,
+            "QEMU {}: xbzrle never encoded a page: {info}",
+            build.name
+        );
+        assert_same_file(&src.ram, &dstvm.ram);
+        let st = pair.a.wait_for("done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        assert_eq!(st["counters"]["parser_fallbacks"], 0, "{}", pair.a.log());
+        eprintln!("QEMU {}: xbzrle pages {xbzrle_pages}", build.name);
+    }
+}
+
+/// QEMU's own TLS: the stream is opaque to the edge (nothing to parse), but it is
+/// relayed exactly and the migration completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_tls_is_relayed_exactly() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-tls-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 54 + i as u8, 1);
+        // QEMU's x509 credentials directory, made with openssl: QEMU (GnuTLS) wants
+        // RSA-style key usage (keyEncipherment) that the edge's ECDSA certs do not need.
+        let pki = dir.path().join("qemu-pki");
+        qemu_pki(&pki);
+        let mut src = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "t-src".into(),
+            ram_mib: RAM_MIB,
+            ram_content: Some(Box::new(cluster_ram(6))),
+            incoming: false,
+            kernel: None,
+            disk: None,
+        })
+        .await;
+        let mut dstvm = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "t-dst".into(),
+            ram_mib: RAM_MIB,
+            ram_content: None,
+            incoming: true,
+            kernel: None,
+            disk: None,
+        })
+        .await;
+        for (vm, endpoint) in [(&mut src, "client"), (&mut dstvm, "server")] {
+            vm.qmp
+                .cmd(
+                    "object-add",
+                    json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki.display().to_string(), "endpoint": endpoint, "verify-peer": true}),
+                )
+                .await;
+            vm.qmp
+                .cmd(
+                    "migrate-set-parameters",
+                    json!({"tls-creds": "tls0", "tls-hostname": "qemu-dst"}),
+                )
+                .await;
+        }
+        dstvm
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        src.qmp.wait_migration(Duration::from_secs(300)).await;
+        assert_same_file(&src.ram, &dstvm.ram);
+        let st = pair.a.wait_for("done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        let c = &st["counters"];
+        assert_eq!(c["qemu_streams"], 0, "a TLS stream cannot be parsed: {c}");
+        assert_eq!(c["connections_failed"], 0, "{c}");
+    }
+}
+
+/// Writes ca-cert.pem, server-cert/key.pem (CN qemu-dst) and client-cert/key.pem with
+/// openssl, in the layout QEMU's tls-creds-x509 expects.
+fn qemu_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ca.ext"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:qemu-dst\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    for (name, cn) in [("server", "qemu-dst"), ("client", "qemu-src")] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}-cert.pem"),
+            "-days",
+            "30",
+            "-extfile",
+            "leaf.ext",
+        ]);
+    }
+}
