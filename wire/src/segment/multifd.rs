@@ -64,7 +64,9 @@ impl MultifdFinder {
 
     /// Whether `first` starts a multifd channel.
     pub fn matches(first: &[u8]) -> bool {
-        first.len() >= 8 && first[..4] == MAGIC.to_be_bytes() && first[4..8] == VERSION.to_be_bytes()
+        first.len() >= 8
+            && first[..4] == MAGIC.to_be_bytes()
+            && first[4..8] == VERSION.to_be_bytes()
     }
 
     /// Parses one element at the front of `b`: `Ok(Some(n))` consumed, `Ok(None)` need
@@ -72,7 +74,9 @@ impl MultifdFinder {
     fn step(&mut self, b: &[u8], out: &mut VecDeque<u64>) -> Result<Option<usize>, String> {
         match self.state {
             State::Init => {
-                let Some(h) = b.get(..INIT_LEN) else { return Ok(None) };
+                let Some(h) = b.get(..INIT_LEN) else {
+                    return Ok(None);
+                };
                 if !Self::matches(h) {
                     return Err("not a multifd channel".into());
                 }
@@ -80,7 +84,9 @@ impl MultifdFinder {
                 Ok(Some(INIT_LEN))
             }
             State::Packet => {
-                let Some(h) = b.get(..12) else { return Ok(None) };
+                let Some(h) = b.get(..12) else {
+                    return Ok(None);
+                };
                 if h[..8] != [0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1] {
                     return Err("multifd packet magic or version mismatch".into());
                 }
@@ -90,7 +96,9 @@ impl MultifdFinder {
                 }
                 self.packets += 1;
                 if flags & FLAG_DEVICE_STATE != 0 {
-                    let Some(h) = b.get(..DEVICE_STATE_HEADER) else { return Ok(None) };
+                    let Some(h) = b.get(..DEVICE_STATE_HEADER) else {
+                        return Ok(None);
+                    };
                     let size = u64::from(be32(h, 272));
                     if size > MAX_OPAQUE {
                         return Err(format!("device-state packet of {size} bytes"));
@@ -99,7 +107,9 @@ impl MultifdFinder {
                     self.skip = size;
                     return Ok(Some(DEVICE_STATE_HEADER));
                 }
-                let Some(h) = b.get(..PACKET_HEADER) else { return Ok(None) };
+                let Some(h) = b.get(..PACKET_HEADER) else {
+                    return Ok(None);
+                };
                 let (alloc, normal, next_size) = (be32(h, 12), be32(h, 16), be32(h, 20));
                 if alloc > MAX_PAGES || normal > MAX_PAGES {
                     return Err(format!("multifd packet of {normal}/{alloc} pages"));
