@@ -77,6 +77,8 @@ counters! {
     qemu_streams,
     /// Outgoing streams recognised as QEMU multifd channels.
     multifd_channels,
+    /// Outgoing streams recognised as NBD clients (disk mirrors).
+    nbd_streams,
     /// Exact protocol blocks (RAM pages, disk blocks) found by stream parsers.
     protocol_blocks,
     /// Bytes the stream parsers classified as headers or device state.
@@ -104,6 +106,7 @@ impl EdgeStats {
         let counter = match r.kind {
             "qemu-main" => Some(&self.qemu_streams),
             "qemu-multifd" => Some(&self.multifd_channels),
+            "nbd-client" => Some(&self.nbd_streams),
             _ => None,
         };
         if let Some(c) = counter {

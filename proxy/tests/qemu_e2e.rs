@@ -1033,3 +1033,161 @@ fn qemu_pki(dir: &Path) {
         ]);
     }
 }
+
+fn write_disk(path: &Path, stream_index: u64, mib: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    // Same page pool as the guests' RAM: disks and memory share OS-like content.
+    let mut stream = testkit::Workload::cluster(2026, 48 << 20).stream(stream_index, mib << 20);
+    while let Some(p) = stream.next_piece(1 << 20) {
+        f.write_all(&p).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// Mirrors `src_disk` of a source VM to an NBD export of `dst_disk` on a destination
+/// VM, through the pair (`via` forwards to the destination's NBD server at `nbd`).
+async fn nbd_mirror(
+    build: &QemuBuild,
+    dir: &Path,
+    name: &str,
+    src_disk: &Path,
+    dst_disk: &Path,
+    via: SocketAddr,
+    nbd: SocketAddr,
+) {
+    let mut dstvm = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-nbd-dst"),
+        ram_mib: 16,
+        ram_content: None,
+        incoming: false,
+        kernel: None,
+        disk: Some(dst_disk.to_path_buf()),
+    })
+    .await;
+    let mut src = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-nbd-src"),
+        ram_mib: 16,
+        ram_content: None,
+        incoming: false,
+        kernel: None,
+        disk: Some(src_disk.to_path_buf()),
+    })
+    .await;
+    dstvm
+        .qmp
+        .cmd(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": nbd.ip().to_string(), "port": nbd.port().to_string()}}}),
+        )
+        .await;
+    dstvm
+        .qmp
+        .cmd("nbd-server-add", json!({"device": "d0", "writable": true}))
+        .await;
+    src.qmp
+        .cmd(
+            "drive-mirror",
+            json!({"job-id": "m0", "device": "d0", "target": format!("nbd://{via}/d0"), "format": "raw", "mode": "existing", "sync": "full"}),
+        )
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let jobs = src.qmp.cmd("query-block-jobs", json!({})).await;
+        let job = &jobs[0];
+        assert!(
+            job.is_object(),
+            "mirror job vanished: {jobs}\n{}",
+            src.log()
+        );
+        if job["ready"] == true && job["offset"] == job["len"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror not ready: {jobs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Cancelling a ready mirror completes it without pivoting: the target is a copy.
+    src.qmp
+        .cmd("block-job-cancel", json!({"device": "m0"}))
+        .await;
+    loop {
+        let jobs = src.qmp.cmd("query-block-jobs", json!({})).await;
+        if jobs.as_array().is_some_and(|j| j.is_empty()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror did not finish: {jobs}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dstvm.qmp.cmd("nbd-server-stop", json!({})).await;
+    drop(src);
+    drop(dstvm);
+    assert_same_file(src_disk, dst_disk);
+}
+
+/// NBD drive-mirror through the pair: the copy is byte-exact, WRITE payloads are
+/// recognised as disk blocks, and disk blocks and memory pages share one store: a VM
+/// whose disk crossed first has RAM pages that are references to disk blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_mirror_then_ram_share_one_store() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-nbd-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 56 + i as u8, 2);
+        let (src_disk, dst_disk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        write_disk(&src_disk, 100, 96);
+        std::fs::File::create(&dst_disk)
+            .unwrap()
+            .set_len(96 << 20)
+            .unwrap();
+        nbd_mirror(build, dir.path(), "d", &src_disk, &dst_disk, fwd[0], dst[0]).await;
+        let st = pair.a.wait_for("mirror connection done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        let disk = &st["recent_connections"][0];
+        assert_eq!(disk["kind"], "nbd-client", "QEMU {}: {disk}", build.name);
+        assert_eq!(disk["result"], "ok");
+        assert!(
+            disk["blocks"].as_u64().unwrap() >= 20_000,
+            "QEMU {}: disk blocks: {disk}",
+            build.name
+        );
+        assert_eq!(st["counters"]["parser_fallbacks"], 0);
+        // Now the RAM: most of its pool pages already crossed as disk blocks.
+        migrate_one(
+            build,
+            dir.path(),
+            "ram",
+            fwd[1],
+            dst[1],
+            Some(Box::new(cluster_ram(0))),
+            None,
+        )
+        .await;
+        let st = pair.a.wait_for("RAM migration done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 2
+        });
+        let ram = &st["recent_connections"][1];
+        assert_eq!(ram["kind"], "qemu-main", "{ram}");
+        let (refs, pages) = (
+            ram["refs"].as_u64().unwrap(),
+            ram["pages"].as_u64().unwrap(),
+        );
+        eprintln!(
+            "QEMU {}: disk {disk}\nRAM after disk: {pages} pages, {refs} sent as references",
+            build.name
+        );
+        assert!(
+            refs * 2 > pages,
+            "QEMU {}: RAM pages equal to disk blocks should be references: {ram}",
+            build.name
+        );
+    }
+}

@@ -133,8 +133,12 @@ impl Vm {
         }
         if let Some(d) = &spec.disk {
             cmd.arg("-drive")
-                .arg(format!("if=none,id=d0,file={},format=raw", d.display()))
-                .args(["-device", "virtio-blk-pci,drive=d0"]);
+                .arg(format!("if=none,id=d0,file={},format=raw", d.display()));
+            // An NBD export target must not be attached to a guest device (the device
+            // would hold the write permission).
+            if !spec.name.contains("nbd-dst") {
+                cmd.args(["-device", "virtio-blk-pci,drive=d0"]);
+            }
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -4,21 +4,24 @@ use std::collections::VecDeque;
 
 use super::blocks::BlockFinder;
 use super::multifd::MultifdFinder;
+use super::nbd::NbdClientFinder;
 use super::qemu::QemuMainFinder;
 
-/// Bytes needed to tell the stream kinds apart (magic + version).
-const DETECT_LEN: usize = 8;
+/// Bytes needed to tell the stream kinds apart (NBD: client flags + `IHAVEOPT`).
+const DETECT_LEN: usize = 12;
 
-/// Dispatches to the QEMU main-channel or multifd parser, or gives up at byte 0 (the
-/// stream is then content-chunked).
+/// Dispatches to the QEMU main-channel, multifd or NBD-client parser, or gives up at
+/// byte 0 (the stream is then content-chunked).
 #[derive(Debug)]
 pub enum DetectingFinder {
-    /// Fewer than 8 bytes seen.
+    /// Fewer than 12 bytes seen.
     Undecided(Vec<u8>),
     /// QEMU main migration channel.
     Main(QemuMainFinder),
     /// QEMU multifd channel.
     Multifd(MultifdFinder),
+    /// NBD client (disk mirror to an NBD export).
+    Nbd(NbdClientFinder),
     /// Something else.
     Unknown,
 }
@@ -34,6 +37,7 @@ impl BlockFinder for DetectingFinder {
         match self {
             DetectingFinder::Main(f) => f.feed(data, out),
             DetectingFinder::Multifd(f) => f.feed(data, out),
+            DetectingFinder::Nbd(f) => f.feed(data, out),
             DetectingFinder::Unknown => {}
             DetectingFinder::Undecided(seen) => {
                 let take = (DETECT_LEN - seen.len()).min(data.len());
@@ -46,6 +50,8 @@ impl BlockFinder for DetectingFinder {
                     DetectingFinder::Main(QemuMainFinder::new())
                 } else if MultifdFinder::matches(&first) {
                     DetectingFinder::Multifd(MultifdFinder::new())
+                } else if NbdClientFinder::matches(&first) {
+                    DetectingFinder::Nbd(NbdClientFinder::new())
                 } else {
                     DetectingFinder::Unknown
                 };
@@ -60,7 +66,8 @@ impl BlockFinder for DetectingFinder {
         match self {
             DetectingFinder::Main(f) => f.gave_up(),
             DetectingFinder::Multifd(f) => f.gave_up(),
-            DetectingFinder::Unknown => Some((0, "not a QEMU migration stream")),
+            DetectingFinder::Nbd(f) => f.gave_up(),
+            DetectingFinder::Unknown => Some((0, "not a QEMU migration or NBD client stream")),
             DetectingFinder::Undecided(_) => None,
         }
     }
@@ -69,6 +76,7 @@ impl BlockFinder for DetectingFinder {
         match self {
             DetectingFinder::Main(f) => f.kind(),
             DetectingFinder::Multifd(f) => f.kind(),
+            DetectingFinder::Nbd(f) => f.kind(),
             DetectingFinder::Unknown | DetectingFinder::Undecided(_) => "unknown",
         }
     }
@@ -77,6 +85,7 @@ impl BlockFinder for DetectingFinder {
         match self {
             DetectingFinder::Main(f) => f.counters(),
             DetectingFinder::Multifd(f) => f.counters(),
+            DetectingFinder::Nbd(f) => f.counters(),
             _ => Vec::new(),
         }
     }

@@ -14,6 +14,7 @@ pub mod blocks;
 mod cdc;
 pub mod detect;
 pub mod multifd;
+pub mod nbd;
 pub mod qemu;
 pub use blocks::{BlockFinder, BlockSegmenter};
 pub use cdc::CdcSegmenter;
