@@ -253,12 +253,4 @@ fn nbd_writes_become_aligned_blocks() {
         assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");
         assert!(r.counters.contains(&("writes", 2)), "{r:?}");
     }
-    std::fs::write(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../fuzz/corpus/qemu_segment/seed-nbd-0"
-        ),
-        [&[0u8, 0, 0][..], &stream].concat(),
-    )
-    .unwrap();
 }
