@@ -2,13 +2,16 @@
 //! user would otherwise run, with a userspace WAN shaper between the hops.
 //!
 //! - `pair`: migration-like streams through a plain relay pair and the edge pair.
-//! - `relay`, `shaper`: the helper processes `pair` starts (usable on their own).
+//! - `cluster`: real QEMU migrations of a VM cluster: direct, edge pair, zstd tunnels.
+//! - `relay`, `shaper`, `ztunnel`: the helper processes those start.
 
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod pair;
 mod relay;
 mod shaper;
+mod ztunnel;
 
 #[derive(Parser)]
 #[command(
@@ -28,16 +31,27 @@ enum Cmd {
     Relay(relay::RelayArgs),
     /// A userspace WAN emulator hop (rate limit + one-way delay).
     Shaper(shaper::ShaperArgs),
+    /// Real QEMU cluster migrations: direct vs edge pair vs zstd tunnels, same link.
+    Cluster(cluster::ClusterArgs),
+    /// A zstd tunnel hop (compress or decompress side).
+    Ztunnel(ztunnel::ZtunnelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The blocking drivers run outside the async runtime.
+    match cli.cmd {
+        Cmd::Cluster(a) => return cluster::run(a),
+        Cmd::Ztunnel(a) => return ztunnel::run(a),
+        _ => {}
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Pair(a) => pair::run(a).await,
             Cmd::Relay(a) => relay::run(a).await,
             Cmd::Shaper(a) => shaper::run(a).await,
+            Cmd::Cluster(_) | Cmd::Ztunnel(_) => unreachable!("handled above"),
         }
     })
 }

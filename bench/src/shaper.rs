@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 
@@ -81,12 +81,33 @@ struct Counts {
 
 /// Runs the shaper until SIGTERM/SIGINT.
 pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen).await?;
     let rate = args.rate_mbit * 1e6 / 8.0;
+    // A small receive buffer on the link's entry (inherited by accepted sockets): a
+    // loopback socket would otherwise autotune to tens of MiB and hide the link's
+    // rate from the sender, which a real WAN path does not do.
+    let socket = if args.listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if rate > 0.0 {
+        socket.set_recv_buffer_size(256 * 1024)?;
+    }
+    socket.bind(args.listen)?;
+    let listener = socket.listen(1024)?;
     let up = Arc::new(Mutex::new(Bucket::new(rate)));
     let down = Arc::new(Mutex::new(Bucket::new(rate)));
     let counts = Arc::new(Counts::default());
     let delay = Duration::from_secs_f64(args.delay_ms / 1000.0);
+    // What the link holds per connection and direction, like a router queue: the
+    // bandwidth-delay product plus 20 ms of buffering (at least 256 KiB). A larger
+    // queue would hide the link's rate from the sender for whole seconds.
+    let queue_bytes = if rate > 0.0 {
+        ((rate * (delay.as_secs_f64() + 0.02)) as usize).max(256 * 1024)
+    } else {
+        64 << 20
+    };
     let write_stats = {
         let counts = counts.clone();
         let path = args.stats.clone();
@@ -117,8 +138,8 @@ pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
                     let (ar, aw) = a.into_split();
                     let (br, bw) = b.into_split();
                     let c1 = counts.clone();
-                    let f = tokio::spawn(pipe(ar, bw, up, delay, move |n| { c1.forward.fetch_add(n, Relaxed); }));
-                    let r = tokio::spawn(pipe(br, aw, down, delay, move |n| { counts.reverse.fetch_add(n, Relaxed); }));
+                    let f = tokio::spawn(pipe(ar, bw, up, delay, queue_bytes, move |n| { c1.forward.fetch_add(n, Relaxed); }));
+                    let r = tokio::spawn(pipe(br, aw, down, delay, queue_bytes, move |n| { counts.reverse.fetch_add(n, Relaxed); }));
                     let _ = tokio::join!(f, r);
                 });
             }
@@ -137,25 +158,33 @@ async fn pipe(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     bucket: Arc<Mutex<Bucket>>,
     delay: Duration,
+    queue_bytes: usize,
     count: impl Fn(u64) + Send + 'static,
 ) {
-    // Bounded queue: a bandwidth-delay product's worth of pieces, plus slack.
-    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    // The queue is bounded in bytes: the reader stops reading (TCP backpressure to the
+    // sender) while the link holds `queue_bytes`.
+    let room = Arc::new(tokio::sync::Semaphore::new(queue_bytes));
+    let (tx, mut rx) =
+        mpsc::unbounded_channel::<(Instant, Vec<u8>, tokio::sync::OwnedSemaphorePermit)>();
+    let reader_room = room.clone();
     let reader = tokio::spawn(async move {
         loop {
-            let mut buf = vec![0u8; PIECE];
+            let mut buf = vec![0u8; PIECE.min(queue_bytes)];
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     buf.truncate(n);
-                    if tx.send((Instant::now(), buf)).await.is_err() {
+                    let Ok(permit) = reader_room.clone().acquire_many_owned(n as u32).await else {
+                        break;
+                    };
+                    if tx.send((Instant::now(), buf, permit)).is_err() {
                         break;
                     }
                 }
             }
         }
     });
-    while let Some((at, piece)) = rx.recv().await {
+    while let Some((at, piece, _permit)) = rx.recv().await {
         // tokio's timer has 1 ms granularity: never touch it when no delay is asked.
         if !delay.is_zero() && Instant::now() < at + delay {
             tokio::time::sleep_until(at + delay).await;

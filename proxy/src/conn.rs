@@ -245,7 +245,8 @@ async fn uplink(
     ctx: &PumpCtx,
 ) -> Result<(EncoderStats, SegmenterReport), ConnError> {
     let mut seg = wire::segment::detecting_segmenter(ctx.chunk);
-    let mut governor = CompressGovernor::default();
+    let mut governor = CompressGovernor::new(Instant::now());
+    let (mut batches, mut limited_batches) = (0u64, 0u64);
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     let mut buf = BytesMut::with_capacity(READ_CAP);
     let mut segs = Vec::new();
@@ -253,6 +254,7 @@ async fn uplink(
     let mut eof = false;
     while !eof {
         // Flow control: the ledger pins every reference until acknowledged.
+        let wait_start = Instant::now();
         loop {
             if shared.ledger().in_flight() <= ctx.window {
                 break;
@@ -262,6 +264,7 @@ async fn uplink(
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
         }
+        governor.waited(wait_start.elapsed());
         if buf.capacity() - buf.len() < READ_CAP / 4 {
             buf.reserve(READ_CAP);
         }
@@ -316,20 +319,29 @@ async fn uplink(
         if eof {
             enc.handle_end();
         }
-        let backlogged = data_tx.capacity() < data_tx.max_capacity();
-        let limited = governor.link_limited(backlogged, shared.link.rate());
+        let limited = governor.link_limited(Instant::now(), &shared.link);
+        batches += 1;
+        limited_batches += u64::from(limited);
         let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());
         let batch = enc.take_batch(limited);
         if compress_attempts(&enc) > attempts {
             governor.record(raw, started.elapsed());
         }
         if let Some(batch) = batch {
+            let send_start = Instant::now();
             tokio::select! {
                 r = data_tx.send(batch) => if r.is_err() { return Err(ConnError::Aborted) },
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
+            governor.waited(send_start.elapsed());
         }
     }
+    tracing::debug!(
+        governor = ?governor,
+        limited_batches,
+        batches,
+        "uplink finished"
+    );
     shared.uplink_done.store(true, Relaxed);
     shared.uplink_finished.notify_one();
     Ok((enc.stats().clone(), seg.report()))
@@ -477,14 +489,8 @@ async fn writer<T: AsyncWrite>(
                 },
                 b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
                     Some(b) => {
-                        // Time writes made while more is queued: that is the link's
-                        // drain rate, which decides whether compression pays.
-                        let backed_up = !data_rx.is_empty();
-                        let started = Instant::now();
                         write_or_abort(tw, &b, shared).await?;
-                        if backed_up {
-                            shared.link.record(b.len(), started.elapsed());
-                        }
+                        shared.link.record(b.len());
                     }
                     None => data_open = false,
                 },
