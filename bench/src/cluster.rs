@@ -33,9 +33,13 @@ pub struct ClusterArgs {
     /// WAN one-way delay, ms.
     #[arg(long, default_value_t = 10.0)]
     pub delay_ms: f64,
-    /// Scenarios, comma-separated: direct, edge, zstd3, zstd3-long27.
+    /// Scenarios, comma-separated: direct, edge, zstd3, zstd3-long27, and with
+    /// --multifd: qemu-multifd-zstd (QEMU's own multifd compression, direct).
     #[arg(long, default_value = "direct,edge,zstd3,zstd3-long27")]
     pub scenarios: String,
+    /// Migrate with multifd and this many channels (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub multifd: u32,
     /// Edge compression mode.
     #[arg(long, default_value = "auto")]
     pub compress: String,
@@ -233,7 +237,7 @@ fn run_scenario(
     let mut procs = Procs(Vec::new());
     // The QEMU source connects to `entry`; the shaper always sits on the WAN leg.
     let entry = match scenario {
-        "direct" => {
+        "direct" | "qemu-multifd-zstd" => {
             procs.0.push(spawn(
                 Command::new(&env.me)
                     .args([
@@ -367,6 +371,26 @@ fn run_scenario(
         std::fs::File::create(&dst_ram)?.set_len(args.ram_mib << 20)?;
         let (mut dst_child, mut dq) = qemu(args, &env.dir, "dst", &dst_ram, true)?;
         let (mut src_child, mut sq) = qemu(args, &env.dir, "src", &src_ram, false)?;
+        if args.multifd > 0 {
+            for q in [&mut sq, &mut dq] {
+                q.cmd(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+                )?;
+                q.cmd(
+                    "migrate-set-parameters",
+                    json!({"multifd-channels": args.multifd}),
+                )?;
+                if scenario == "qemu-multifd-zstd" {
+                    q.cmd(
+                        "migrate-set-parameters",
+                        json!({"multifd-compression": "zstd"}),
+                    )?;
+                }
+            }
+        } else if scenario == "qemu-multifd-zstd" {
+            bail!("qemu-multifd-zstd needs --multifd N");
+        }
         dq.cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))?;
         sq.cmd(
             "migrate-set-parameters",
@@ -522,8 +546,13 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     }
     result?;
     println!(
-        "\n{} VMs x {} MiB (shared pool {} MiB), WAN {} Mbit/s, {} ms one way, sequential migrations:",
-        args.vms, args.ram_mib, args.pool_mib, args.rate_mbit, args.delay_ms
+        "\n{} VMs x {} MiB (shared pool {} MiB), WAN {} Mbit/s, {} ms one way, sequential migrations{}:",
+        args.vms,
+        args.ram_mib,
+        args.pool_mib,
+        args.rate_mbit,
+        args.delay_ms,
+        if args.multifd > 0 { format!(", multifd x{}", args.multifd) } else { String::new() }
     );
     println!(
         "{:<14} {:>14} {:>14} {:>9} {:>10} {:>9}",

@@ -1191,3 +1191,145 @@ async fn nbd_mirror_then_ram_share_one_store() {
         );
     }
 }
+
+/// Records every connection a migration source opens (main + multifd channels) into
+/// files, in accept order: a capture of a multifd migration. Precopy needs nothing back.
+async fn capture_multifd(
+    build: &QemuBuild,
+    dir: &Path,
+    vm: u64,
+    sink: SocketAddr,
+    channels: u32,
+) -> Vec<std::path::PathBuf> {
+    let listener = tokio::net::TcpListener::bind(sink).await.unwrap();
+    let prefix = dir.join(format!("mf-cap{vm}"));
+    let n = channels as usize + 1;
+    let writer = tokio::spawn(async move {
+        let mut files = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let path = std::path::PathBuf::from(format!("{}-{i}.bin", prefix.display()));
+            files.push(path.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut f = tokio::fs::File::create(&path).await.unwrap();
+                tokio::io::copy(&mut s, &mut f).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        files
+    });
+    let mut src = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("mfcap{vm}"),
+        ram_mib: RAM_MIB,
+        ram_content: Some(Box::new(cluster_ram(vm))),
+        incoming: false,
+        kernel: None,
+        disk: None,
+    })
+    .await;
+    src.qmp
+        .cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+        )
+        .await;
+    src.qmp
+        .cmd(
+            "migrate-set-parameters",
+            json!({"multifd-channels": channels, "max-bandwidth": 8u64 << 30}),
+        )
+        .await;
+    src.qmp
+        .cmd("migrate", json!({"uri": format!("tcp:{sink}")}))
+        .await;
+    src.qmp.wait_migration(Duration::from_secs(300)).await;
+    drop(src);
+    tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// multifd cluster: WAN bytes within 5% of the ideal `shrinker inspect` computes from
+/// captures of the same multifd migrations (every channel), and every page found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_cluster_wan_bytes_near_ideal() {
+    let mode = Mode {
+        caps: vec!["multifd"],
+        params: json!({"multifd-channels": 4}),
+    };
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-mf-ideal-{}", build.name));
+        let net = 60 + i as u8;
+        let (pair, fwd, dst) = start_pair_with(dir.path(), net, 4, &[s("--compress"), s("always")]);
+        let mut files = Vec::new();
+        for vm in 0..4u64 {
+            files.extend(
+                capture_multifd(build, dir.path(), vm, addr(net, 16000 + vm as u16), 4).await,
+            );
+        }
+        let mut pages = 0;
+        for vm in 0..4u64 {
+            let v = vm as usize;
+            pages += migrate_with_mode(
+                build,
+                dir.path(),
+                &format!("mfi{vm}"),
+                fwd[v],
+                dst[v],
+                Box::new(cluster_ram(vm)),
+                &mode,
+            )
+            .await;
+        }
+        let st = pair.a.wait_for("20 connections", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 20
+        });
+        let c = &st["counters"];
+        assert_eq!(c["parser_fallbacks"], 0, "{c}");
+        assert!(
+            c["protocol_blocks"].as_u64().unwrap() >= pages,
+            "QEMU {}: {pages} pages, {c}",
+            build.name
+        );
+        let wan = c["wan_bytes_out"].as_u64().unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["inspect", "--json", "--compress", "always"])
+            .args(&files)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ideal = report["total"]["ideal_bytes"].as_u64().unwrap();
+        let kinds: Vec<&str> = report["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "qemu-multifd").count(),
+            16,
+            "{kinds:?}"
+        );
+        eprintln!(
+            "QEMU {} multifd cluster: pair WAN {wan} B (TLS included), ideal {ideal} B, ratio {:.4}",
+            build.name,
+            wan as f64 / ideal as f64
+        );
+        assert!(
+            (wan as f64) <= 1.05 * ideal as f64,
+            "QEMU {}: WAN {wan} > 1.05 x ideal {ideal}",
+            build.name
+        );
+    }
+}
