@@ -79,6 +79,8 @@ counters! {
     multifd_channels,
     /// Outgoing streams recognised as NBD clients (disk mirrors).
     nbd_streams,
+    /// Outgoing streams recognised as QEMU postcopy preempt channels.
+    preempt_channels,
     /// Exact protocol blocks (RAM pages, disk blocks) found by stream parsers.
     protocol_blocks,
     /// Bytes the stream parsers classified as headers or device state.
@@ -107,6 +109,7 @@ impl EdgeStats {
             "qemu-main" => Some(&self.qemu_streams),
             "qemu-multifd" => Some(&self.multifd_channels),
             "nbd-client" => Some(&self.nbd_streams),
+            "qemu-preempt" => Some(&self.preempt_channels),
             _ => None,
         };
         if let Some(c) = counter {

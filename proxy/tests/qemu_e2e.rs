@@ -10,7 +10,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::qemu::{assert_same_file, builds, dirtying_kernel, QemuBuild, RamFill, Vm, VmSpec};
+use common::qemu::{
+    assert_same_file, builds, dirtying_kernel, write_then_read_kernel, QemuBuild, RamFill, Vm,
+    VmSpec,
+};
 use common::*;
 use serde_json::json;
 
@@ -804,7 +807,19 @@ async fn postcopy_switched_mid_migration_with_a_writing_guest() {
                 pair.a.log()
             );
             assert_eq!(c["qemu_streams"], 1, "{c}");
-            eprintln!("QEMU {} postcopy (preempt {preempt}): {info}", build.name);
+            assert_eq!(c["parser_fallbacks"], 0, "{}", pair.a.log());
+            if preempt && info["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0 {
+                // Requested pages travelled on the preempt channel: it was parsed too.
+                assert_eq!(
+                    c["preempt_channels"], 1,
+                    "QEMU {}: preempt channel not recognised: {c}",
+                    build.name
+                );
+            }
+            eprintln!(
+                "QEMU {} postcopy (preempt {preempt}): preempt channels parsed {}, {info}",
+                build.name, c["preempt_channels"]
+            );
         }
     }
 }
@@ -1329,6 +1344,119 @@ async fn multifd_cluster_wan_bytes_near_ideal() {
         assert!(
             (wan as f64) <= 1.05 * ideal as f64,
             "QEMU {}: WAN {wan} > 1.05 x ideal {ideal}",
+            build.name
+        );
+    }
+}
+
+/// Postcopy with a *running* destination: its vCPU faults on pages not yet migrated,
+/// the page requests travel the return path, and the pages come back on the main
+/// channel (7.2) or the preempt channel (10.0, postcopy-preempt), which the edge
+/// recognises and parses. The guest only reads after a short write phase, so both
+/// RAM files must end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_page_requests_from_a_running_destination() {
+    for (i, build) in builds().iter().enumerate() {
+        let preempt = build.name != "7.2";
+        let dir = Scratch::new(&format!("qemu-pcreq-{}", build.name));
+        let kernel = dir.path().join("wr.bin");
+        std::fs::write(&kernel, write_then_read_kernel(0x0600_0000, 20)).unwrap();
+        let (pair, fwd, dst) = start_pair(dir.path(), 64 + i as u8, 1);
+        let mut src = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "req-src".into(),
+            ram_mib: RAM_MIB,
+            ram_content: Some(Box::new(cluster_ram(7))),
+            incoming: false,
+            kernel: Some(kernel.clone()),
+            disk: None,
+        })
+        .await;
+        let mut dstvm = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "req-dst-run".into(),
+            ram_mib: RAM_MIB,
+            ram_content: None,
+            incoming: true,
+            kernel: Some(kernel.clone()),
+            disk: None,
+        })
+        .await;
+        let mut caps = vec![json!({"capability": "postcopy-ram", "state": true})];
+        if preempt {
+            caps.push(json!({"capability": "postcopy-preempt", "state": true}));
+        }
+        for vm in [&mut src, &mut dstvm] {
+            vm.qmp
+                .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+                .await;
+        }
+        dstvm
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        // Slow background push, so the running destination must ask for pages.
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 16u64 << 20}),
+            )
+            .await;
+        // The write phase is long over by the switch (20 passes over 88 MiB).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        src.qmp.cmd("migrate-start-postcopy", json!({})).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = dstvm.qmp.cmd("query-migrate", json!({})).await;
+            if st["status"] == "completed" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "destination not done: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let requests = info["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+        assert!(
+            requests > 0,
+            "QEMU {}: the running destination requested no page: {info}",
+            build.name
+        );
+        assert_same_file(&src.ram, &dstvm.ram);
+        let n = 1 + u64::from(preempt);
+        let st = pair.a.wait_for("connections done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= n
+        });
+        let c = &st["counters"];
+        assert_eq!(c["connections_failed"], 0, "{}", pair.a.log());
+        assert_eq!(c["parser_fallbacks"], 0, "{}", pair.a.log());
+        if preempt {
+            assert_eq!(
+                c["preempt_channels"], 1,
+                "QEMU {}: preempt channel not recognised: {c}",
+                build.name
+            );
+        }
+        eprintln!(
+            "QEMU {}: {requests} page requests, counters {c}",
             build.name
         );
     }

@@ -74,6 +74,13 @@ pub struct VmSpec<'a> {
     pub disk: Option<PathBuf>,
 }
 
+impl VmSpec<'_> {
+    /// Lets an incoming VM start running as soon as migration allows (postcopy).
+    pub fn autostart(name: &str) -> bool {
+        name.ends_with("-run")
+    }
+}
+
 impl Vm {
     pub async fn start(mut spec: VmSpec<'_>) -> Vm {
         // tmpfs: fast, and postcopy could register it with userfaultfd.
@@ -127,7 +134,7 @@ impl Vm {
         }
         if spec.incoming {
             cmd.args(["-incoming", "defer"]);
-            if spec.kernel.is_some() {
+            if spec.kernel.is_some() && !VmSpec::autostart(&spec.name) {
                 cmd.arg("-S");
             }
         }
@@ -297,5 +304,45 @@ pub fn dirtying_kernel(end: u32) -> Vec<u8> {
     k.extend_from_slice(&end.to_le_bytes());
     // jb inner ; jmp outer
     k.extend_from_slice(&[0x72, 0xF0, 0xEB, 0xE9]);
+    k
+}
+
+/// A multiboot kernel that first writes one dword per page over [4 MiB, `end`) for
+/// `passes` passes (dirtying memory), then only *reads* that region forever. Run on a
+/// postcopy destination, the reads fault on pages not yet migrated (page requests on
+/// the return path, answered on the main or preempt channel) without changing memory,
+/// so source and destination RAM stay comparable.
+pub fn write_then_read_kernel(end: u32, passes: u32) -> Vec<u8> {
+    const MAGIC: u32 = 0x1BAD_B002;
+    const FLAGS: u32 = 1 << 16;
+    let mut k = Vec::new();
+    for v in [
+        MAGIC,
+        FLAGS,
+        MAGIC.wrapping_add(FLAGS).wrapping_neg(),
+        0x0010_0000,
+        0x0010_0000,
+        0,
+        0,
+        0x0010_0020,
+    ] {
+        k.extend_from_slice(&v.to_le_bytes());
+    }
+    k.push(0xB9); // 0x20 mov ecx, passes
+    k.extend_from_slice(&passes.to_le_bytes());
+    k.extend_from_slice(&[0xBE, 0x00, 0x00, 0x40, 0x00]); // 0x25 outer: mov esi, 4 MiB
+    k.extend_from_slice(&[0xFF, 0x06]); // 0x2A inner: inc dword [esi]
+    k.extend_from_slice(&[0x81, 0xC6, 0x00, 0x10, 0x00, 0x00]); // add esi, 4096
+    k.extend_from_slice(&[0x81, 0xFE]); // cmp esi, end
+    k.extend_from_slice(&end.to_le_bytes());
+    k.extend_from_slice(&[0x72, 0xF0]); // jb inner
+    k.push(0x49); // dec ecx
+    k.extend_from_slice(&[0x75, 0xE8]); // jnz outer
+    k.extend_from_slice(&[0xBE, 0x00, 0x00, 0x40, 0x00]); // 0x3D read: mov esi, 4 MiB
+    k.extend_from_slice(&[0x8B, 0x06]); // 0x42 mov eax, [esi]
+    k.extend_from_slice(&[0x81, 0xC6, 0x00, 0x10, 0x00, 0x00]); // add esi, 4096
+    k.extend_from_slice(&[0x81, 0xFE]); // cmp esi, end
+    k.extend_from_slice(&end.to_le_bytes());
+    k.extend_from_slice(&[0x72, 0xF0, 0xEB, 0xE9]); // jb read_inner; jmp read
     k
 }

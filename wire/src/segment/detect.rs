@@ -10,8 +10,8 @@ use super::qemu::QemuMainFinder;
 /// Bytes needed to tell the stream kinds apart (NBD: client flags + `IHAVEOPT`).
 const DETECT_LEN: usize = 12;
 
-/// Dispatches to the QEMU main-channel, multifd or NBD-client parser, or gives up at
-/// byte 0 (the stream is then content-chunked).
+/// Dispatches to the QEMU main-channel, multifd, postcopy-preempt or NBD-client
+/// parser, or gives up at byte 0 (the stream is then content-chunked).
 #[derive(Debug)]
 pub enum DetectingFinder {
     /// Fewer than 12 bytes seen.
@@ -52,6 +52,8 @@ impl BlockFinder for DetectingFinder {
                     DetectingFinder::Multifd(MultifdFinder::new())
                 } else if NbdClientFinder::matches(&first) {
                     DetectingFinder::Nbd(NbdClientFinder::new())
+                } else if QemuMainFinder::matches_preempt(&first) {
+                    DetectingFinder::Main(QemuMainFinder::preempt())
                 } else {
                     DetectingFinder::Unknown
                 };

@@ -118,6 +118,8 @@ pub struct QemuMainFinder {
     ignore_shared: bool,
     x86: bool,
     page_bits_seen: Option<u32>,
+    /// Parsing a postcopy preempt channel: bare RAM records, no header or sections.
+    preempt: bool,
     gave_up: Option<(u64, String)>,
     stats: QemuStats,
 }
@@ -142,9 +144,38 @@ impl QemuMainFinder {
             ignore_shared: false,
             x86: true,
             page_bits_seen: None,
+            preempt: false,
             gave_up: None,
             stats: QemuStats::default(),
         }
+    }
+
+    /// A parser for a postcopy preempt channel: it carries only RAM records (the
+    /// `ram` section's grammar, with its own CONTINUE state), no header, no sections.
+    pub fn preempt() -> Self {
+        QemuMainFinder {
+            state: State::Ram { section: u32::MAX },
+            preempt: true,
+            ..Self::new()
+        }
+    }
+
+    /// Whether `first` looks like the start of a postcopy preempt channel: a PAGE or
+    /// ZERO record without CONTINUE (so a RAM block name follows) whose name starts
+    /// with printable characters. A hint: a wrong guess ends in a give-up, never in
+    /// wrong bytes.
+    pub fn matches_preempt(first: &[u8]) -> bool {
+        if first.len() < 12 {
+            return false;
+        }
+        let v = u64::from_be_bytes(first[..8].try_into().expect("8 bytes"));
+        let flags = v & (BLOCK as u64 - 1);
+        let len = first[8] as usize;
+        (flags == RAM_PAGE || flags == RAM_ZERO)
+            && len > 0
+            && first[9..12.min(9 + len)]
+                .iter()
+                .all(|c| c.is_ascii_graphic())
     }
 
     /// Whether `first` (the first bytes of a connection) start a QEMU main channel.
@@ -363,6 +394,11 @@ impl QemuMainFinder {
                     section,
                     remaining: v & !(BLOCK as u64 - 1),
                 };
+                Consumed(8)
+            }
+            RAM_EOS if self.preempt => {
+                // The postcopy preempt channel ends with EOS (7.2) or just closes.
+                self.state = State::Tail;
                 Consumed(8)
             }
             RAM_EOS => {
@@ -636,7 +672,11 @@ impl BlockFinder for QemuMainFinder {
     }
 
     fn kind(&self) -> &'static str {
-        "qemu-main"
+        if self.preempt {
+            "qemu-preempt"
+        } else {
+            "qemu-main"
+        }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
