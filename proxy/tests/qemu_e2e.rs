@@ -1461,3 +1461,214 @@ async fn postcopy_page_requests_from_a_running_destination() {
         );
     }
 }
+
+/// A relay that also records the client-to-server bytes of the one connection it
+/// carries (an NBD client's stream, for `shrinker inspect`).
+async fn recording_relay(
+    listen: SocketAddr,
+    to: SocketAddr,
+    record: std::path::PathBuf,
+) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let up = tokio::spawn(async move {
+            let mut f = tokio::fs::File::create(&record).await.unwrap();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = cr.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                f.write_all(&buf[..n]).await.unwrap();
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sw.shutdown().await;
+            f.flush().await.unwrap();
+        });
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+        let _ = up.await;
+    })
+}
+
+/// A cluster of 4 VMs, each with a disk (NBD drive-mirror) and RAM (precopy), all
+/// through one pair: disks share most of their blocks, RAM caches some of them. The
+/// WAN bytes stay within 5% of the ideal computed by `shrinker inspect` from captures
+/// of the same disk and memory streams, and RAM pages equal to disk blocks that
+/// crossed earlier are references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_and_ram_cluster_wan_bytes_near_ideal() {
+    const DISK_MIB: u64 = 64;
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-dr-{}", build.name));
+        let net = 66 + i as u8;
+        let (pair, fwd, dst) = start_pair_with(dir.path(), net, 8, &[s("--compress"), s("always")]);
+        let mut captures = Vec::new();
+        // Captures: each disk through a recording relay to a throw-away NBD export,
+        // then each VM's memory stream.
+        for vm in 0..4u64 {
+            let src_disk = dir.path().join(format!("src{vm}.raw"));
+            write_disk(&src_disk, 200 + vm, DISK_MIB);
+            let scratch_disk = dir.path().join(format!("cap{vm}.raw"));
+            std::fs::File::create(&scratch_disk)
+                .unwrap()
+                .set_len(DISK_MIB << 20)
+                .unwrap();
+            let rec = dir.path().join(format!("disk{vm}.nbd"));
+            let (relay, nbd) = (addr(net, 18000 + vm as u16), addr(net, 18100 + vm as u16));
+            let recorder = recording_relay(relay, nbd, rec.clone()).await;
+            nbd_mirror(
+                build,
+                dir.path(),
+                &format!("cap{vm}"),
+                &src_disk,
+                &scratch_disk,
+                relay,
+                nbd,
+            )
+            .await;
+            tokio::time::timeout(Duration::from_secs(30), recorder)
+                .await
+                .unwrap()
+                .unwrap();
+            captures.push(rec);
+            let ram = dir.path().join(format!("ram{vm}.mig"));
+            capture(
+                build,
+                dir.path(),
+                &format!("rcap{vm}"),
+                Box::new(cluster_ram(vm)),
+                &ram,
+            )
+            .await;
+            captures.push(ram);
+        }
+        // The same migrations through the pair: disk, then memory, VM after VM.
+        for vm in 0..4u64 {
+            let v = vm as usize;
+            let src_disk = dir.path().join(format!("src{vm}.raw"));
+            let dst_disk = dir.path().join(format!("dst{vm}.raw"));
+            std::fs::File::create(&dst_disk)
+                .unwrap()
+                .set_len(DISK_MIB << 20)
+                .unwrap();
+            nbd_mirror(
+                build,
+                dir.path(),
+                &format!("d{vm}"),
+                &src_disk,
+                &dst_disk,
+                fwd[2 * v],
+                dst[2 * v],
+            )
+            .await;
+            migrate_one(
+                build,
+                dir.path(),
+                &format!("r{vm}"),
+                fwd[2 * v + 1],
+                dst[2 * v + 1],
+                Some(Box::new(cluster_ram(vm))),
+                None,
+            )
+            .await;
+        }
+        let st = pair.a.wait_for("8 connections", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 8
+        });
+        let c = &st["counters"];
+        assert_eq!(c["parser_fallbacks"], 0, "{c}");
+        assert_eq!(c["nbd_streams"], 4, "{c}");
+        let wan = c["wan_bytes_out"].as_u64().unwrap();
+        let recent = st["recent_connections"].as_array().unwrap();
+        let ram_refs: u64 = recent
+            .iter()
+            .filter(|r| r["kind"] == "qemu-main")
+            .map(|r| r["refs"].as_u64().unwrap())
+            .sum();
+        let ram_pages: u64 = recent
+            .iter()
+            .filter(|r| r["kind"] == "qemu-main")
+            .map(|r| r["pages"].as_u64().unwrap())
+            .sum();
+        let first_ram = recent.iter().find(|r| r["kind"] == "qemu-main").unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["inspect", "--json", "--compress", "always"])
+            .args(&captures)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ideal = report["total"]["ideal_bytes"].as_u64().unwrap();
+        let kinds: Vec<&str> = report["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "nbd-client").count(),
+            4,
+            "{kinds:?}"
+        );
+        eprintln!(
+            "QEMU {}: disk+RAM cluster: pair WAN {wan} B (TLS included), ideal {ideal} B, ratio {:.4}; RAM pages {ram_pages}, as references {ram_refs}; first VM's RAM after its disk: {} of {} pages are references",
+            build.name,
+            wan as f64 / ideal as f64,
+            first_ram["refs"],
+            first_ram["pages"]
+        );
+        // The first VM's RAM follows only its own disk: its pool pages are references to
+        // disk blocks.
+        assert!(
+            first_ram["refs"].as_u64().unwrap() * 2 > first_ram["pages"].as_u64().unwrap(),
+            "{first_ram}"
+        );
+        assert!(
+            (wan as f64) <= 1.05 * ideal as f64,
+            "QEMU {}: WAN {wan} > 1.05 x ideal {ideal}",
+            build.name
+        );
+        // The disks alone: their WAN bytes against the ideal of the disk captures alone
+        // (the pair's figure can only be lower: disks may also reference RAM pages).
+        let disk_wan: u64 = recent
+            .iter()
+            .filter(|r| r["kind"] == "nbd-client")
+            .map(|r| r["wan_out"].as_u64().unwrap())
+            .sum();
+        let disks: Vec<_> = captures
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "nbd"))
+            .collect();
+        let out = std::process::Command::new(BIN)
+            .args(["inspect", "--json", "--compress", "always"])
+            .args(&disks)
+            .output()
+            .unwrap();
+        let disk_ideal = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["total"]
+            ["ideal_bytes"]
+            .as_u64()
+            .unwrap();
+        eprintln!(
+            "QEMU {}: disks alone: pair WAN {disk_wan} B, ideal {disk_ideal} B, ratio {:.4}",
+            build.name,
+            disk_wan as f64 / disk_ideal as f64
+        );
+        assert!(
+            (disk_wan as f64) <= 1.05 * disk_ideal as f64,
+            "QEMU {}: disk WAN {disk_wan} > 1.05 x {disk_ideal}",
+            build.name
+        );
+    }
+}
