@@ -40,6 +40,10 @@ pub struct ClusterArgs {
     /// Migrate with multifd and this many channels (0: off).
     #[arg(long, default_value_t = 0)]
     pub multifd: u32,
+    /// Give each VM a disk of this many MiB, mirrored over NBD (drive-mirror) before
+    /// its memory migrates (0: memory only). Disks share the pool's content.
+    #[arg(long, default_value_t = 0)]
+    pub disk_mib: u64,
     /// Edge compression mode.
     #[arg(long, default_value = "auto")]
     pub compress: String,
@@ -130,6 +134,7 @@ fn qemu(
     name: &str,
     ram: &Path,
     incoming: bool,
+    disk: Option<(&Path, bool)>,
 ) -> anyhow::Result<(Child, Qmp)> {
     let qmp = dir.join(format!("{name}.qmp"));
     let _ = std::fs::remove_file(&qmp);
@@ -161,6 +166,15 @@ fn qemu(
     .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     if incoming {
         c.args(["-incoming", "defer"]);
+    }
+    // The destination is an incoming VM: its device does not hold write permission
+    // until the migration completes, so its disk can be an NBD export meanwhile.
+    if let Some((path, device)) = disk {
+        c.arg("-drive")
+            .arg(format!("if=none,id=d0,file={},format=raw", path.display()));
+        if device {
+            c.args(["-device", "virtio-blk-pci,drive=d0"]);
+        }
     }
     let child = c
         .stdin(Stdio::null())
@@ -369,8 +383,38 @@ fn run_scenario(
             std::process::id()
         ));
         std::fs::File::create(&dst_ram)?.set_len(args.ram_mib << 20)?;
-        let (mut dst_child, mut dq) = qemu(args, &env.dir, "dst", &dst_ram, true)?;
-        let (mut src_child, mut sq) = qemu(args, &env.dir, "src", &src_ram, false)?;
+        let disks = if args.disk_mib > 0 {
+            let src_disk = env.dir.join(format!("src-disk-{vm}.raw"));
+            if !src_disk.exists() {
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&src_disk)?);
+                let mut st = testkit::Workload::cluster(2026, args.pool_mib << 20)
+                    .stream(100 + vm, args.disk_mib << 20);
+                while let Some(p) = st.next_piece(1 << 20) {
+                    f.write_all(&p)?;
+                }
+            }
+            let dst_disk = env.dir.join("dst-disk.raw");
+            std::fs::File::create(&dst_disk)?.set_len(args.disk_mib << 20)?;
+            Some((src_disk, dst_disk))
+        } else {
+            None
+        };
+        let (mut dst_child, mut dq) = qemu(
+            args,
+            &env.dir,
+            "dst",
+            &dst_ram,
+            true,
+            disks.as_ref().map(|d| (d.1.as_path(), true)),
+        )?;
+        let (mut src_child, mut sq) = qemu(
+            args,
+            &env.dir,
+            "src",
+            &src_ram,
+            false,
+            disks.as_ref().map(|d| (d.0.as_path(), true)),
+        )?;
         if args.multifd > 0 {
             for q in [&mut sq, &mut dq] {
                 q.cmd(
@@ -391,7 +435,9 @@ fn run_scenario(
         } else if scenario == "qemu-multifd-zstd" {
             bail!("qemu-multifd-zstd needs --multifd N");
         }
-        dq.cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))?;
+        if disks.is_none() {
+            dq.cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))?;
+        }
         sq.cmd(
             "migrate-set-parameters",
             json!({"max-bandwidth": 10u64 << 30}),
@@ -402,6 +448,36 @@ fn run_scenario(
             wait_port(entry)?;
         }
         let t = Instant::now();
+        if disks.is_some() {
+            // Storage first, as libvirt's --copy-storage-all does: mirror to an NBD
+            // export on the destination, through the same path, then the memory.
+            dq.cmd("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": dst.ip().to_string(), "port": dst.port().to_string()}}}))?;
+            dq.cmd("nbd-server-add", json!({"device": "d0", "writable": true}))?;
+            sq.cmd("drive-mirror", json!({"job-id": "m0", "device": "d0", "target": format!("nbd://{entry}/d0"), "format": "raw", "mode": "existing", "sync": "full"}))?;
+            loop {
+                let jobs = sq.cmd("query-block-jobs", json!({}))?;
+                let job = &jobs[0];
+                if !job.is_object() {
+                    bail!("{scenario}: VM {vm}: mirror job vanished");
+                }
+                if job["ready"] == true && job["offset"] == job["len"] {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sq.cmd("block-job-cancel", json!({"device": "m0"}))?;
+            while sq
+                .cmd("query-block-jobs", json!({}))?
+                .as_array()
+                .is_some_and(|j| !j.is_empty())
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            dq.cmd("nbd-server-stop", json!({}))?;
+            lan += args.disk_mib << 20;
+            // The NBD server released the port: now the memory's incoming socket.
+            dq.cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))?;
+        }
         sq.cmd("migrate", json!({"uri": format!("tcp:{entry}")}))?;
         let info = loop {
             let v = sq.cmd("query-migrate", json!({}))?;
@@ -434,6 +510,11 @@ fn run_scenario(
         let _ = dst_child.wait();
         if std::fs::read(&src_ram)? != std::fs::read(&dst_ram)? {
             bail!("{scenario}: VM {vm}: destination RAM differs from the source's");
+        }
+        if let Some((src_disk, dst_disk)) = &disks {
+            if std::fs::read(src_disk)? != std::fs::read(dst_disk)? {
+                bail!("{scenario}: VM {vm}: destination disk differs from the source's");
+            }
         }
         let _ = std::fs::remove_file(&dst_ram);
         eprintln!(
@@ -546,9 +627,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     }
     result?;
     println!(
-        "\n{} VMs x {} MiB (shared pool {} MiB), WAN {} Mbit/s, {} ms one way, sequential migrations{}:",
+        "\n{} VMs x {} MiB RAM{} (shared pool {} MiB), WAN {} Mbit/s, {} ms one way, sequential migrations{}:",
         args.vms,
         args.ram_mib,
+        if args.disk_mib > 0 { format!(" + {} MiB disk", args.disk_mib) } else { String::new() },
         args.pool_mib,
         args.rate_mbit,
         args.delay_ms,
