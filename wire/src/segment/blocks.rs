@@ -178,3 +178,110 @@ impl<F: BlockFinder> Segmenter for BlockSegmenter<F> {
         r
     }
 }
+
+/// What a grammar made of the bytes in view (see [`StreamCursor::feed`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The first `n` bytes are one element, parsed (the grammar's state moved on).
+    Consumed(usize),
+    /// More bytes are needed to decide.
+    Need,
+    /// The stream does not follow the grammar: stop parsing, for this reason.
+    GiveUp(String),
+}
+
+/// Drives an incremental grammar over a byte stream that arrives in arbitrary pieces:
+/// skips payloads by count (never copying them), parses an element in place when it
+/// is complete in the piece at hand, and through a small carry buffer when it
+/// straddles pieces. One implementation for every protocol parser, so the subtle part
+/// (what is consumed, what is carried, what a give-up covers) is written once.
+#[derive(Debug, Default)]
+pub struct StreamCursor {
+    /// Absolute offset of the next byte to parse (the first carried byte, if any).
+    pos: u64,
+    /// Payload bytes still to pass without parsing.
+    skip: u64,
+    carry: Vec<u8>,
+    gave_up: Option<(u64, String)>,
+}
+
+impl StreamCursor {
+    /// Where parsing stopped, and why.
+    pub fn gave_up(&self) -> Option<(u64, &str)> {
+        self.gave_up.as_ref().map(|(at, why)| (*at, why.as_str()))
+    }
+
+    /// Feeds the next bytes of the stream. `step(view, at, skip)` parses one element
+    /// at the front of `view` (which starts at absolute offset `at`) and may set
+    /// `skip` to a payload length to pass after it. An element may need at most
+    /// `max_element` bytes in view; a grammar that asks for more gives up.
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        max_element: usize,
+        mut step: impl FnMut(&[u8], u64, &mut u64) -> Step,
+    ) {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let k = self.skip.min(data.len() as u64) as usize;
+                self.skip -= k as u64;
+                self.pos += k as u64;
+                data = &data[k..];
+                continue;
+            }
+            if self.gave_up.is_some() {
+                self.pos += data.len() as u64;
+                return;
+            }
+            if self.carry.is_empty() {
+                match step(data, self.pos, &mut self.skip) {
+                    Step::Consumed(n) => {
+                        self.pos += n as u64;
+                        data = &data[n..];
+                    }
+                    Step::Need if data.len() < max_element => {
+                        self.carry.extend_from_slice(data);
+                        return;
+                    }
+                    Step::Need => {
+                        self.give_up("grammar element larger than the lookahead limit".into())
+                    }
+                    Step::GiveUp(why) => self.give_up(why),
+                }
+            } else {
+                let old = self.carry.len();
+                let take = data.len().min(max_element.saturating_sub(old));
+                let mut view = std::mem::take(&mut self.carry);
+                view.extend_from_slice(&data[..take]);
+                match step(&view, self.pos, &mut self.skip) {
+                    Step::Consumed(n) if n >= old => {
+                        self.pos += n as u64;
+                        data = &data[n - old..];
+                    }
+                    Step::Consumed(n) => {
+                        // The element ended inside the carried bytes: keep the rest of
+                        // them carried; `data` is still unread.
+                        self.pos += n as u64;
+                        view.truncate(old);
+                        view.drain(..n);
+                        self.carry = view;
+                    }
+                    Step::Need if take == data.len() => {
+                        self.carry = view;
+                        return;
+                    }
+                    Step::Need => {
+                        self.give_up("grammar element larger than the lookahead limit".into())
+                    }
+                    Step::GiveUp(why) => self.give_up(why),
+                }
+            }
+        }
+    }
+
+    fn give_up(&mut self, why: String) {
+        self.gave_up = Some((self.pos, why));
+        self.carry.clear();
+        self.skip = 0;
+    }
+}

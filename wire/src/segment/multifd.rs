@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use super::blocks::{BlockFinder, BLOCK};
+use super::blocks::{BlockFinder, Step, StreamCursor, BLOCK};
 
 /// Multifd magic, at the start of the init record and of every packet.
 pub const MAGIC: u32 = 0x1122_3344;
@@ -25,17 +25,17 @@ const MAX_OPAQUE: u64 = 64 << 20;
 enum State {
     Init,
     Packet,
-    GaveUp,
 }
 
 /// Finds page payloads in a multifd channel.
 #[derive(Debug)]
 pub struct MultifdFinder {
     state: State,
-    pos: u64,
-    skip: u64,
-    buf: Vec<u8>,
-    gave_up: Option<(u64, String)>,
+    cursor: StreamCursor,
+    /// Absolute offset of the view the current step parses.
+    at: u64,
+    /// Payload length the current step asks to pass.
+    next_skip: u64,
     pages: u64,
     packets: u64,
     opaque_packets: u64,
@@ -52,10 +52,9 @@ impl MultifdFinder {
     pub fn new() -> Self {
         MultifdFinder {
             state: State::Init,
-            pos: 0,
-            skip: 0,
-            buf: Vec::new(),
-            gave_up: None,
+            cursor: StreamCursor::default(),
+            at: 0,
+            next_skip: 0,
             pages: 0,
             packets: 0,
             opaque_packets: 0,
@@ -104,7 +103,7 @@ impl MultifdFinder {
                         return Err(format!("device-state packet of {size} bytes"));
                     }
                     self.opaque_packets += 1;
-                    self.skip = size;
+                    self.next_skip = size;
                     return Ok(Some(DEVICE_STATE_HEADER));
                 }
                 let Some(h) = b.get(..PACKET_HEADER) else {
@@ -120,87 +119,42 @@ impl MultifdFinder {
                         return Err(format!("compressed multifd payload of {next_size} bytes"));
                     }
                     self.opaque_packets += 1;
-                    self.skip = u64::from(next_size);
+                    self.next_skip = u64::from(next_size);
                     return Ok(Some(PACKET_HEADER));
                 }
                 // Uncompressed: the receiver reads exactly `normal` pages (7.2 SYNC packets
                 // carry a stale next_packet_size and no payload).
-                let start = self.pos + PACKET_HEADER as u64;
+                let start = self.at + PACKET_HEADER as u64;
                 for i in 0..u64::from(normal) {
                     out.push_back(start + i * BLOCK as u64);
                 }
                 self.pages += u64::from(normal);
-                self.skip = u64::from(normal) * BLOCK as u64;
+                self.next_skip = u64::from(normal) * BLOCK as u64;
                 Ok(Some(PACKET_HEADER))
             }
-            State::GaveUp => Ok(Some(b.len())),
         }
-    }
-
-    fn give_up(&mut self, why: String) {
-        self.gave_up = Some((self.pos, why));
-        self.state = State::GaveUp;
-        self.buf.clear();
-        self.skip = 0;
     }
 }
 
 impl BlockFinder for MultifdFinder {
-    fn feed(&mut self, mut data: &[u8], out: &mut VecDeque<u64>) {
-        while !data.is_empty() {
-            if self.skip > 0 {
-                let k = self.skip.min(data.len() as u64) as usize;
-                self.skip -= k as u64;
-                self.pos += k as u64;
-                data = &data[k..];
-                continue;
-            }
-            if self.state == State::GaveUp {
-                self.pos += data.len() as u64;
-                return;
-            }
-            // Headers are at most PACKET_HEADER bytes: parse in place when complete,
-            // else through the small carry buffer.
-            if self.buf.is_empty() {
-                match self.step(data, out) {
-                    Ok(Some(n)) => {
-                        self.pos += n as u64;
-                        data = &data[n..];
-                    }
-                    Ok(None) => {
-                        self.buf.extend_from_slice(data);
-                        return;
-                    }
-                    Err(why) => self.give_up(why),
-                }
-            } else {
-                let old = self.buf.len();
-                let take = data.len().min(PACKET_HEADER.saturating_sub(old).max(1));
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.extend_from_slice(&data[..take]);
-                match self.step(&buf, out) {
-                    Ok(Some(n)) => {
-                        // Every element is at least as long as what was carried.
-                        debug_assert!(n >= old);
-                        self.pos += n as u64;
-                        data = &data[n - old..];
-                    }
-                    Ok(None) if take == data.len() => {
-                        self.buf = buf;
-                        return;
-                    }
-                    Ok(None) => {
-                        self.buf = buf;
-                        data = &data[take..];
-                    }
-                    Err(why) => self.give_up(why),
-                }
-            }
-        }
+    fn feed(&mut self, data: &[u8], out: &mut VecDeque<u64>) {
+        let mut cursor = std::mem::take(&mut self.cursor);
+        cursor.feed(data, PACKET_HEADER, |view, at, skip| {
+            self.at = at;
+            self.next_skip = 0;
+            let step = match self.step(view, out) {
+                Ok(Some(n)) => Step::Consumed(n),
+                Ok(None) => Step::Need,
+                Err(why) => Step::GiveUp(why),
+            };
+            *skip = self.next_skip;
+            step
+        });
+        self.cursor = cursor;
     }
 
     fn gave_up(&self) -> Option<(u64, &str)> {
-        self.gave_up.as_ref().map(|(at, why)| (*at, why.as_str()))
+        self.cursor.gave_up()
     }
 
     fn kind(&self) -> &'static str {

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use super::blocks::{BlockFinder, BLOCK};
+use super::blocks::{BlockFinder, Step, StreamCursor, BLOCK};
 
 /// `IHAVEOPT`, which opens every option request.
 pub const IHAVEOPT: [u8; 8] = *b"IHAVEOPT";
@@ -28,17 +28,17 @@ const MAX_PAYLOAD: u64 = 64 << 20;
 enum State {
     ClientFlags,
     Stream,
-    GaveUp,
 }
 
 /// Finds disk blocks in the WRITE requests of an NBD client stream.
 #[derive(Debug)]
 pub struct NbdClientFinder {
     state: State,
-    pos: u64,
-    skip: u64,
-    buf: Vec<u8>,
-    gave_up: Option<(u64, String)>,
+    cursor: StreamCursor,
+    /// Absolute offset of the view the current step parses.
+    at: u64,
+    /// Payload length the current step asks to pass.
+    next_skip: u64,
     requests: u64,
     writes: u64,
     write_bytes: u64,
@@ -56,10 +56,9 @@ impl NbdClientFinder {
     pub fn new() -> Self {
         NbdClientFinder {
             state: State::ClientFlags,
-            pos: 0,
-            skip: 0,
-            buf: Vec::new(),
-            gave_up: None,
+            cursor: StreamCursor::default(),
+            at: 0,
+            next_skip: 0,
             requests: 0,
             writes: 0,
             write_bytes: 0,
@@ -98,7 +97,7 @@ impl NbdClientFinder {
                     if opt == OPT_STARTTLS {
                         return Err("STARTTLS: the rest is TLS".into());
                     }
-                    self.skip = u64::from(len);
+                    self.next_skip = u64::from(len);
                     return Ok(Some(16));
                 }
                 let (header, length) = match be32(m, 0) {
@@ -137,7 +136,7 @@ impl NbdClientFinder {
                     // Blocks at 4 KiB-aligned disk offsets inside [offset, offset+length).
                     let block = BLOCK as u64;
                     let first = offset.div_ceil(block) * block;
-                    let start = self.pos + header as u64;
+                    let start = self.at + header as u64;
                     let mut disk = first;
                     while disk
                         .checked_add(block)
@@ -148,71 +147,32 @@ impl NbdClientFinder {
                         disk += block;
                     }
                 }
-                self.skip = length;
+                self.next_skip = length;
                 Ok(Some(header))
             }
-            State::GaveUp => Ok(Some(b.len())),
         }
-    }
-
-    fn give_up(&mut self, why: String) {
-        self.gave_up = Some((self.pos, why));
-        self.state = State::GaveUp;
-        self.buf.clear();
-        self.skip = 0;
     }
 }
 
 impl BlockFinder for NbdClientFinder {
-    fn feed(&mut self, mut data: &[u8], out: &mut VecDeque<u64>) {
-        while !data.is_empty() {
-            if self.skip > 0 {
-                let k = self.skip.min(data.len() as u64) as usize;
-                self.skip -= k as u64;
-                self.pos += k as u64;
-                data = &data[k..];
-                continue;
-            }
-            if self.state == State::GaveUp {
-                self.pos += data.len() as u64;
-                return;
-            }
-            if self.buf.is_empty() {
-                match self.step(data, out) {
-                    Ok(Some(n)) => {
-                        self.pos += n as u64;
-                        data = &data[n..];
-                    }
-                    Ok(None) => {
-                        self.buf.extend_from_slice(data);
-                        return;
-                    }
-                    Err(why) => self.give_up(why),
-                }
-            } else {
-                // Headers are at most 32 bytes: carry until complete.
-                let old = self.buf.len();
-                let take = data.len().min(32usize.saturating_sub(old).max(1));
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.extend_from_slice(&data[..take]);
-                match self.step(&buf, out) {
-                    Ok(Some(n)) => {
-                        debug_assert!(n >= old);
-                        self.pos += n as u64;
-                        data = &data[n - old..];
-                    }
-                    Ok(None) => {
-                        self.buf = buf;
-                        data = &data[take..];
-                    }
-                    Err(why) => self.give_up(why),
-                }
-            }
-        }
+    fn feed(&mut self, data: &[u8], out: &mut VecDeque<u64>) {
+        let mut cursor = std::mem::take(&mut self.cursor);
+        cursor.feed(data, 32, |view, at, skip| {
+            self.at = at;
+            self.next_skip = 0;
+            let step = match self.step(view, out) {
+                Ok(Some(n)) => Step::Consumed(n),
+                Ok(None) => Step::Need,
+                Err(why) => Step::GiveUp(why),
+            };
+            *skip = self.next_skip;
+            step
+        });
+        self.cursor = cursor;
     }
 
     fn gave_up(&self) -> Option<(u64, &str)> {
-        self.gave_up.as_ref().map(|(at, why)| (*at, why.as_str()))
+        self.cursor.gave_up()
     }
 
     fn kind(&self) -> &'static str {

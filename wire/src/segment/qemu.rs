@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::blocks::{BlockFinder, BLOCK};
+use super::blocks::{BlockFinder, StreamCursor, BLOCK};
 
 /// `QEVM`.
 pub const MAGIC: u32 = 0x5145_564D;
@@ -74,18 +74,9 @@ enum State {
     Footer { section: u32 },
     Unknown { section: u32, scanned: u64 },
     Tail,
-    GaveUp,
 }
 
-enum Step {
-    /// The first `n` bytes are parsed.
-    Consumed(usize),
-    /// More bytes are needed to decide.
-    Need,
-    /// The stream does not follow the grammar.
-    GiveUp(String),
-}
-
+use super::blocks::Step;
 use Step::{Consumed, GiveUp, Need};
 
 /// Counters of what the parser recognised.
@@ -107,11 +98,11 @@ pub struct QemuStats {
 #[derive(Debug)]
 pub struct QemuMainFinder {
     state: State,
-    /// Absolute offset of the next byte to parse (the first byte of `buf` if any).
-    pos: u64,
-    /// Payload bytes still to pass without parsing.
-    skip: u64,
-    buf: Vec<u8>,
+    cursor: StreamCursor,
+    /// Absolute offset of the view the current step parses.
+    at: u64,
+    /// Payload length the current step asks to pass.
+    next_skip: u64,
     sections: HashMap<u32, SectionKind>,
     have_block: bool,
     postcopy: bool,
@@ -120,7 +111,6 @@ pub struct QemuMainFinder {
     page_bits_seen: Option<u32>,
     /// Parsing a postcopy preempt channel: bare RAM records, no header or sections.
     preempt: bool,
-    gave_up: Option<(u64, String)>,
     stats: QemuStats,
 }
 
@@ -135,9 +125,9 @@ impl QemuMainFinder {
     pub fn new() -> Self {
         QemuMainFinder {
             state: State::Header,
-            pos: 0,
-            skip: 0,
-            buf: Vec::new(),
+            cursor: StreamCursor::default(),
+            at: 0,
+            next_skip: 0,
             sections: HashMap::new(),
             have_block: false,
             postcopy: false,
@@ -145,7 +135,6 @@ impl QemuMainFinder {
             x86: true,
             page_bits_seen: None,
             preempt: false,
-            gave_up: None,
             stats: QemuStats::default(),
         }
     }
@@ -235,7 +224,6 @@ impl QemuMainFinder {
             }
             State::Unknown { section, scanned } => self.scan_footer(b, section, scanned),
             State::Tail => Consumed(b.len()),
-            State::GaveUp => Consumed(b.len()),
         }
     }
 
@@ -357,11 +345,11 @@ impl QemuMainFinder {
                     CMD_PACKAGED if len == 4 => {
                         // A nested record stream (device state, no RAM pages): opaque.
                         let Some(n) = be32(b, 5) else { return Need };
-                        self.skip = u64::from(n);
+                        self.next_skip = u64::from(n);
                         Consumed(9)
                     }
                     _ => {
-                        self.skip = len as u64;
+                        self.next_skip = len as u64;
                         Consumed(5)
                     }
                 }
@@ -429,8 +417,8 @@ impl QemuMainFinder {
                         if b.len() < n {
                             return Need;
                         }
-                        out.push_back(self.pos + n as u64);
-                        self.skip = BLOCK as u64;
+                        out.push_back(self.at + n as u64);
+                        self.next_skip = BLOCK as u64;
                         self.stats.pages += 1;
                         Consumed(n)
                     }
@@ -441,7 +429,7 @@ impl QemuMainFinder {
                         if enc != 1 || len as usize > BLOCK {
                             return GiveUp(format!("XBZRLE header {enc}/{len}"));
                         }
-                        self.skip = u64::from(len);
+                        self.next_skip = u64::from(len);
                         self.stats.encoded_pages += 1;
                         Consumed(n + 3)
                     }
@@ -450,7 +438,7 @@ impl QemuMainFinder {
                         if len as usize > BLOCK + 1024 {
                             return GiveUp(format!("compressed page of {len} bytes"));
                         }
-                        self.skip = u64::from(len);
+                        self.next_skip = u64::from(len);
                         self.stats.encoded_pages += 1;
                         Consumed(n + 4)
                     }
@@ -522,9 +510,9 @@ impl QemuMainFinder {
             }
             if flags & BLK_ZERO_BLOCK == 0 {
                 for i in 0..(BLK_CHUNK / BLOCK) as u64 {
-                    out.push_back(self.pos + n as u64 + i * BLOCK as u64);
+                    out.push_back(self.at + n as u64 + i * BLOCK as u64);
                 }
-                self.skip = BLK_CHUNK as u64;
+                self.next_skip = BLK_CHUNK as u64;
                 self.stats.disk_blocks += (BLK_CHUNK / BLOCK) as u64;
             }
             return Consumed(n);
@@ -601,74 +589,23 @@ impl QemuMainFinder {
             _ => false,
         })
     }
-
-    fn give_up(&mut self, why: String) {
-        self.gave_up = Some((self.pos, why));
-        self.state = State::GaveUp;
-        self.buf.clear();
-        self.skip = 0;
-    }
 }
 
 impl BlockFinder for QemuMainFinder {
-    fn feed(&mut self, mut data: &[u8], out: &mut VecDeque<u64>) {
-        while !data.is_empty() {
-            if self.skip > 0 {
-                let k = (self.skip.min(data.len() as u64)) as usize;
-                self.skip -= k as u64;
-                self.pos += k as u64;
-                data = &data[k..];
-                continue;
-            }
-            if self.state == State::GaveUp || self.state == State::Tail {
-                self.pos += data.len() as u64;
-                return;
-            }
-            if self.buf.is_empty() {
-                match self.step(data, out) {
-                    Consumed(n) => {
-                        self.pos += n as u64;
-                        data = &data[n..];
-                    }
-                    Need => {
-                        if data.len() >= MAX_LOOKAHEAD {
-                            self.give_up("grammar element larger than the lookahead limit".into());
-                            continue;
-                        }
-                        self.buf.extend_from_slice(data);
-                        return;
-                    }
-                    GiveUp(why) => self.give_up(why),
-                }
-            } else {
-                let old = self.buf.len();
-                let take = data.len().min(MAX_LOOKAHEAD.saturating_sub(old));
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.extend_from_slice(&data[..take]);
-                match self.step(&buf, out) {
-                    Consumed(n) if n >= old => {
-                        self.pos += n as u64;
-                        data = &data[n - old..];
-                    }
-                    Consumed(n) => {
-                        self.pos += n as u64;
-                        buf.truncate(old);
-                        buf.drain(..n);
-                        self.buf = buf;
-                    }
-                    Need if take == data.len() => {
-                        self.buf = buf;
-                        return;
-                    }
-                    Need => self.give_up("grammar element larger than the lookahead limit".into()),
-                    GiveUp(why) => self.give_up(why),
-                }
-            }
-        }
+    fn feed(&mut self, data: &[u8], out: &mut VecDeque<u64>) {
+        let mut cursor = std::mem::take(&mut self.cursor);
+        cursor.feed(data, MAX_LOOKAHEAD, |view, at, skip| {
+            self.at = at;
+            self.next_skip = 0;
+            let step = self.step(view, out);
+            *skip = self.next_skip;
+            step
+        });
+        self.cursor = cursor;
     }
 
     fn gave_up(&self) -> Option<(u64, &str)> {
-        self.gave_up.as_ref().map(|(at, why)| (*at, why.as_str()))
+        self.cursor.gave_up()
     }
 
     fn kind(&self) -> &'static str {
