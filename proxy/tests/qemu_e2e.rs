@@ -1453,11 +1453,20 @@ async fn postcopy_page_requests_from_a_running_destination() {
         assert_eq!(c["connections_failed"], 0, "{}", pair.a.log());
         assert_eq!(c["parser_fallbacks"], 0, "{}", pair.a.log());
         if preempt {
-            assert_eq!(
-                c["preempt_channels"], 1,
-                "QEMU {}: preempt channel not recognised: {c}",
-                build.name
-            );
+            // Whether requested pages travel on the preempt channel depends on timing
+            // (a page already on its way on the main channel is not sent again); when
+            // the preempt channel carried anything, it must have been recognised.
+            let recent = st["recent_connections"].as_array().unwrap();
+            let other: Vec<_> = recent.iter().filter(|r| r["kind"] != "qemu-main").collect();
+            assert_eq!(other.len(), 1, "QEMU {}: {recent:?}", build.name);
+            if other[0]["lan_in"].as_u64().unwrap() > 0 {
+                assert_eq!(
+                    other[0]["kind"], "qemu-preempt",
+                    "QEMU {}: {}",
+                    build.name, other[0]
+                );
+                assert_eq!(c["preempt_channels"], 1, "{c}");
+            }
         }
         eprintln!(
             "QEMU {}: {requests} page requests, counters {c}",
