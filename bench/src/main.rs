@@ -37,8 +37,18 @@ enum Cmd {
     Ztunnel(ztunnel::ZtunnelArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shrinker-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // The blocking drivers run outside the async runtime.
     match cli.cmd {
         Cmd::Cluster(a) => return cluster::run(a),

@@ -19,7 +19,15 @@ pub struct RelayArgs {
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
     loop {
-        let (mut a, _) = listener.accept().await?;
+        let mut a = match listener.accept().await {
+            Ok((a, _)) => a,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept: keep serving.
+                eprintln!("relay {}: accept: {e}", args.listen);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
         let to = args.to;
         tokio::spawn(async move {
             let Ok(mut b) = TcpStream::connect(to).await else {
@@ -66,5 +74,37 @@ mod tests {
         c.read_to_end(&mut back).await.unwrap();
         back.reverse();
         assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn half_close_from_the_target_side() {
+        let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let taddr = target.local_addr().unwrap();
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = probe.local_addr().unwrap();
+        drop(probe);
+        tokio::spawn(run(RelayArgs { listen, to: taddr }));
+        // The target speaks first and stops writing, then still reads the client.
+        let server = tokio::spawn(async move {
+            let (mut s, _) = target.accept().await.unwrap();
+            s.write_all(b"hello, and that is all").await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut c = loop {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                break c;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let mut greeting = Vec::new();
+        c.read_to_end(&mut greeting).await.unwrap();
+        assert_eq!(greeting, b"hello, and that is all");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        c.write_all(&data).await.unwrap();
+        c.shutdown().await.unwrap();
+        assert_eq!(server.await.unwrap(), data);
     }
 }

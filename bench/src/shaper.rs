@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
@@ -81,6 +81,11 @@ struct Counts {
 
 /// Runs the shaper until SIGTERM/SIGINT.
 pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
+    let rate_ok = args.rate_mbit.is_finite() && args.rate_mbit >= 0.0;
+    let delay_ok = (0.0..=60_000.0).contains(&args.delay_ms);
+    if !rate_ok || !delay_ok {
+        anyhow::bail!("--rate-mbit must be >= 0 and --delay-ms between 0 and 60000");
+    }
     let rate = args.rate_mbit * 1e6 / 8.0;
     // A small receive buffer on the link's entry (inherited by accepted sockets): a
     // loopback socket would otherwise autotune to tens of MiB and hide the link's
@@ -153,16 +158,22 @@ pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
 }
 
 /// One direction: read, stamp, hold for `delay`, pace through the bucket, write.
-async fn pipe(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
+/// Ends by shutting the writer down (half-close propagation) once the reader hit EOF
+/// and everything queued was delivered.
+async fn pipe<R, W>(
+    mut r: R,
+    mut w: W,
     bucket: Arc<Mutex<Bucket>>,
     delay: Duration,
     queue_bytes: usize,
     count: impl Fn(u64) + Send + 'static,
-) {
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     // The queue is bounded in bytes: the reader stops reading (TCP backpressure to the
     // sender) while the link holds `queue_bytes`.
+    let queue_bytes = queue_bytes.clamp(1, u32::MAX as usize);
     let room = Arc::new(tokio::sync::Semaphore::new(queue_bytes));
     let (tx, mut rx) =
         mpsc::unbounded_channel::<(Instant, Vec<u8>, tokio::sync::OwnedSemaphorePermit)>();
@@ -177,6 +188,7 @@ async fn pipe(
                     let Ok(permit) = reader_room.clone().acquire_many_owned(n as u32).await else {
                         break;
                     };
+                    // Stamped when the link admits it: it leaves `delay` later.
                     if tx.send((Instant::now(), buf, permit)).is_err() {
                         break;
                     }
@@ -199,6 +211,7 @@ async fn pipe(
         count(piece.len() as u64);
     }
     let _ = w.shutdown().await;
+    reader.abort();
     let _ = reader.await;
 }
 
@@ -215,5 +228,139 @@ mod tests {
         assert!((w.as_secs_f64() - 0.1).abs() < 1e-3, "{w:?}");
         let mut free = Bucket::new(0.0);
         assert_eq!(free.take(1 << 30, t0), Duration::ZERO);
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9) >> 7) as u8)
+            .collect()
+    }
+
+    /// Runs `data` through one shaped direction over in-memory pipes; returns what came
+    /// out, when its first byte came out and when the last did (from the first write).
+    async fn through(
+        data: Vec<u8>,
+        rate: f64,
+        delay: Duration,
+    ) -> (Vec<u8>, Duration, Duration, u64) {
+        let (mut src, pipe_in) = tokio::io::duplex(64 * 1024);
+        let (pipe_out, mut dst) = tokio::io::duplex(64 * 1024);
+        let counted = Arc::new(AtomicU64::new(0));
+        let c = counted.clone();
+        let queue = ((rate * (delay.as_secs_f64() + 0.02)) as usize).max(256 * 1024);
+        let task = tokio::spawn(pipe(
+            pipe_in,
+            pipe_out,
+            Arc::new(Mutex::new(Bucket::new(rate))),
+            delay,
+            queue,
+            move |n| {
+                c.fetch_add(n, Relaxed);
+            },
+        ));
+        let t0 = Instant::now();
+        let writer = tokio::spawn(async move {
+            // Pieces of uneven sizes, so reads and queue entries do not line up.
+            let mut rest = &data[..];
+            let mut k = 1usize;
+            while !rest.is_empty() {
+                let n = (k * 7919 % 50_000 + 1).min(rest.len());
+                src.write_all(&rest[..n]).await.unwrap();
+                rest = &rest[n..];
+                k += 1;
+            }
+            src.shutdown().await.unwrap();
+            src
+        });
+        let mut out = Vec::new();
+        let mut first = None;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = dst.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break; // the shaper propagated the half-close
+            }
+            first.get_or_insert_with(|| t0.elapsed());
+            out.extend_from_slice(&buf[..n]);
+        }
+        let last = t0.elapsed();
+        task.await.unwrap();
+        drop(writer.await.unwrap());
+        (out, first.unwrap_or(last), last, counted.load(Relaxed))
+    }
+
+    #[test]
+    fn bucket_is_shared_debt() {
+        // Two takers in a row at the same instant: the second waits for both.
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1e6);
+        assert_eq!(b.take(65_536, t0), Duration::ZERO);
+        let w1 = b.take(10_000, t0);
+        let w2 = b.take(10_000, t0);
+        assert!((w1.as_secs_f64() - 0.01).abs() < 1e-4, "{w1:?}");
+        assert!((w2.as_secs_f64() - 0.02).abs() < 1e-4, "{w2:?}");
+        // Refill is capped at the burst.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(b.take(65_536 - 20_000, later), Duration::ZERO);
+        assert!(b.take(20_001, later) > Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn delay_line_keeps_order_and_delays() {
+        let data = pattern(600_000);
+        let delay = Duration::from_millis(40);
+        let (out, first, _, counted) = through(data.clone(), 0.0, delay).await;
+        assert_eq!(out.len(), data.len());
+        assert!(out == data, "bytes reordered or corrupted");
+        assert_eq!(counted, data.len() as u64);
+        assert!(
+            first >= delay,
+            "first byte after {first:?}, delay {delay:?}"
+        );
+        // Not one sleep per piece: the whole stream is late by about one delay.
+        let (_, _, last, _) = through(data.clone(), 0.0, delay).await;
+        assert!(last < delay * 10, "took {last:?}");
+    }
+
+    #[tokio::test]
+    async fn rate_limit_paces_the_stream() {
+        // 4 MB/s: 400 kB take ~100 ms minus the 64 KiB burst.
+        let data = pattern(400_000);
+        let (out, _, last, _) = through(data.clone(), 4e6, Duration::ZERO).await;
+        assert!(out == data);
+        let ideal = (400_000.0 - 65_536.0) / 4e6;
+        assert!(
+            last.as_secs_f64() > ideal * 0.9 && last.as_secs_f64() < ideal + 1.0,
+            "{last:?} vs {ideal}"
+        );
+    }
+
+    #[tokio::test]
+    async fn queue_is_bounded() {
+        // Nobody reads the far side: the shaper must stop taking input at about the
+        // queue size plus the pipes' own buffers.
+        let (mut src, pipe_in) = tokio::io::duplex(64 * 1024);
+        let (pipe_out, _dst) = tokio::io::duplex(64 * 1024);
+        let queue = 256 * 1024;
+        tokio::spawn(pipe(
+            pipe_in,
+            pipe_out,
+            Arc::new(Mutex::new(Bucket::new(0.0))),
+            Duration::ZERO,
+            queue,
+            |_| {},
+        ));
+        let chunk = vec![1u8; 16 * 1024];
+        let mut accepted = 0usize;
+        while tokio::time::timeout(Duration::from_millis(200), src.write_all(&chunk))
+            .await
+            .is_ok()
+        {
+            accepted += chunk.len();
+            assert!(accepted < 8 << 20, "unbounded");
+        }
+        let bound = queue + 3 * 64 * 1024 + PIECE + chunk.len();
+        assert!(accepted <= bound, "{accepted} > {bound}");
+        assert!(accepted >= queue, "{accepted} < {queue}");
     }
 }
