@@ -190,6 +190,17 @@ pub enum Step {
     GiveUp(String),
 }
 
+/// Grammars written as `Ok(Some(consumed))` / `Ok(None)` (need more) / `Err(why)`.
+impl From<Result<Option<usize>, String>> for Step {
+    fn from(r: Result<Option<usize>, String>) -> Self {
+        match r {
+            Ok(Some(n)) => Step::Consumed(n),
+            Ok(None) => Step::Need,
+            Err(why) => Step::GiveUp(why),
+        }
+    }
+}
+
 /// Drives an incremental grammar over a byte stream that arrives in arbitrary pieces:
 /// skips payloads by count (never copying them), parses an element in place when it
 /// is complete in the piece at hand, and through a small carry buffer when it

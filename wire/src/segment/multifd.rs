@@ -142,11 +142,7 @@ impl BlockFinder for MultifdFinder {
         cursor.feed(data, PACKET_HEADER, |view, at, skip| {
             self.at = at;
             self.next_skip = 0;
-            let step = match self.step(view, out) {
-                Ok(Some(n)) => Step::Consumed(n),
-                Ok(None) => Step::Need,
-                Err(why) => Step::GiveUp(why),
-            };
+            let step: Step = self.step(view, out).into();
             *skip = self.next_skip;
             step
         });
