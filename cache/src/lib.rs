@@ -29,7 +29,7 @@ mod peer;
 mod shard;
 mod store;
 
-pub use peer::{PeerIndex, PeerIndexStats, PeerRegistry};
+pub use peer::{PeerIndex, PeerIndexStats, PeerRegistry, RECENT_MARK};
 pub use shard::{default_shards, DEFAULT_SHARDS, ENTRY_OVERHEAD, MIN_SHARD_BYTES};
 pub use store::{ChunkStore, StoreStats};
 

@@ -5,11 +5,38 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use wire::{ChunkId, PeerHoldings};
+use wire::{ChunkId, Holding, PeerHoldings};
 
-use crate::shard::{default_shards, Insert, Sharded};
+use crate::shard::{default_shards, DataLen, Insert, Sharded};
+
+/// How long after a chunk was first sent in full a reference to it is flagged
+/// [`Holding::Recent`].
+///
+/// The full copy leaves with its connection's next batch, but can wait behind that
+/// connection's queued batches when the WAN is the bottleneck (up to 2 MiB per
+/// connection, about 0.7 s at 25 Mbit/s per connection), while a sibling connection's
+/// reference to the same content may overtake it. Flagged references make the
+/// receiving edge wait for the full copy instead of asking for it again.
+pub const RECENT_MARK: Duration = Duration::from_secs(2);
+
+/// One entry of the index: the chunk's length, and when it was marked.
+#[derive(Clone, Copy)]
+struct Mark {
+    len: u32,
+    /// Milliseconds since the index was created, wrapping (about every 49 days; a
+    /// wrapped old entry then only looks recent, which costs a short wait, never a
+    /// wrong byte).
+    at_ms: u32,
+}
+
+impl DataLen for Mark {
+    fn data_len(&self) -> u64 {
+        u64::from(self.len)
+    }
+}
 
 /// What one peer edge is believed to hold: chunk ids with their lengths, evicted with
 /// the same layout and rule as that peer's [`ChunkStore`](crate::ChunkStore) uses.
@@ -20,8 +47,12 @@ use crate::shard::{default_shards, Insert, Sharded};
 /// peer evicts it. It still over-predicts, since the peer's store is also filled by
 /// other edges; each wrong guess costs one miss round trip.
 pub struct PeerIndex {
-    map: Sharded<u32>,
+    map: Sharded<Mark>,
+    created: Instant,
+    /// [`RECENT_MARK`] in milliseconds (shorter in tests).
+    recent_ms: u32,
     hits: AtomicU64,
+    recent_hits: AtomicU64,
     marks: AtomicU64,
     forgets: AtomicU64,
     evictions: AtomicU64,
@@ -39,6 +70,8 @@ pub struct PeerIndexStats {
     pub capacity_bytes: u64,
     /// `check_and_mark` calls that found the id (a reference can be sent).
     pub hits: u64,
+    /// Of `hits`, those within [`RECENT_MARK`] of the mark ([`Holding::Recent`]).
+    pub recent_hits: u64,
     /// `check_and_mark` calls that recorded a new id (the chunk is sent in full).
     pub marks: u64,
     /// `forget` calls (the peer reported a miss).
@@ -61,7 +94,10 @@ impl PeerIndex {
     pub fn with_shards(peer_cache_bytes: u64, shards: usize) -> Self {
         PeerIndex {
             map: Sharded::new(peer_cache_bytes, shards),
+            created: Instant::now(),
+            recent_ms: RECENT_MARK.as_millis() as u32,
             hits: AtomicU64::new(0),
+            recent_hits: AtomicU64::new(0),
             marks: AtomicU64::new(0),
             forgets: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -102,6 +138,7 @@ impl PeerIndex {
             bytes,
             capacity_bytes: self.map.capacity_bytes(),
             hits: self.hits.load(Relaxed),
+            recent_hits: self.recent_hits.load(Relaxed),
             marks: self.marks.load(Relaxed),
             forgets: self.forgets.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
@@ -113,32 +150,45 @@ impl PeerIndex {
     pub(crate) fn check_invariants(&self) {
         self.map.check_invariants();
     }
+
+    #[cfg(test)]
+    fn set_recent_window(&mut self, window: Duration) {
+        self.recent_ms = window.as_millis() as u32;
+    }
 }
 
 impl PeerHoldings for PeerIndex {
-    fn check_and_mark(&self, id: &ChunkId, len: usize) -> bool {
+    fn check_and_mark(&self, id: &ChunkId, len: usize) -> Holding {
         // Chunks are capped at 1 MiB by the wire; saturate rather than wrap if a
         // caller ever passes more, so the entry is rejected instead of under-charged.
         let len = u32::try_from(len).unwrap_or(u32::MAX);
+        // Truncation is the documented wrap of `Mark::at_ms`.
+        let now_ms = self.created.elapsed().as_millis() as u32;
+        let mark = Mark { len, at_ms: now_ms };
         // Check and insert under one shard lock, so two connections racing on the same
         // id cannot both see "absent" and "present" inconsistently: exactly one of them
         // marks it.
-        match self.map.insert(*id, len) {
-            Insert::Present => {
+        match self.map.insert_or_peek(*id, mark, |m| m.at_ms) {
+            Insert::Present(at_ms) => {
                 self.hits.fetch_add(1, Relaxed);
-                true
+                if now_ms.wrapping_sub(at_ms) < self.recent_ms {
+                    self.recent_hits.fetch_add(1, Relaxed);
+                    Holding::Recent
+                } else {
+                    Holding::Held
+                }
             }
             Insert::Inserted { evicted } => {
                 self.marks.fetch_add(1, Relaxed);
                 if !evicted.is_empty() {
                     self.evictions.fetch_add(evicted.len() as u64, Relaxed);
                 }
-                false
+                Holding::Absent
             }
             Insert::Rejected => {
                 // The peer will not keep it, so a later reference would only miss.
                 self.rejected.fetch_add(1, Relaxed);
-                false
+                Holding::Absent
             }
         }
     }
@@ -241,14 +291,14 @@ mod tests {
     #[test]
     fn check_and_mark_then_hit_then_forget() {
         let p = PeerIndex::new(1 << 20);
-        assert!(!p.check_and_mark(&id(1), 100));
-        assert!(p.check_and_mark(&id(1), 100));
+        assert!(!p.check_and_mark(&id(1), 100).is_held());
+        assert!(p.check_and_mark(&id(1), 100).is_held());
         assert!(p.contains(&id(1)));
         assert_eq!(p.bytes(), 100 + ENTRY_OVERHEAD);
         p.forget(&id(1));
         assert!(!p.contains(&id(1)));
         assert_eq!(p.bytes(), 0);
-        assert!(!p.check_and_mark(&id(1), 100));
+        assert!(!p.check_and_mark(&id(1), 100).is_held());
         // Forgetting an unknown id is harmless.
         p.forget(&id(99));
         let st = p.stats();
@@ -257,20 +307,38 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_soon_after_the_mark_is_recent() {
+        let mut p = PeerIndex::new(1 << 20);
+        assert_eq!(p.check_and_mark(&id(1), 100), Holding::Absent);
+        assert_eq!(p.check_and_mark(&id(1), 100), Holding::Recent);
+        // A hit does not renew the mark: recency is about when the full copy was sent.
+        p.set_recent_window(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(p.check_and_mark(&id(1), 100), Holding::Held);
+        assert_eq!(p.check_and_mark(&id(1), 100), Holding::Held);
+        let st = p.stats();
+        assert_eq!((st.hits, st.recent_hits, st.marks), (3, 1, 1));
+        // Forgotten and sent again: recent again.
+        p.forget(&id(1));
+        assert_eq!(p.check_and_mark(&id(1), 100), Holding::Absent);
+        assert_eq!(p.check_and_mark(&id(1), 100), Holding::Recent);
+    }
+
+    #[test]
     fn evicts_lru_by_bytes_like_the_store() {
         // Room for three 100-byte chunks in one shard.
         let p = PeerIndex::with_shards(3 * (100 + ENTRY_OVERHEAD), 1);
         for n in 0..3 {
-            assert!(!p.check_and_mark(&id(n), 100));
+            assert!(!p.check_and_mark(&id(n), 100).is_held());
         }
         // A hit refreshes id(0); id(1) is now the oldest.
-        assert!(p.check_and_mark(&id(0), 100));
-        assert!(!p.check_and_mark(&id(3), 100));
+        assert!(p.check_and_mark(&id(0), 100).is_held());
+        assert!(!p.check_and_mark(&id(3), 100).is_held());
         assert!(p.contains(&id(0)));
         assert!(!p.contains(&id(1)));
         assert!(p.contains(&id(2)));
         // A 200-byte chunk needs two slots: id(2) and id(0) go.
-        assert!(!p.check_and_mark(&id(4), 200));
+        assert!(!p.check_and_mark(&id(4), 200).is_held());
         assert!(!p.contains(&id(2)));
         assert!(!p.contains(&id(0)));
         assert!(p.contains(&id(3)));
@@ -289,7 +357,7 @@ mod tests {
         for n in 0u32..200 {
             let data = Bytes::from(vec![n as u8; 100 + (n as usize * 37) % 900]);
             let c = VerifiedChunk::from_local(data);
-            let held = index.check_and_mark(c.id(), c.data().len());
+            let held = index.check_and_mark(c.id(), c.data().len()).is_held();
             assert_eq!(held, store.contains(c.id()), "chunk {n}");
             if !held {
                 store.insert(c);
@@ -304,13 +372,13 @@ mod tests {
     #[test]
     fn zero_capacity_and_oversize_never_marked() {
         let p = PeerIndex::new(0);
-        assert!(!p.check_and_mark(&id(1), 0));
-        assert!(!p.check_and_mark(&id(1), 0));
+        assert!(!p.check_and_mark(&id(1), 0).is_held());
+        assert!(!p.check_and_mark(&id(1), 0).is_held());
         assert!(p.is_empty());
         let p = PeerIndex::with_shards(1000, 1);
-        assert!(!p.check_and_mark(&id(2), 1000));
-        assert!(!p.check_and_mark(&id(2), 1000));
-        assert!(!p.check_and_mark(&id(3), usize::MAX));
+        assert!(!p.check_and_mark(&id(2), 1000).is_held());
+        assert!(!p.check_and_mark(&id(2), 1000).is_held());
+        assert!(!p.check_and_mark(&id(3), usize::MAX).is_held());
         assert_eq!(p.stats().rejected, 3);
         assert!(p.is_empty());
     }
@@ -319,20 +387,20 @@ mod tests {
     fn registry_reuses_index_within_an_epoch() {
         let r = PeerRegistry::new();
         let a = r.index_for("west", 7, 1 << 20);
-        assert!(!a.check_and_mark(&id(1), 10));
+        assert!(!a.check_and_mark(&id(1), 10).is_held());
         let b = r.clone().index_for("west", 7, 1 << 20);
         assert!(Arc::ptr_eq(&a, &b));
-        assert!(b.check_and_mark(&id(1), 10));
+        assert!(b.check_and_mark(&id(1), 10).is_held());
     }
 
     #[test]
     fn registry_resets_index_on_epoch_change() {
         let r = PeerRegistry::new();
         let old = r.index_for("west", 1, 1 << 20);
-        old.check_and_mark(&id(1), 10);
-        old.check_and_mark(&id(2), 10);
+        old.check_and_mark(&id(1), 10).is_held();
+        old.check_and_mark(&id(2), 10).is_held();
         let east = r.index_for("east", 1, 1 << 20);
-        east.check_and_mark(&id(1), 10);
+        east.check_and_mark(&id(1), 10).is_held();
         assert_eq!(
             r.peers(),
             vec![("east".to_owned(), 1, 1), ("west".to_owned(), 1, 2)]
@@ -343,7 +411,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&old, &new));
         assert!(new.is_empty());
         assert_eq!(new.capacity_bytes(), 2 << 20);
-        assert!(!new.check_and_mark(&id(1), 10));
+        assert!(!new.check_and_mark(&id(1), 10).is_held());
         assert!(Arc::ptr_eq(&new, &r.index_for("west", 2, 2 << 20)));
         // Going back to an earlier epoch value is also a change.
         assert!(r.index_for("west", 1, 1 << 20).is_empty());

@@ -63,6 +63,7 @@ impl DataLen for bytes::Bytes {
     }
 }
 
+#[cfg(test)]
 impl DataLen for u32 {
     fn data_len(&self) -> u64 {
         u64::from(*self)
@@ -76,10 +77,11 @@ struct Shard<V> {
 }
 
 /// What [`Sharded::insert`] did.
-pub(crate) enum Insert<V> {
+pub(crate) enum Insert<V, P = ()> {
     /// The id was already present; it is now the most recently used. The value passed
-    /// in is dropped (same id, so same bytes).
-    Present,
+    /// in is dropped (same id, so same bytes); `P` is what the caller's `peek` read
+    /// from the value already there.
+    Present(P),
     /// Stored; `evicted` holds the values pushed out to make room, returned so they
     /// are dropped after the shard lock is released.
     Inserted { evicted: Vec<V> },
@@ -145,13 +147,24 @@ impl<V: DataLen> Sharded<V> {
     /// Stores `value` under `id`, evicting least recently used entries of that shard
     /// until it fits; if `id` is present, only touches it.
     pub(crate) fn insert(&self, id: ChunkId, value: V) -> Insert<V> {
+        self.insert_or_peek(id, value, |_| ())
+    }
+
+    /// [`Sharded::insert`], which also reads the value already present (under the same
+    /// lock) with `peek`.
+    pub(crate) fn insert_or_peek<P>(
+        &self,
+        id: ChunkId,
+        value: V,
+        peek: impl FnOnce(&V) -> P,
+    ) -> Insert<V, P> {
         let w = weight(value.data_len());
         if w > self.shard_budget {
             return Insert::Rejected;
         }
         let mut shard = self.shard(&id).lock();
-        if shard.lru.promote(&id) {
-            return Insert::Present;
+        if let Some(present) = shard.lru.get(&id) {
+            return Insert::Present(peek(present));
         }
         let mut evicted = Vec::new();
         while shard.bytes + w > self.shard_budget {

@@ -144,7 +144,7 @@ impl ContentStore for ChunkStore {
         // The chunk was hashed when it was verified; nothing here hashes or copies.
         let (id, data) = chunk.into_parts();
         match self.inner.map.insert(id, data) {
-            Insert::Present => {}
+            Insert::Present(()) => {}
             Insert::Inserted { evicted } => {
                 self.inner.inserts.fetch_add(1, Relaxed);
                 if !evicted.is_empty() {

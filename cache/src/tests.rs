@@ -222,7 +222,10 @@ fn concurrent_peer_index_marks_each_id_once() {
                 for i in 0..IDS {
                     // Each thread walks the ids from a different starting point.
                     let n = (i + t as u32 * 61) % IDS;
-                    if !index.check_and_mark(&ChunkId::of(&n.to_le_bytes()), 100) {
+                    if !index
+                        .check_and_mark(&ChunkId::of(&n.to_le_bytes()), 100)
+                        .is_held()
+                    {
                         marked += 1;
                     }
                 }
@@ -254,7 +257,7 @@ fn concurrent_peer_index_small_budget() {
                     if lcg(&mut rng) % 8 == 0 {
                         index.forget(&id);
                     } else {
-                        index.check_and_mark(&id, 100 + n as usize * 2);
+                        index.check_and_mark(&id, 100 + n as usize * 2).is_held();
                     }
                 }
             })

@@ -56,6 +56,14 @@ const COALESCE: usize = 64 * 1024;
 const LINGER: Duration = Duration::from_secs(5);
 /// How long a failed tunnel keeps reading so the peer can take in our RESET.
 const RESET_LINGER: Duration = Duration::from_secs(1);
+/// How often deferred references (REF_RECENT the store lacked) look in the store again
+/// for a chunk arriving on a sibling connection.
+const DEFER_RECHECK: Duration = Duration::from_millis(1);
+/// Deferred references give up and send MISS once none of them has resolved for this
+/// long. The full copy they wait for left the peer within the last 2 s
+/// (`cache::RECENT_MARK`) and usually arrives within milliseconds; a longer silence
+/// means it is not coming (evicted, or its connection failed).
+const DEFER_LIMIT: Duration = Duration::from_millis(500);
 /// Extra pending allowance over the peer's window: one read burst plus frame slack.
 const PENDING_SLACK: u64 = 16 << 20;
 
@@ -375,6 +383,9 @@ async fn downlink<T: AsyncRead>(
     let fail = |e| shared.fail(e, &ctrl_tx);
     let mut local_shut = false;
     let mut ack_deadline: Option<Instant> = None;
+    // Deferred references: when to give up waiting, and progress seen so far.
+    let mut defer_deadline: Option<Instant> = None;
+    let mut deferred_arrived = 0u64;
     let mut tunnel_eof = false;
     loop {
         // A protocol error is acted on after delivering what preceded it.
@@ -427,6 +438,16 @@ async fn downlink<T: AsyncRead>(
         while let Some(c) = dec.poll_control() {
             let _ = ctrl_tx.send(c);
         }
+        if dec.has_deferred() {
+            // Wait as long as deferred references keep resolving; give up after
+            // DEFER_LIMIT without progress.
+            if defer_deadline.is_none() || dec.stats().deferred_arrived > deferred_arrived {
+                deferred_arrived = dec.stats().deferred_arrived;
+                defer_deadline = Some(Instant::now() + DEFER_LIMIT);
+            }
+        } else {
+            defer_deadline = None;
+        }
         if dec.is_finished() && !local_shut {
             local_shut = true;
             // Half-close: the peer's application finished sending.
@@ -459,6 +480,14 @@ async fn downlink<T: AsyncRead>(
             _ = tokio::time::sleep_until(deadline), if ack_deadline.is_some() => {
                 dec.handle_idle();
                 ack_deadline = None;
+            }
+            _ = tokio::time::sleep(DEFER_RECHECK), if defer_deadline.is_some() => {
+                if defer_deadline.is_some_and(|d| Instant::now() >= d) {
+                    dec.expire_deferred();
+                    defer_deadline = None;
+                } else {
+                    dec.recheck();
+                }
             }
             _ = shared.uplink_finished.notified() => {}
             _ = shared.abort.cancelled() => return Err(ConnError::Aborted),

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use wire::segment::{detecting_segmenter, Segment};
 use wire::session::{CompressMode, CompressPolicy, Encoder, EncoderConfig, SendLedger};
-use wire::{ChunkId, ChunkParams, PeerHoldings};
+use wire::{ChunkId, ChunkParams, Holding, PeerHoldings};
 
 /// Input bytes per encoder batch: what one read burst of the edge holds.
 const BATCH: usize = 256 * 1024;
@@ -73,8 +73,12 @@ pub struct FileReport {
 struct HoldsAll(Mutex<HashSet<ChunkId>>);
 
 impl PeerHoldings for HoldsAll {
-    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> bool {
-        !self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(*id)
+    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> Holding {
+        if self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(*id) {
+            Holding::Absent
+        } else {
+            Holding::Held
+        }
     }
     fn forget(&self, id: &ChunkId) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);

@@ -61,6 +61,9 @@ counters! {
     chunk_bytes,
     /// Chunks sent as references.
     refs_sent,
+    /// Of those, references flagged recent (their full copy was sent moments before,
+    /// perhaps on another connection, and may still be in flight).
+    refs_recent_sent,
     /// Logical bytes replaced by references.
     ref_bytes,
     /// Batches sent zstd-compressed.
@@ -73,6 +76,11 @@ counters! {
     chunks_stored,
     /// References resolved from the store or a fill.
     refs_resolved,
+    /// Recent references this edge's store lacked on arrival, which waited for their
+    /// chunk to arrive on another connection before asking.
+    refs_deferred,
+    /// Of those, the ones whose chunk arrived in time (no MISS, no FILL).
+    refs_deferred_arrived,
     /// Outgoing streams recognised as QEMU migration main channels.
     qemu_streams,
     /// Outgoing streams recognised as QEMU multifd channels.
@@ -98,6 +106,7 @@ impl EdgeStats {
         self.chunks_sent.fetch_add(s.chunks, Relaxed);
         self.chunk_bytes.fetch_add(s.chunk_bytes, Relaxed);
         self.refs_sent.fetch_add(s.refs, Relaxed);
+        self.refs_recent_sent.fetch_add(s.refs_recent, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
         self.batches_compressed
             .fetch_add(s.batches_compressed, Relaxed);
@@ -128,6 +137,9 @@ impl EdgeStats {
         self.misses_sent.fetch_add(s.misses, Relaxed);
         self.chunks_stored.fetch_add(s.chunks_stored, Relaxed);
         self.refs_resolved.fetch_add(s.refs_resolved, Relaxed);
+        self.refs_deferred.fetch_add(s.deferred, Relaxed);
+        self.refs_deferred_arrived
+            .fetch_add(s.deferred_arrived, Relaxed);
     }
 }
 

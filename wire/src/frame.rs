@@ -14,9 +14,10 @@
 //! | `0x06` | ACK | varint logical offset the receiver has resolved (control) |
 //! | `0x07` | END | — (no more data in this direction: half-close) |
 //! | `0x08` | RESET | varint len, UTF-8 reason (abort the connection) |
-//! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF frames |
+//! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF/REF_RECENT frames |
+//! | `0x0a` | REF_RECENT | 32-byte id (a REF whose chunk may still be in flight) |
 //!
-//! LITERAL, CHUNK and REF are *data* frames: their order is the order of the bytes they
+//! LITERAL, CHUNK, REF and REF_RECENT are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -44,6 +45,7 @@ const T_ACK: u8 = 0x06;
 const T_END: u8 = 0x07;
 const T_RESET: u8 = 0x08;
 const T_ZBATCH: u8 = 0x09;
+const T_REF_RECENT: u8 = 0x0a;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +58,11 @@ pub enum Frame {
     Chunk(Bytes),
     /// Deliver the chunk the receiver already holds under this id.
     Ref(ChunkId),
+    /// Deliver the chunk under this id, which the sender sent in full only moments ago,
+    /// possibly on another connection of the same peer: when the receiver's store lacks
+    /// it, its full copy is probably still in flight, so the receiver waits briefly for
+    /// it to arrive before asking with [`Frame::Miss`].
+    RefRecent(ChunkId),
     /// The receiver lacks this chunk: the sender must answer with [`Frame::Fill`].
     Miss(ChunkId),
     /// Answer to [`Frame::Miss`].
@@ -77,7 +84,10 @@ pub enum Frame {
 impl Frame {
     /// Whether this frame stands for bytes of the proxied stream (order matters).
     pub fn is_data(&self) -> bool {
-        matches!(self, Frame::Literal(_) | Frame::Chunk(_) | Frame::Ref(_))
+        matches!(
+            self,
+            Frame::Literal(_) | Frame::Chunk(_) | Frame::Ref(_) | Frame::RefRecent(_)
+        )
     }
 
     /// Appends the encoded frame to `dst`.
@@ -91,6 +101,10 @@ impl Frame {
             Frame::Fill { id, data } => encode_chunk(dst, T_FILL, id, data),
             Frame::Ref(id) => {
                 dst.put_u8(T_REF);
+                dst.put_slice(id.as_bytes());
+            }
+            Frame::RefRecent(id) => {
+                dst.put_u8(T_REF_RECENT);
                 dst.put_slice(id.as_bytes());
             }
             Frame::Miss(id) => {
@@ -121,7 +135,7 @@ impl Frame {
             Frame::Fill { data, .. } => {
                 1 + CHUNK_ID_LEN + varint::len(data.len() as u64) + data.len()
             }
-            Frame::Ref(_) | Frame::Miss(_) => 1 + CHUNK_ID_LEN,
+            Frame::Ref(_) | Frame::RefRecent(_) | Frame::Miss(_) => 1 + CHUNK_ID_LEN,
             Frame::Ack(o) => 1 + varint::len(*o),
             Frame::End => 1,
             Frame::Reset(r) => {
@@ -287,7 +301,7 @@ impl FrameDecoder {
             if raw.len() < header_len + body_len {
                 return Err(FrameError::BatchTruncated);
             }
-            if !matches!(ty, T_LITERAL | T_CHUNK | T_REF) {
+            if !matches!(ty, T_LITERAL | T_CHUNK | T_REF | T_REF_RECENT) {
                 return Err(FrameError::BatchContent(type_name(ty)));
             }
             let mut body = raw.split_to(header_len + body_len);
@@ -303,6 +317,7 @@ fn type_name(ty: u8) -> &'static str {
         T_LITERAL => "LITERAL",
         T_CHUNK => "CHUNK",
         T_REF => "REF",
+        T_REF_RECENT => "REF_RECENT",
         T_MISS => "MISS",
         T_FILL => "FILL",
         T_ACK => "ACK",
@@ -348,7 +363,7 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
                 })
                 .transpose()?
         }
-        T_REF | T_MISS => Some((1, CHUNK_ID_LEN, ty)),
+        T_REF | T_REF_RECENT | T_MISS => Some((1, CHUNK_ID_LEN, ty)),
         T_ACK => get_varint(rest, "ACK")?.map(|(_, l)| (1, l, ty)),
         T_END => Some((1, 0, ty)),
         T_RESET => get_varint(rest, "RESET")?
@@ -388,6 +403,7 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
             Frame::Fill { id, data: body }
         }
         T_REF => Frame::Ref(take_id(&mut body)),
+        T_REF_RECENT => Frame::RefRecent(take_id(&mut body)),
         T_MISS => Frame::Miss(take_id(&mut body)),
         T_ACK => {
             let (v, _) = get_varint(&body, "ACK")?.ok_or(FrameError::BadVarint("ACK"))?;

@@ -23,7 +23,7 @@ use crate::handshake::{HandshakeError, Hello, HelloReply};
 use crate::id::ChunkId;
 use crate::segment::{CdcSegmenter, Segment, Segmenter};
 use crate::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
-use crate::store::{ContentStore, PeerHoldings};
+use crate::store::{ContentStore, Holding, PeerHoldings};
 use crate::verified::VerifiedChunk;
 
 // ---------------------------------------------------------------------------------------
@@ -156,8 +156,16 @@ impl Optimist {
 }
 
 impl PeerHoldings for Optimist {
-    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> bool {
-        !self.lock().insert(*id)
+    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> Holding {
+        if self.lock().insert(*id) {
+            Holding::Absent
+        } else if id.as_bytes()[0] & 1 == 1 {
+            // Half the references claim their chunk was sent moments ago, so the
+            // decoder defers them when the store lacks the chunk.
+            Holding::Recent
+        } else {
+            Holding::Held
+        }
     }
 
     fn forget(&self, id: &ChunkId) {
@@ -170,8 +178,8 @@ impl PeerHoldings for Optimist {
 struct AlwaysHolds;
 
 impl PeerHoldings for AlwaysHolds {
-    fn check_and_mark(&self, _id: &ChunkId, _len: usize) -> bool {
-        true
+    fn check_and_mark(&self, _id: &ChunkId, _len: usize) -> Holding {
+        Holding::Held
     }
 
     fn forget(&self, _id: &ChunkId) {}
@@ -492,7 +500,8 @@ impl DecoderWatch {
 }
 
 /// Header: 3 bytes (read-split pattern, then config: bits 0-1 store size, 2-3 ACK
-/// interval, 4-5 pending limit, 6 idle after each read); the rest is a frame stream
+/// interval, 4-5 pending limit, 6 idle after each read, 7 stop waiting for deferred
+/// references after each read); the rest is a frame stream
 /// arriving from a (possibly hostile) peer.
 ///
 /// Frames go to a [`Decoder`] (data, END, FILL) or to a [`SendLedger`] (MISS, ACK) that
@@ -508,6 +517,7 @@ pub fn session_decoder(data: &[u8]) {
     let ack_interval = [1, 100, 4096, 1 << 20][usize::from((c >> 2) & 3)];
     let max_pending = [0, 5000, 1 << 16, u64::MAX][usize::from((c >> 4) & 3)];
     let idle = c & 0x40 != 0;
+    let expire = c & 0x80 != 0;
 
     let blocks = session_known_blocks();
     let store = Arc::new(MemStore::new(store_cap));
@@ -585,6 +595,11 @@ pub fn session_decoder(data: &[u8]) {
             if idle {
                 d.handle_idle();
             }
+            if expire {
+                d.expire_deferred();
+            } else {
+                d.recheck();
+            }
             watch.drain(d);
         }
     }
@@ -622,6 +637,7 @@ struct Tunnel {
     flush_each_read: bool,
     backlog: bool,
     idle_each_read: bool,
+    expire_each_read: bool,
     forget_on_miss: bool,
 }
 
@@ -678,6 +694,7 @@ impl Tunnel {
                     Frame::Literal(_)
                         | Frame::Chunk(_)
                         | Frame::Ref(_)
+                        | Frame::RefRecent(_)
                         | Frame::Fill { .. }
                         | Frame::End
                 ),
@@ -690,6 +707,27 @@ impl Tunnel {
         if self.idle_each_read {
             self.dec.handle_idle();
         }
+        if self.expire_each_read {
+            self.dec.expire_deferred();
+        } else {
+            self.dec.recheck();
+        }
+        self.collect();
+        true
+    }
+
+    /// The receiver's wait for deferred references ends; returns whether any waited.
+    fn expire_step(&mut self) -> bool {
+        if !self.dec.has_deferred() {
+            return false;
+        }
+        self.dec.expire_deferred();
+        self.collect();
+        true
+    }
+
+    /// Takes the decoder's output (checking it against the input) and control frames.
+    fn collect(&mut self) {
         let before = self.out.len();
         while let Some(b) = self.dec.poll_output() {
             self.out.extend_from_slice(&b);
@@ -703,7 +741,6 @@ impl Tunnel {
         while let Some(c) = self.dec.poll_control() {
             self.back.push_back(c);
         }
-        true
     }
 
     /// The sender handles MISS and ACK frames; returns whether there were any.
@@ -739,7 +776,9 @@ impl Tunnel {
 ///   bits 3-4 compression (off, auto, always, always), bit 5 link backlogged,
 ///   bit 6 the sender forgets a chunk the receiver missed, bit 7 chunk sizes;
 /// - byte 1: bits 0-2 evict the whole store every N rounds (0 = never), bits 3-4 ACK
-///   interval, bit 5 flush the segmenter on every read, bit 6 idle after every wire read;
+///   interval, bit 5 flush the segmenter on every read, bit 6 idle after every wire read,
+///   bit 7 stop waiting for deferred references after every wire read (otherwise only
+///   when nothing else can progress);
 /// - bytes 2-3: sender read splits; bytes 4-5: wire read splits.
 ///
 /// The rest, twice (so the second copy is deduplicated), goes through
@@ -787,6 +826,7 @@ pub fn tunnel_roundtrip(data: &[u8]) {
         flush_each_read: h1 & 0x20 != 0,
         backlog: h0 & 0x20 != 0,
         idle_each_read: h1 & 0x40 != 0,
+        expire_each_read: h1 & 0x80 != 0,
         forget_on_miss: h0 & 0x40 != 0,
     };
     let mut send_splits = Splits::new(s0, s1);
@@ -800,7 +840,9 @@ pub fn tunnel_roundtrip(data: &[u8]) {
         if evict_every != 0 && round % evict_every == 0 {
             store.evict_all();
         }
-        if !(sent || received || answered) {
+        // Nothing else to do: the driver's wait for deferred references times out.
+        let expired = !(sent || received || answered) && t.expire_step();
+        if !(sent || received || answered || expired) {
             panic!(
                 "tunnel stalled: decoder finished={} waiting={}, {} of {} bytes delivered, \
                  ledger sent={} acked={}",

@@ -16,7 +16,7 @@ pub mod store;
 pub mod verified;
 
 pub use id::ChunkId;
-pub use store::{ContentStore, PeerHoldings};
+pub use store::{ContentStore, Holding, PeerHoldings};
 pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
 pub mod chunk;
 pub mod frame;

@@ -16,14 +16,35 @@ pub trait ContentStore: Send + Sync {
     fn insert(&self, chunk: VerifiedChunk);
 }
 
+/// What [`PeerHoldings::check_and_mark`] believes about a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// Not believed held: it is now marked, and the caller sends it in full.
+    Absent,
+    /// Believed held for a while: a reference can be sent.
+    Held,
+    /// Believed held, but marked only moments ago: its full copy may still be on its
+    /// way to the peer, possibly on another connection, so a reference may overtake it.
+    /// The reference tells the peer to wait briefly for it before asking.
+    Recent,
+}
+
+impl Holding {
+    /// Whether a reference can be sent.
+    pub fn is_held(self) -> bool {
+        !matches!(self, Holding::Absent)
+    }
+}
+
 /// The sending edge's model of what one peer edge holds in its store.
 ///
 /// It is a prediction, not a promise: the peer may have evicted an entry since. A wrong
 /// prediction costs one miss round trip, never a wrong byte.
 pub trait PeerHoldings: Send + Sync {
-    /// Returns `true` when the peer is believed to hold `id` already. Otherwise records
-    /// that the peer will hold it (the caller is about to send it) and returns `false`.
-    fn check_and_mark(&self, id: &ChunkId, len: usize) -> bool;
+    /// Whether the peer is believed to hold `id` already ([`Holding::Held`] or
+    /// [`Holding::Recent`]). Otherwise records that the peer will hold it (the caller is
+    /// about to send it) and returns [`Holding::Absent`].
+    fn check_and_mark(&self, id: &ChunkId, len: usize) -> Holding;
     /// Forgets `id` (the peer asked for it: it no longer holds it).
     fn forget(&self, id: &ChunkId);
 }

@@ -14,7 +14,7 @@ use wire::frame::{self, Frame};
 use wire::handshake::{Hello, HelloReply};
 use wire::segment::Segment;
 use wire::session::{CompressMode, Encoder, EncoderConfig, SendLedger};
-use wire::{fuzzing, ChunkId, PeerHoldings};
+use wire::{fuzzing, ChunkId, Holding, PeerHoldings};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -186,8 +186,12 @@ fn with_header(header: &[u8], body: &[u8]) -> Vec<u8> {
 struct Optimist(Mutex<HashSet<ChunkId>>);
 
 impl PeerHoldings for Optimist {
-    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> bool {
-        !self.0.lock().unwrap().insert(*id)
+    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> Holding {
+        if self.0.lock().unwrap().insert(*id) {
+            Holding::Absent
+        } else {
+            Holding::Held
+        }
     }
     fn forget(&self, id: &ChunkId) {
         self.0.lock().unwrap().remove(id);
@@ -243,6 +247,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Literal(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n")),
         Frame::Chunk(chunk.clone()),
         Frame::Ref(id),
+        Frame::RefRecent(id),
         Frame::Miss(id),
         Frame::Fill {
             id,
@@ -259,6 +264,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Literal(Bytes::from_static(b"hello")),
         Frame::Chunk(chunk.clone()),
         Frame::Ref(id),
+        Frame::RefRecent(id),
         Frame::Ref(id),
     ];
     let mut mixed = enc(&every[..3]);
@@ -399,7 +405,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Ref(ids[0]),
         Frame::Ref(ids[2]),
         Frame::Literal(Bytes::from_static(b"queued behind a miss")),
-        Frame::Ref(ids[1]),
+        Frame::RefRecent(ids[1]),
         Frame::Ref(ids[3]),
         Frame::Chunk(fresh.clone()),
         Frame::Fill {

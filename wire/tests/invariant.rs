@@ -2,14 +2,14 @@
 //! store size and eviction pattern, and any interleaving of concurrent connections
 //! sharing one store and one peer model, the receiving side rebuilds exactly the input.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use wire::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
 use wire::{
-    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder,
+    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder, Holding,
     PeerHoldings, Segmenter, VerifiedChunk,
 };
 
@@ -57,15 +57,28 @@ impl ContentStore for TinyStore {
 }
 
 /// Believes the peer holds everything it was ever sent (so evictions cause misses).
+/// References to chunks marked within the last `recent` marks are flagged recent, so
+/// the receiver defers them when its store lacks them (as when a sibling connection's
+/// full copy is still in flight, or was already evicted).
 #[derive(Default)]
-struct Optimist(Mutex<HashSet<ChunkId>>);
+struct Optimist(Mutex<(HashMap<ChunkId, u64>, u64)>, u64);
 
 impl PeerHoldings for Optimist {
-    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> bool {
-        !self.0.lock().unwrap().insert(*id)
+    fn check_and_mark(&self, id: &ChunkId, _len: usize) -> Holding {
+        let mut g = self.0.lock().unwrap();
+        g.1 += 1;
+        let now = g.1;
+        match g.0.get(id) {
+            None => {
+                g.0.insert(*id, now);
+                Holding::Absent
+            }
+            Some(&at) if now - at <= self.1 => Holding::Recent,
+            Some(_) => Holding::Held,
+        }
     }
     fn forget(&self, id: &ChunkId) {
-        self.0.lock().unwrap().remove(id);
+        self.0.lock().unwrap().0.remove(id);
     }
 }
 
@@ -158,6 +171,18 @@ impl Conn {
             self.dec.handle_frame(f).expect("valid session");
         }
         self.dec.handle_idle();
+        // The driver rechecks the store while references are deferred.
+        self.dec.recheck();
+        self.collect();
+    }
+
+    /// The receiver stops waiting for deferred references.
+    fn expire_step(&mut self) {
+        self.dec.expire_deferred();
+        self.collect();
+    }
+
+    fn collect(&mut self) {
         while let Some(b) = self.dec.poll_output() {
             self.out.extend_from_slice(&b);
         }
@@ -254,6 +279,9 @@ enum Op {
     Control {
         conn: usize,
     },
+    Expire {
+        conn: usize,
+    },
     EvictAll,
 }
 
@@ -263,13 +291,14 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(conn, n, flush, backlog)| Op::Send { conn, n, flush, backlog }),
         4 => (0..3usize, 1..30_000usize).prop_map(|(conn, n)| Op::Recv { conn, n }),
         2 => (0..3usize).prop_map(|conn| Op::Control { conn }),
+        1 => (0..3usize).prop_map(|conn| Op::Expire { conn }),
         1 => Just(Op::EvictAll),
     ]
 }
 
-fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>) {
+fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>, recent: u64) {
     let store = Arc::new(TinyStore::new(store_cap));
-    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), recent));
     let mut conns: Vec<Conn> = inputs
         .into_iter()
         .map(|i| Conn::new(i, store.clone(), peer.clone(), mode))
@@ -285,11 +314,13 @@ fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>)
             } => conns[conn % n].send_step(len, flush, backlog),
             Op::Recv { conn, n: len } => conns[conn % n].recv_step(len),
             Op::Control { conn } => conns[conn % n].control_step(),
+            Op::Expire { conn } => conns[conn % n].expire_step(),
             Op::EvictAll => store.evict_all(),
         }
     }
-    // Then run everything to completion, round robin, with bounded steps.
-    for _ in 0..100_000 {
+    // Then run everything to completion, round robin, with bounded steps; deferred
+    // references stop waiting every few rounds (the driver's timeout).
+    for round in 0..100_000 {
         if conns.iter().all(Conn::done) {
             break;
         }
@@ -297,6 +328,9 @@ fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>)
             c.send_step(8192, false, false);
             c.recv_step(8192);
             c.control_step();
+            if round % 4 == 3 {
+                c.expire_step();
+            }
         }
     }
     for c in &conns {
@@ -315,10 +349,11 @@ proptest! {
         store_cap in prop_oneof![Just(0usize), 0..20_000usize, Just(1usize << 30)],
         mode in prop_oneof![Just(CompressMode::Off), Just(CompressMode::Auto), Just(CompressMode::Always)],
         ops in proptest::collection::vec(op(), 0..200),
+        recent in prop_oneof![Just(0u64), 1..50u64, Just(u64::MAX)],
     ) {
         let p = pool(seed);
         let inputs = lens.iter().enumerate().map(|(i, &l)| workload(seed ^ (i as u64 + 1), l, &p)).collect();
-        run(inputs, store_cap, mode, ops);
+        run(inputs, store_cap, mode, ops, recent);
     }
 
     #[test]
@@ -326,9 +361,10 @@ proptest! {
         data in proptest::collection::vec(any::<u8>(), 0..50_000),
         store_cap in 0..10_000usize,
         ops in proptest::collection::vec(op(), 0..100),
+        recent in prop_oneof![Just(0u64), Just(u64::MAX)],
     ) {
         let twice = [data.clone(), data].concat();
-        run(vec![twice.clone(), twice], store_cap, CompressMode::Always, ops);
+        run(vec![twice.clone(), twice], store_cap, CompressMode::Always, ops, recent);
     }
 }
 
@@ -390,4 +426,55 @@ fn unknown_miss_and_bad_ack_are_errors() {
         .is_err());
     assert!(ledger.handle_control(Frame::Ack(1)).is_err());
     assert!(ledger.handle_control(Frame::Ack(0)).is_ok());
+}
+
+#[test]
+fn recent_reference_waits_for_a_sibling_instead_of_missing() {
+    let store = Arc::new(TinyStore::new(1 << 20));
+    let page = Bytes::from(vec![3u8; 4096]);
+    let id = ChunkId::of(&page);
+    // Connection B receives a recent reference before connection A's full copy.
+    let mut b = Decoder::new(store.clone(), DecoderConfig::default());
+    b.handle_frame(Frame::Literal(Bytes::from_static(b"head")))
+        .unwrap();
+    b.handle_frame(Frame::RefRecent(id)).unwrap();
+    b.handle_frame(Frame::Literal(Bytes::from_static(b"tail")))
+        .unwrap();
+    assert!(b.has_deferred() && b.is_waiting());
+    assert_eq!(b.poll_output().as_deref(), Some(&b"head"[..]));
+    assert_eq!(
+        b.poll_output(),
+        None,
+        "nothing passes the waiting reference"
+    );
+    b.recheck();
+    assert!(
+        !std::iter::from_fn(|| b.poll_control()).any(|f| matches!(f, Frame::Miss(_))),
+        "a deferred reference sends no MISS"
+    );
+    // A's CHUNK arrives on the other connection: B resolves without asking.
+    let mut a = Decoder::new(store.clone(), DecoderConfig::default());
+    a.handle_frame(Frame::Chunk(page.clone())).unwrap();
+    b.recheck();
+    assert!(!b.has_deferred() && !b.is_waiting());
+    let out: Vec<u8> = std::iter::from_fn(|| b.poll_output())
+        .flat_map(|x| x.to_vec())
+        .collect();
+    assert_eq!(out, [&page[..], b"tail"].concat());
+    assert_eq!((b.stats().deferred, b.stats().deferred_arrived), (1, 1));
+    assert_eq!(b.stats().misses, 0);
+
+    // When nothing comes, giving up the wait asks for it, once.
+    let other = ChunkId::of(b"never sent");
+    let mut c = Decoder::new(store, DecoderConfig::default());
+    c.handle_frame(Frame::RefRecent(other)).unwrap();
+    c.handle_frame(Frame::RefRecent(other)).unwrap();
+    c.expire_deferred();
+    let misses: Vec<Frame> = std::iter::from_fn(|| c.poll_control()).collect();
+    assert_eq!(misses, vec![Frame::Miss(other)]);
+    // A plain REF to a missing chunk still asks at once.
+    let mut d = Decoder::new(Arc::new(TinyStore::new(0)), DecoderConfig::default());
+    d.handle_frame(Frame::Ref(id)).unwrap();
+    assert!(!d.has_deferred());
+    assert_eq!(d.poll_control(), Some(Frame::Miss(id)));
 }

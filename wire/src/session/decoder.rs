@@ -39,6 +39,11 @@ pub struct DecoderStats {
     pub refs_resolved: u64,
     /// MISS requests sent.
     pub misses: u64,
+    /// REF_RECENT frames the store could not resolve on arrival, so they waited for
+    /// the chunk to arrive on another connection instead of asking at once.
+    pub deferred: u64,
+    /// Of those, the ones whose chunk did arrive in time (no MISS needed).
+    pub deferred_arrived: u64,
     /// FILLs received.
     pub fills: u64,
     /// New chunks verified and stored.
@@ -59,12 +64,19 @@ enum Pending {
 ///
 /// Output order is frame order: once one reference waits for a FILL, everything after
 /// it queues until it resolves.
+///
+/// A REF_RECENT the store cannot resolve is *deferred*: its chunk was sent in full
+/// moments ago, probably on a sibling connection, and will likely be in the store
+/// shortly. The driver calls [`Decoder::recheck`] when the store may have gained
+/// chunks and [`Decoder::expire_deferred`] when it has waited long enough; only then
+/// is a MISS sent. The decoder keeps no clock: how long to wait is the driver's call.
 pub struct Decoder {
     store: Arc<dyn ContentStore>,
     config: DecoderConfig,
     pending: VecDeque<Pending>,
     pending_weight: u64,
     requested: HashSet<ChunkId>,
+    deferred: HashSet<ChunkId>,
     fills: HashMap<ChunkId, Bytes>,
     output: VecDeque<Bytes>,
     control: VecDeque<Frame>,
@@ -94,6 +106,7 @@ impl Decoder {
             pending: VecDeque::new(),
             pending_weight: 0,
             requested: HashSet::new(),
+            deferred: HashSet::new(),
             fills: HashMap::new(),
             output: VecDeque::new(),
             control: VecDeque::new(),
@@ -105,7 +118,7 @@ impl Decoder {
         }
     }
 
-    /// Handles a LITERAL, CHUNK, REF, END or FILL frame.
+    /// Handles a LITERAL, CHUNK, REF, REF_RECENT, END or FILL frame.
     ///
     /// # Errors
     /// [`SessionError`] when a chunk fails verification, data follows END, the pending
@@ -124,7 +137,8 @@ impl Decoder {
                 self.stats.chunks_stored += 1;
                 Pending::Ready(data)
             }
-            Frame::Ref(id) => {
+            Frame::Ref(id) | Frame::RefRecent(id) => {
+                let recent = matches!(frame, Frame::RefRecent(_));
                 let found = if self.pending.is_empty() {
                     self.store.get(&id)
                 } else {
@@ -134,6 +148,10 @@ impl Decoder {
                     Some(data) => {
                         self.stats.refs_resolved += 1;
                         Pending::Ready(data)
+                    }
+                    None if recent => {
+                        self.defer(id);
+                        Pending::Wait(id)
                     }
                     None => {
                         self.request(id);
@@ -174,6 +192,12 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    fn defer(&mut self, id: ChunkId) {
+        if !self.requested.contains(&id) && self.deferred.insert(id) {
+            self.stats.deferred += 1;
+        }
     }
 
     fn request(&mut self, id: ChunkId) {
@@ -232,8 +256,12 @@ impl Decoder {
                         Some(d) => {
                             self.pending_weight -= UNRESOLVED_WEIGHT;
                             self.stats.refs_resolved += 1;
+                            if self.deferred.remove(&id) {
+                                self.stats.deferred_arrived += 1;
+                            }
                             d
                         }
+                        None if self.deferred.contains(&id) => break,
                         None => {
                             // Evicted between arrival and now (tiny store): ask again.
                             self.request(id);
@@ -254,7 +282,32 @@ impl Decoder {
             // Nothing waits any more: what was fetched is in the store (or not wanted).
             self.fills.clear();
             self.requested.clear();
+            self.deferred.clear();
         }
+    }
+
+    /// The store may have gained chunks (from sibling connections): resolve what now
+    /// can be, from the front.
+    pub fn recheck(&mut self) {
+        self.drain();
+    }
+
+    /// Deferred references have waited long enough: ask the peer for every one the
+    /// store still lacks.
+    pub fn expire_deferred(&mut self) {
+        let ids: Vec<ChunkId> = self.deferred.drain().collect();
+        for id in ids {
+            if self.store.get(&id).is_none() {
+                self.request(id);
+            }
+        }
+        self.drain();
+    }
+
+    /// Whether deferred references wait for a chunk to arrive on another connection
+    /// (the driver must eventually call [`Decoder::expire_deferred`]).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
     }
 
     /// The input went idle: acknowledge whatever is resolved, so the peer can release

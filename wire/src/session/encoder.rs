@@ -9,7 +9,7 @@ use super::ledger::SendLedger;
 use crate::frame::{self, Frame, MAX_LITERAL};
 use crate::id::ChunkId;
 use crate::segment::Segment;
-use crate::store::PeerHoldings;
+use crate::store::{Holding, PeerHoldings};
 
 /// Encoder settings.
 #[derive(Clone, Debug)]
@@ -42,6 +42,8 @@ pub struct EncoderStats {
     pub refs: u64,
     /// Logical bytes replaced by references.
     pub ref_bytes: u64,
+    /// Of `refs`, those sent as REF_RECENT (the full copy went out moments before).
+    pub refs_recent: u64,
     /// Frame bytes produced (after compression).
     pub wire_bytes: u64,
     /// Batches sent compressed.
@@ -108,11 +110,17 @@ impl Encoder {
                 debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
                 let id = ChunkId::of(&data);
                 ledger.advance(data.len());
-                if self.peer.check_and_mark(&id, data.len()) {
+                let holding = self.peer.check_and_mark(&id, data.len());
+                if holding.is_held() {
                     self.stats.refs += 1;
                     self.stats.ref_bytes += data.len() as u64;
                     ledger.pin(id, &data);
-                    Frame::Ref(id).encode(&mut self.batch);
+                    if holding == Holding::Recent {
+                        self.stats.refs_recent += 1;
+                        Frame::RefRecent(id).encode(&mut self.batch);
+                    } else {
+                        Frame::Ref(id).encode(&mut self.batch);
+                    }
                 } else {
                     self.stats.chunks += 1;
                     self.stats.chunk_bytes += data.len() as u64;
