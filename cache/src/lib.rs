@@ -13,6 +13,9 @@
 //!   the peer's `ChunkStore` still holds.
 //! - [`PeerRegistry`] (module `peer`): peer name → (epoch, `PeerIndex`); a new epoch
 //!   means the peer restarted with an empty store, so its index starts over.
+//! - [`SimilarIndex`] (module `similar`): chunks this edge sent, with a map from their
+//!   sketch features ([`wire::delta::Sketch`]) to their ids: where a delta's base comes
+//!   from. Its own byte budget, so it never disturbs the receiving store.
 //! - module `shard` (private): the sharded, byte-weighted LRU map under both. Ids are
 //!   BLAKE3 hashes, so [`ChunkId::shard_key`](wire::ChunkId::shard_key) spreads them
 //!   evenly over [`DEFAULT_SHARDS`] mutexes; each shard gets an equal slice of the
@@ -27,10 +30,12 @@
 
 mod peer;
 mod shard;
+mod similar;
 mod store;
 
 pub use peer::{PeerIndex, PeerIndexStats, PeerRegistry, RECENT_MARK};
 pub use shard::{default_shards, DEFAULT_SHARDS, ENTRY_OVERHEAD, MIN_SHARD_BYTES};
+pub use similar::{SimilarIndex, SimilarStats};
 pub use store::{ChunkStore, StoreStats};
 
 #[cfg(test)]

@@ -197,6 +197,17 @@ impl PeerHoldings for PeerIndex {
         self.forgets.fetch_add(1, Relaxed);
         self.map.remove(id);
     }
+
+    fn peek(&self, id: &ChunkId) -> Holding {
+        // Touches the entry: the caller is about to use it as a delta base, which the
+        // peer's store reads (and so refreshes) too.
+        let now_ms = self.created.elapsed().as_millis() as u32;
+        match self.map.get_with(id, |m| m.at_ms) {
+            None => Holding::Absent,
+            Some(at_ms) if now_ms.wrapping_sub(at_ms) < self.recent_ms => Holding::Recent,
+            Some(_) => Holding::Held,
+        }
+    }
 }
 
 impl fmt::Debug for PeerIndex {
@@ -318,10 +329,14 @@ mod tests {
         assert_eq!(p.check_and_mark(&id(1), 100), Holding::Held);
         let st = p.stats();
         assert_eq!((st.hits, st.recent_hits, st.marks), (3, 1, 1));
+        assert_eq!(p.peek(&id(1)), Holding::Held);
+        assert_eq!(p.peek(&id(2)), Holding::Absent);
         // Forgotten and sent again: recent again.
         p.forget(&id(1));
         assert_eq!(p.check_and_mark(&id(1), 100), Holding::Absent);
         assert_eq!(p.check_and_mark(&id(1), 100), Holding::Recent);
+        assert_eq!(p.peek(&id(1)), Holding::Recent);
+        assert_eq!(p.stats().marks, 2, "peek marks nothing");
     }
 
     #[test]

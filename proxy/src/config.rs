@@ -92,6 +92,10 @@ pub struct EdgeArgs {
     /// Memory for the shared chunk store (e.g. 2GiB).
     #[arg(long, value_name = "SIZE")]
     pub cache_mem: Option<ByteSize>,
+    /// Memory for chunks this edge sent, kept as bases for near-duplicate deltas
+    /// (e.g. 1GiB; 0 turns deltas off).
+    #[arg(long, value_name = "SIZE")]
+    pub delta_mem: Option<ByteSize>,
     /// Most unacknowledged bytes per connection in flight to the peer (bounds memory
     /// kept to answer misses; must cover bandwidth x RTT).
     #[arg(long, value_name = "SIZE")]
@@ -127,6 +131,7 @@ pub struct EdgeFile {
     tls_key: Option<PathBuf>,
     insecure_plaintext: Option<bool>,
     cache_mem: Option<ByteSize>,
+    delta_mem: Option<ByteSize>,
     window: Option<ByteSize>,
     compress: Option<String>,
     stats_json: Option<PathBuf>,
@@ -167,6 +172,8 @@ pub struct EdgeConfig {
     pub tls: Option<TlsPaths>,
     /// Store size in bytes.
     pub cache_bytes: u64,
+    /// Memory for delta bases in bytes (0: no deltas).
+    pub delta_bytes: u64,
     /// Flow-control window per connection direction.
     pub window: u64,
     /// Compression mode.
@@ -183,6 +190,9 @@ pub struct EdgeConfig {
 
 /// Default store size: large enough for the shared pages of a small cluster.
 pub const DEFAULT_CACHE: u64 = 1 << 30;
+/// Default memory for delta bases: the pages of a few VMs already sent, so the next
+/// similar VM's near-duplicate pages find their base.
+pub const DEFAULT_DELTA_MEM: u64 = 512 << 20;
 /// Default window: 64 MiB covers 1 Gbit/s x 500 ms or 10 Gbit/s x 50 ms.
 pub const DEFAULT_WINDOW: u64 = 64 << 20;
 
@@ -279,6 +289,10 @@ impl EdgeArgs {
                 .cache_mem
                 .or(file.cache_mem)
                 .map_or(DEFAULT_CACHE, |s| s.0),
+            delta_bytes: self
+                .delta_mem
+                .or(file.delta_mem)
+                .map_or(DEFAULT_DELTA_MEM, |s| s.0),
             window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
             compress,
             stats_json: self.stats_json.clone().or(file.stats_json),

@@ -29,7 +29,9 @@ use wire::session::{
     Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig, EncoderStats, SendLedger,
     SessionError,
 };
-use wire::{ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings};
+use wire::{
+    ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings, SimilarChunks,
+};
 
 use crate::governor::{CompressGovernor, LinkMeter};
 use crate::stats::EdgeStats;
@@ -72,6 +74,8 @@ const PENDING_SLACK: u64 = 16 << 20;
 pub(crate) struct PumpCtx {
     pub(crate) store: Arc<dyn ContentStore>,
     pub(crate) peer: Arc<dyn PeerHoldings>,
+    /// Where delta bases come from (`None`: no deltas).
+    pub(crate) similar: Option<Arc<dyn SimilarChunks>>,
     pub(crate) encoder: EncoderConfig,
     pub(crate) chunk: ChunkParams,
     /// Our send window.
@@ -258,6 +262,9 @@ async fn uplink(
     let mut governor = CompressGovernor::new(Instant::now());
     let (mut batches, mut limited_batches) = (0u64, 0u64);
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
+    if let Some(similar) = &ctx.similar {
+        enc = enc.with_deltas(similar.clone());
+    }
     let mut buf = BytesMut::with_capacity(READ_CAP);
     let mut segs = Vec::new();
     let fail = |e| shared.fail(e, &ctrl_tx);

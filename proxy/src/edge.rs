@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use cache::{ChunkStore, PeerRegistry};
+use cache::{ChunkStore, PeerRegistry, SimilarIndex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 use wire::handshake::{Hello, HelloReply};
 use wire::session::EncoderConfig;
-use wire::ChunkParams;
+use wire::{ChunkParams, SimilarChunks};
 
 use crate::config::{EdgeConfig, Forward};
 use crate::conn::{pump, ConnError, Outcome, PumpCtx};
@@ -38,6 +38,8 @@ pub(crate) struct EdgeShared {
     config: EdgeConfig,
     epoch: u64,
     store: ChunkStore,
+    /// Chunks sent, as delta bases (`None` when `--delta-mem 0`).
+    similar: Option<Arc<dyn SimilarChunks>>,
     peers: PeerRegistry,
     stats: Arc<EdgeStats>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -94,6 +96,8 @@ impl Edge {
         let shared = Arc::new(EdgeShared {
             epoch: rand::random(),
             store: ChunkStore::new(config.cache_bytes),
+            similar: (config.delta_bytes > 0)
+                .then(|| Arc::new(SimilarIndex::new(config.delta_bytes)) as Arc<dyn SimilarChunks>),
             peers: PeerRegistry::new(),
             stats: Arc::new(EdgeStats::default()),
             tls_acceptor,
@@ -263,6 +267,7 @@ impl EdgeShared {
         PumpCtx {
             store: Arc::new(self.store.clone()),
             peer: self.peers.index_for(peer_edge, peer_epoch, peer_cache),
+            similar: self.similar.clone(),
             encoder: EncoderConfig {
                 compress: self.config.compress,
                 level: 1,

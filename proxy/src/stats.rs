@@ -66,6 +66,14 @@ counters! {
     refs_recent_sent,
     /// Logical bytes replaced by references.
     ref_bytes,
+    /// Chunks sent as deltas against a similar chunk the peer holds.
+    deltas_sent,
+    /// Logical bytes sent as deltas.
+    delta_bytes,
+    /// Patch bytes of those deltas.
+    delta_patch_bytes,
+    /// Deltas received, rebuilt, verified and stored.
+    deltas_applied,
     /// Batches sent zstd-compressed.
     batches_compressed,
     /// MISS requests this edge sent (a reference it could not resolve).
@@ -107,6 +115,10 @@ impl EdgeStats {
         self.chunk_bytes.fetch_add(s.chunk_bytes, Relaxed);
         self.refs_sent.fetch_add(s.refs, Relaxed);
         self.refs_recent_sent.fetch_add(s.refs_recent, Relaxed);
+        self.deltas_sent.fetch_add(s.deltas, Relaxed);
+        self.delta_bytes.fetch_add(s.delta_bytes, Relaxed);
+        self.delta_patch_bytes
+            .fetch_add(s.delta_patch_bytes, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
         self.batches_compressed
             .fetch_add(s.batches_compressed, Relaxed);
@@ -138,6 +150,7 @@ impl EdgeStats {
         self.chunks_stored.fetch_add(s.chunks_stored, Relaxed);
         self.refs_resolved.fetch_add(s.refs_resolved, Relaxed);
         self.refs_deferred.fetch_add(s.deferred, Relaxed);
+        self.deltas_applied.fetch_add(s.deltas_applied, Relaxed);
         self.refs_deferred_arrived
             .fetch_add(s.deferred_arrived, Relaxed);
     }

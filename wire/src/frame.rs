@@ -16,8 +16,9 @@
 //! | `0x08` | RESET | varint len, UTF-8 reason (abort the connection) |
 //! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF/REF_RECENT frames |
 //! | `0x0a` | REF_RECENT | 32-byte id (a REF whose chunk may still be in flight) |
+//! | `0x0b` | DELTA | 32-byte base id, 32-byte id, varint len, len bytes of patch ([`crate::delta`]) |
 //!
-//! LITERAL, CHUNK, REF and REF_RECENT are *data* frames: their order is the order of the bytes they
+//! LITERAL, CHUNK, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -46,6 +47,7 @@ const T_END: u8 = 0x07;
 const T_RESET: u8 = 0x08;
 const T_ZBATCH: u8 = 0x09;
 const T_REF_RECENT: u8 = 0x0a;
+const T_DELTA: u8 = 0x0b;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +65,16 @@ pub enum Frame {
     /// it, its full copy is probably still in flight, so the receiver waits briefly for
     /// it to arrive before asking with [`Frame::Miss`].
     RefRecent(ChunkId),
+    /// Deliver the chunk `id`, rebuilt by applying `patch` to the chunk `base` the
+    /// receiver already holds; it must hash to `id`.
+    Delta {
+        /// The chunk the patch edits.
+        base: ChunkId,
+        /// BLAKE3 of the rebuilt chunk.
+        id: ChunkId,
+        /// In-place edits ([`crate::delta`]).
+        patch: Bytes,
+    },
     /// The receiver lacks this chunk: the sender must answer with [`Frame::Fill`].
     Miss(ChunkId),
     /// Answer to [`Frame::Miss`].
@@ -86,7 +98,11 @@ impl Frame {
     pub fn is_data(&self) -> bool {
         matches!(
             self,
-            Frame::Literal(_) | Frame::Chunk(_) | Frame::Ref(_) | Frame::RefRecent(_)
+            Frame::Literal(_)
+                | Frame::Chunk(_)
+                | Frame::Ref(_)
+                | Frame::RefRecent(_)
+                | Frame::Delta { .. }
         )
     }
 
@@ -106,6 +122,15 @@ impl Frame {
             Frame::RefRecent(id) => {
                 dst.put_u8(T_REF_RECENT);
                 dst.put_slice(id.as_bytes());
+            }
+            Frame::Delta { base, id, patch } => {
+                debug_assert!(patch.len() <= MAX_CHUNK);
+                dst.reserve(1 + 2 * CHUNK_ID_LEN + varint::MAX_VARINT_LEN + patch.len());
+                dst.put_u8(T_DELTA);
+                dst.put_slice(base.as_bytes());
+                dst.put_slice(id.as_bytes());
+                varint::put(dst, patch.len() as u64);
+                dst.put_slice(patch);
             }
             Frame::Miss(id) => {
                 dst.put_u8(T_MISS);
@@ -136,6 +161,9 @@ impl Frame {
                 1 + CHUNK_ID_LEN + varint::len(data.len() as u64) + data.len()
             }
             Frame::Ref(_) | Frame::RefRecent(_) | Frame::Miss(_) => 1 + CHUNK_ID_LEN,
+            Frame::Delta { patch, .. } => {
+                1 + 2 * CHUNK_ID_LEN + varint::len(patch.len() as u64) + patch.len()
+            }
             Frame::Ack(o) => 1 + varint::len(*o),
             Frame::End => 1,
             Frame::Reset(r) => {
@@ -301,7 +329,7 @@ impl FrameDecoder {
             if raw.len() < header_len + body_len {
                 return Err(FrameError::BatchTruncated);
             }
-            if !matches!(ty, T_LITERAL | T_CHUNK | T_REF | T_REF_RECENT) {
+            if !matches!(ty, T_LITERAL | T_CHUNK | T_REF | T_REF_RECENT | T_DELTA) {
                 return Err(FrameError::BatchContent(type_name(ty)));
             }
             let mut body = raw.split_to(header_len + body_len);
@@ -318,6 +346,7 @@ fn type_name(ty: u8) -> &'static str {
         T_CHUNK => "CHUNK",
         T_REF => "REF",
         T_REF_RECENT => "REF_RECENT",
+        T_DELTA => "DELTA",
         T_MISS => "MISS",
         T_FILL => "FILL",
         T_ACK => "ACK",
@@ -363,6 +392,16 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
                 })
                 .transpose()?
         }
+        T_DELTA => {
+            if rest.len() < 2 * CHUNK_ID_LEN {
+                return Ok(None);
+            }
+            get_varint(&rest[2 * CHUNK_ID_LEN..], "DELTA")?
+                .map(|(n, l)| {
+                    capped(n, MAX_CHUNK, "DELTA patch").map(|n| (1, 2 * CHUNK_ID_LEN + l + n, ty))
+                })
+                .transpose()?
+        }
         T_REF | T_REF_RECENT | T_MISS => Some((1, CHUNK_ID_LEN, ty)),
         T_ACK => get_varint(rest, "ACK")?.map(|(_, l)| (1, l, ty)),
         T_END => Some((1, 0, ty)),
@@ -404,6 +443,17 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
         }
         T_REF => Frame::Ref(take_id(&mut body)),
         T_REF_RECENT => Frame::RefRecent(take_id(&mut body)),
+        T_DELTA => {
+            let base = take_id(&mut body);
+            let id = take_id(&mut body);
+            let (_, l) = get_varint(&body, "DELTA")?.ok_or(FrameError::BadVarint("DELTA"))?;
+            body.advance(l);
+            Frame::Delta {
+                base,
+                id,
+                patch: body,
+            }
+        }
         T_MISS => Frame::Miss(take_id(&mut body)),
         T_ACK => {
             let (v, _) = get_varint(&body, "ACK")?.ok_or(FrameError::BadVarint("ACK"))?;

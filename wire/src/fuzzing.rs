@@ -18,12 +18,13 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 
 use crate::chunk::{ChunkParams, Chunker};
+use crate::delta::{self, Sketch};
 use crate::frame::{self, Frame, FrameDecoder, FrameError};
 use crate::handshake::{HandshakeError, Hello, HelloReply};
 use crate::id::ChunkId;
 use crate::segment::{CdcSegmenter, Segment, Segmenter};
 use crate::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
-use crate::store::{ContentStore, Holding, PeerHoldings};
+use crate::store::{ContentStore, Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
 
 // ---------------------------------------------------------------------------------------
@@ -170,6 +171,48 @@ impl PeerHoldings for Optimist {
 
     fn forget(&self, id: &ChunkId) {
         self.lock().remove(id);
+    }
+
+    fn peek(&self, id: &ChunkId) -> Holding {
+        if self.lock().contains(id) {
+            Holding::Held
+        } else {
+            Holding::Absent
+        }
+    }
+}
+
+/// Remembers every chunk sent, by feature, without bound: deltas whenever possible.
+#[derive(Debug, Default)]
+struct MemSimilar(Mutex<(HashMap<u64, ChunkId>, HashMap<ChunkId, Bytes>)>);
+
+impl SimilarChunks for MemSimilar {
+    fn similar(&self, sketch: &Sketch, max: usize) -> Vec<(ChunkId, Bytes)> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(ChunkId, Bytes)> = Vec::new();
+        for f in sketch.features() {
+            if let Some(id) = g.0.get(&f) {
+                if out.iter().all(|(o, _)| o != id) {
+                    out.push((*id, g.1[id].clone()));
+                }
+            }
+        }
+        out.truncate(max);
+        out
+    }
+
+    fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (id, data) = chunk.into_parts();
+        assert_eq!(
+            ChunkId::of(&data),
+            id,
+            "remembered bytes are not their id's"
+        );
+        for f in sketch.features() {
+            g.0.insert(f, id);
+        }
+        g.1.insert(id, data);
     }
 }
 
@@ -695,6 +738,7 @@ impl Tunnel {
                         | Frame::Chunk(_)
                         | Frame::Ref(_)
                         | Frame::RefRecent(_)
+                        | Frame::Delta { .. }
                         | Frame::Fill { .. }
                         | Frame::End
                 ),
@@ -808,7 +852,8 @@ pub fn tunnel_roundtrip(data: &[u8]) {
         fed: 0,
         read_buf: BytesMut::new(),
         seg: CdcSegmenter::new(Chunker::new(params)),
-        enc: Encoder::new(peer.clone(), EncoderConfig { compress, level: 1 }),
+        enc: Encoder::new(peer.clone(), EncoderConfig { compress, level: 1 })
+            .with_deltas(Arc::new(MemSimilar::default())),
         ledger: SendLedger::new(),
         peer,
         wire: BytesMut::new(),
@@ -870,6 +915,49 @@ pub fn tunnel_roundtrip(data: &[u8]) {
     );
     assert_eq!(t.ledger.pinned_bytes(), 0, "pins left after the final ACK");
     assert!(t.dec.poll_output().is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// delta_patch
+// ---------------------------------------------------------------------------------------
+
+/// `delta_patch`: byte 0 picks the base (length 1024-4096, content from byte 1); the
+/// rest is, in turn, a patch applied to the base (which must fail cleanly or give a
+/// chunk of the base's length) and a list of in-place edits whose encoded patch must
+/// rebuild the edited chunk exactly.
+pub fn delta_patch(data: &[u8]) {
+    let Some((&[a, b], rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let len = 1024 + usize::from(a) * 12;
+    let base: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(b) ^ (i >> 8) as u8)
+        .collect();
+    // Arbitrary bytes as a patch.
+    if let Ok(out) = delta::apply(&base, rest) {
+        assert_eq!(out.len(), base.len(), "a patch changed the length");
+    }
+    // Arbitrary edits: (offset, value) pairs.
+    let mut target = base.clone();
+    for pair in rest.chunks_exact(3) {
+        let at = usize::from(u16::from_le_bytes([pair[0], pair[1]])) % len;
+        target[at] = pair[2];
+    }
+    let patch = delta::encode(&base, &target, usize::MAX).expect("same length, no limit");
+    let rebuilt = delta::apply(&base, &patch).expect("own patch applies");
+    assert!(
+        rebuilt[..] == target[..],
+        "patch does not rebuild the target"
+    );
+    if target == base {
+        assert!(patch.is_empty(), "identical chunks need no edit");
+    }
+    // A limit below the patch's size gives no patch.
+    if !patch.is_empty() {
+        assert!(delta::encode(&base, &target, patch.len() - 1).is_none());
+    }
+    // Sketches: deterministic, and equal for equal chunks.
+    assert_eq!(Sketch::of(&target), Sketch::of(&target.clone()));
 }
 
 // ---------------------------------------------------------------------------------------

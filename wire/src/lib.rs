@@ -16,9 +16,10 @@ pub mod store;
 pub mod verified;
 
 pub use id::ChunkId;
-pub use store::{ContentStore, Holding, PeerHoldings};
+pub use store::{ContentStore, Holding, PeerHoldings, SimilarChunks};
 pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
 pub mod chunk;
+pub mod delta;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;

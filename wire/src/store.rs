@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 
+use crate::delta::Sketch;
 use crate::id::ChunkId;
 use crate::verified::VerifiedChunk;
 
@@ -47,4 +48,20 @@ pub trait PeerHoldings: Send + Sync {
     fn check_and_mark(&self, id: &ChunkId, len: usize) -> Holding;
     /// Forgets `id` (the peer asked for it: it no longer holds it).
     fn forget(&self, id: &ChunkId);
+    /// What is believed about `id`, without marking anything (a delta's base must be
+    /// held already). The default believes nothing, which turns deltas off.
+    fn peek(&self, _id: &ChunkId) -> Holding {
+        Holding::Absent
+    }
+}
+
+/// The sending edge's memory of chunks it sent, searchable by similarity: where a
+/// delta's base comes from. Shared by every connection to every peer; a base is only
+/// used if the peer is also believed to hold it ([`PeerHoldings::peek`]).
+pub trait SimilarChunks: Send + Sync {
+    /// Up to `max` remembered chunks sharing a feature with `sketch`, most shared
+    /// features first.
+    fn similar(&self, sketch: &Sketch, max: usize) -> Vec<(ChunkId, Bytes)>;
+    /// Remembers a chunk this edge sent (in full or as a delta) under its features.
+    fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch);
 }

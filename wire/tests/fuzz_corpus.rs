@@ -123,6 +123,11 @@ fn replay_tunnel_roundtrip() {
 }
 
 #[test]
+fn replay_delta_patch() {
+    replay("delta_patch", fuzzing::delta_patch);
+}
+
+#[test]
 fn qemu_segment_corpus() {
     replay("qemu_segment", fuzzing::qemu_segment);
 }
@@ -248,6 +253,11 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Chunk(chunk.clone()),
         Frame::Ref(id),
         Frame::RefRecent(id),
+        Frame::Delta {
+            base: id,
+            id: ChunkId::of(b"target"),
+            patch: Bytes::from_static(&[0, 2, 7, 7, 100, 1, 9]),
+        },
         Frame::Miss(id),
         Frame::Fill {
             id,
@@ -400,6 +410,8 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let sent = fuzzing::session_ledger_sent();
     let fresh = Bytes::from(noise(900, 11));
     let fresh_id = ChunkId::of(&fresh);
+    let mut edited0 = blocks[0].to_vec();
+    edited0[3] ^= 0x55;
     let honest = enc(&[
         Frame::Literal(Bytes::from_static(b"abc")),
         Frame::Ref(ids[0]),
@@ -407,6 +419,11 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Literal(Bytes::from_static(b"queued behind a miss")),
         Frame::RefRecent(ids[1]),
         Frame::Ref(ids[3]),
+        Frame::Delta {
+            base: ids[0],
+            id: ChunkId::of(&edited0),
+            patch: wire::delta::encode(&blocks[0], &edited0, 4096).expect("patch"),
+        },
         Frame::Chunk(fresh.clone()),
         Frame::Fill {
             id: ids[3],
@@ -551,4 +568,24 @@ fn generate_seed_corpus() {
         &tunnel_seeds(),
         fuzzing::tunnel_roundtrip,
     );
+    write_seeds("delta_patch", &delta_seeds(), fuzzing::delta_patch);
+}
+
+fn delta_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let edits: Vec<u8> = [(8u16, 1u8), (9, 2), (10, 3), (2000, 9), (4000, 0)]
+        .iter()
+        .flat_map(|&(at, v)| {
+            let [lo, hi] = at.to_le_bytes();
+            [lo, hi, v]
+        })
+        .collect();
+    vec![
+        ("few-edits", [&[255u8, 7][..], &edits].concat()),
+        ("no-edits", vec![0, 1]),
+        ("garbage", with_header(&[3, 9], &noise(200, 5))),
+        (
+            "one-edit-end",
+            vec![255, 3, 0, 0x10, 0xAA, 0x0b, 0xff, 0x0f, 1],
+        ),
+    ]
 }

@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use wire::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
 use wire::{
-    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder, Holding,
-    PeerHoldings, Segmenter, VerifiedChunk,
+    delta::Sketch, segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame,
+    FrameDecoder, Holding, PeerHoldings, Segmenter, SimilarChunks, VerifiedChunk,
 };
 
 /// A FIFO store bounded in bytes (0 = stores nothing), with optional forced evictions.
@@ -80,6 +80,47 @@ impl PeerHoldings for Optimist {
     fn forget(&self, id: &ChunkId) {
         self.0.lock().unwrap().0.remove(id);
     }
+    fn peek(&self, id: &ChunkId) -> Holding {
+        let g = self.0.lock().unwrap();
+        match g.0.get(id) {
+            None => Holding::Absent,
+            Some(&at) if g.1 - at <= self.1 => Holding::Recent,
+            Some(_) => Holding::Held,
+        }
+    }
+}
+
+/// Remembers every chunk sent, by feature, without bound.
+#[derive(Default)]
+struct Similar(Mutex<(HashMap<u64, ChunkId>, HashMap<ChunkId, Bytes>)>);
+
+impl SimilarChunks for Similar {
+    fn similar(&self, sketch: &Sketch, max: usize) -> Vec<(ChunkId, Bytes)> {
+        let g = self.0.lock().unwrap();
+        let mut out: Vec<(ChunkId, Bytes)> = Vec::new();
+        for f in sketch.features() {
+            if let Some(id) = g.0.get(&f) {
+                if out.iter().all(|(o, _)| o != id) {
+                    out.push((*id, g.1[id].clone()));
+                }
+            }
+        }
+        out.truncate(max);
+        out
+    }
+    fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch) {
+        let mut g = self.0.lock().unwrap();
+        let (id, data) = chunk.into_parts();
+        assert_eq!(
+            ChunkId::of(&data),
+            id,
+            "remembered bytes are not their id's"
+        );
+        for f in sketch.features() {
+            g.0.insert(f, id);
+        }
+        g.1.insert(id, data);
+    }
 }
 
 /// One proxied connection: sender side (segmenter, encoder, ledger) and receiver side
@@ -104,6 +145,7 @@ impl Conn {
         input: Vec<u8>,
         store: Arc<dyn ContentStore>,
         peer: Arc<dyn PeerHoldings>,
+        similar: Arc<dyn SimilarChunks>,
         mode: CompressMode,
     ) -> Self {
         Conn {
@@ -121,7 +163,8 @@ impl Conn {
                     compress: mode,
                     level: 1,
                 },
-            ),
+            )
+            .with_deltas(similar),
             ledger: SendLedger::new(),
             wire: BytesMut::new(),
             carry: BytesMut::new(),
@@ -231,8 +274,17 @@ fn workload(seed: u64, len: usize, pool: &[Vec<u8>]) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        match next() % 4 {
+        match next() % 5 {
             0 | 1 => out.extend_from_slice(&pool[(next() as usize) % pool.len()]),
+            // A near-duplicate: a pool page with a few bytes changed in place.
+            4 => {
+                let mut page = pool[(next() as usize) % pool.len()].clone();
+                for _ in 0..1 + next() % 3 {
+                    let at = (next() as usize) % page.len();
+                    page[at] = page[at].wrapping_add(1 + (next() % 255) as u8);
+                }
+                out.extend_from_slice(&page);
+            }
             2 => {
                 let n = (next() % 3000) as usize;
                 for _ in 0..n {
@@ -299,9 +351,10 @@ fn op() -> impl Strategy<Value = Op> {
 fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>, recent: u64) {
     let store = Arc::new(TinyStore::new(store_cap));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), recent));
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
     let mut conns: Vec<Conn> = inputs
         .into_iter()
-        .map(|i| Conn::new(i, store.clone(), peer.clone(), mode))
+        .map(|i| Conn::new(i, store.clone(), peer.clone(), similar.clone(), mode))
         .collect();
     let n = conns.len();
     for op in ops {
@@ -374,8 +427,15 @@ fn repeated_content_becomes_references() {
     let a = workload(11, 400_000, &p);
     let store = Arc::new(TinyStore::new(1 << 30));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
-    let mut c1 = Conn::new(a.clone(), store.clone(), peer.clone(), CompressMode::Off);
-    let mut c2 = Conn::new(a, store, peer, CompressMode::Off);
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let mut c1 = Conn::new(
+        a.clone(),
+        store.clone(),
+        peer.clone(),
+        similar.clone(),
+        CompressMode::Off,
+    );
+    let mut c2 = Conn::new(a, store, peer, similar, CompressMode::Off);
     for c in [&mut c1, &mut c2] {
         while !c.done() {
             c.send_step(65536, false, false);
@@ -477,4 +537,98 @@ fn recent_reference_waits_for_a_sibling_instead_of_missing() {
     d.handle_frame(Frame::Ref(id)).unwrap();
     assert!(!d.has_deferred());
     assert_eq!(d.poll_control(), Some(Frame::Miss(id)));
+}
+
+#[test]
+fn near_duplicates_cross_as_deltas_and_rebuild_exactly() {
+    // 4 KiB pages cut exactly at page boundaries, as the QEMU and NBD parsers do.
+    let pages: Vec<Vec<u8>> = (0..64).map(|i| workload_raw(1000 + i, 4096)).collect();
+    let first: Vec<u8> = pages.concat();
+    // The second stream: every page with a counter and a pointer changed.
+    let second: Vec<u8> = pages
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let mut p = p.clone();
+            p[8..16].copy_from_slice(&(i as u64 + 77).to_le_bytes());
+            p[3000] ^= 0x40;
+            p
+        })
+        .collect();
+    let store = Arc::new(TinyStore::new(1 << 30));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let mut encoded = Vec::new();
+    for input in [first, second] {
+        let mut enc =
+            Encoder::new(peer.clone(), EncoderConfig::default()).with_deltas(similar.clone());
+        let mut ledger = SendLedger::new();
+        let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
+        for page in input.chunks(4096) {
+            enc.handle_segment(
+                wire::Segment::Block(Bytes::copy_from_slice(page)),
+                &mut ledger,
+            );
+        }
+        enc.handle_end();
+        let wire_bytes = enc.take_batch(false).unwrap();
+        let mut buf = BytesMut::from(&wire_bytes[..]);
+        let mut fdec = FrameDecoder::new();
+        while let Some(f) = fdec.decode(&mut buf).unwrap() {
+            dec.handle_frame(f).unwrap();
+        }
+        let out: Vec<u8> = std::iter::from_fn(|| dec.poll_output())
+            .flat_map(|b| b.to_vec())
+            .collect();
+        assert!(out == input, "rebuilt stream differs");
+        assert!(dec.is_finished());
+        encoded.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
+    }
+    let (enc2, dec2, wire2) = &encoded[1];
+    assert_eq!(enc2.deltas, 64, "{enc2:?}");
+    assert_eq!(dec2.deltas_applied, 64);
+    assert_eq!(dec2.misses, 0);
+    // 64 pages of 4 KiB in well under 100 bytes each.
+    assert!(*wire2 < 64 * 100, "{wire2} bytes on the wire");
+}
+
+#[test]
+fn delta_against_an_evicted_base_is_filled_whole() {
+    let base = Bytes::from(workload_raw(5, 4096));
+    let mut target = base.to_vec();
+    target[100] ^= 1;
+    let target = Bytes::from(target);
+    let patch = wire::delta::encode(&base, &target, 1024).unwrap();
+    let (base_id, id) = (ChunkId::of(&base), ChunkId::of(&target));
+    // The receiver lacks the base: it asks for the whole target, once.
+    let mut dec = Decoder::new(Arc::new(TinyStore::new(1 << 20)), DecoderConfig::default());
+    dec.handle_frame(Frame::Delta {
+        base: base_id,
+        id,
+        patch: patch.clone(),
+    })
+    .unwrap();
+    assert_eq!(dec.poll_control(), Some(Frame::Miss(id)));
+    dec.handle_frame(Frame::Fill {
+        id,
+        data: target.clone(),
+    })
+    .unwrap();
+    assert_eq!(dec.poll_output(), Some(target.clone()));
+    // A patch that rebuilds something else than its id is refused.
+    let store = Arc::new(TinyStore::new(1 << 20));
+    store.insert(VerifiedChunk::from_local(base.clone()));
+    let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
+    let err = dec
+        .handle_frame(Frame::Delta {
+            base: base_id,
+            id: ChunkId::of(b"another page"),
+            patch,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, wire::session::SessionError::Corrupt(_)),
+        "{err}"
+    );
+    assert!(store.get(&id).is_none(), "nothing unverified stored");
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::SessionError;
+use crate::delta;
 use crate::frame::Frame;
 use crate::id::ChunkId;
 use crate::store::ContentStore;
@@ -48,6 +49,8 @@ pub struct DecoderStats {
     pub fills: u64,
     /// New chunks verified and stored.
     pub chunks_stored: u64,
+    /// DELTA frames rebuilt from their base, verified and stored.
+    pub deltas_applied: u64,
 }
 
 /// Assumed size of a chunk not yet resolved, for the pending bound.
@@ -118,7 +121,7 @@ impl Decoder {
         }
     }
 
-    /// Handles a LITERAL, CHUNK, REF, REF_RECENT, END or FILL frame.
+    /// Handles a LITERAL, CHUNK, REF, REF_RECENT, DELTA, END or FILL frame.
     ///
     /// # Errors
     /// [`SessionError`] when a chunk fails verification, data follows END, the pending
@@ -137,14 +140,33 @@ impl Decoder {
                 self.stats.chunks_stored += 1;
                 Pending::Ready(data)
             }
+            Frame::Delta { base, id, patch } => match self.lookup(&base) {
+                Some(base) => {
+                    let data = delta::apply(&base, &patch)?;
+                    // Verified against the id the sender computed from the original:
+                    // a wrong rebuild is refused, never delivered or stored.
+                    let chunk = UnverifiedChunk { id, data }.verify()?;
+                    let data = chunk.data().clone();
+                    self.store.insert(chunk);
+                    self.stats.deltas_applied += 1;
+                    Pending::Ready(data)
+                }
+                // The base is gone (evicted): ask for the whole chunk, which the
+                // sender pinned as it does for a reference.
+                None => match self.lookup(&id) {
+                    Some(data) => {
+                        self.stats.refs_resolved += 1;
+                        Pending::Ready(data)
+                    }
+                    None => {
+                        self.request(id);
+                        Pending::Wait(id)
+                    }
+                },
+            },
             Frame::Ref(id) | Frame::RefRecent(id) => {
                 let recent = matches!(frame, Frame::RefRecent(_));
-                let found = if self.pending.is_empty() {
-                    self.store.get(&id)
-                } else {
-                    self.fills.get(&id).cloned().or_else(|| self.store.get(&id))
-                };
-                match found {
+                match self.lookup(&id) {
                     Some(data) => {
                         self.stats.refs_resolved += 1;
                         Pending::Ready(data)
@@ -192,6 +214,15 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    /// A chunk from the store, or from the FILLs kept while references wait.
+    fn lookup(&self, id: &ChunkId) -> Option<Bytes> {
+        if self.pending.is_empty() {
+            self.store.get(id)
+        } else {
+            self.fills.get(id).cloned().or_else(|| self.store.get(id))
+        }
     }
 
     fn defer(&mut self, id: ChunkId) {

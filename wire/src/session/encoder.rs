@@ -6,10 +6,11 @@ use bytes::{Bytes, BytesMut};
 
 use super::compress::{CompressMode, CompressPolicy};
 use super::ledger::SendLedger;
+use crate::delta::{self, Sketch};
 use crate::frame::{self, Frame, MAX_LITERAL};
-use crate::id::ChunkId;
 use crate::segment::Segment;
-use crate::store::{Holding, PeerHoldings};
+use crate::store::{Holding, PeerHoldings, SimilarChunks};
+use crate::verified::VerifiedChunk;
 
 /// Encoder settings.
 #[derive(Clone, Debug)]
@@ -44,6 +45,12 @@ pub struct EncoderStats {
     pub ref_bytes: u64,
     /// Of `refs`, those sent as REF_RECENT (the full copy went out moments before).
     pub refs_recent: u64,
+    /// Chunks sent as deltas against a similar chunk the peer holds.
+    pub deltas: u64,
+    /// Logical bytes sent as deltas.
+    pub delta_bytes: u64,
+    /// Patch bytes of those deltas (what crossed instead of `delta_bytes`).
+    pub delta_patch_bytes: u64,
     /// Frame bytes produced (after compression).
     pub wire_bytes: u64,
     /// Batches sent compressed.
@@ -52,9 +59,16 @@ pub struct EncoderStats {
     pub batches_incompressible: u64,
 }
 
+/// Similar chunks tried as a delta's base, best first.
+const DELTA_CANDIDATES: usize = 2;
+/// A patch may be at most 1/this of the chunk: larger ones lose to compressing the
+/// chunk itself (zstd takes typical memory pages to a third or half).
+const DELTA_MAX_SHARE: usize = 4;
+
 /// Turns segments into data frames, batched and optionally compressed.
 pub struct Encoder {
     peer: Arc<dyn PeerHoldings>,
+    similar: Option<Arc<dyn SimilarChunks>>,
     policy: CompressPolicy,
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -81,6 +95,7 @@ impl Encoder {
     pub fn new(peer: Arc<dyn PeerHoldings>, config: EncoderConfig) -> Self {
         Encoder {
             peer,
+            similar: None,
             policy: CompressPolicy::new(config.compress),
             level: config.level,
             zstd: None,
@@ -90,6 +105,14 @@ impl Encoder {
             end_sent: false,
             stats: EncoderStats::default(),
         }
+    }
+
+    /// Sends new chunks as deltas against similar chunks found in `similar` (and
+    /// remembers every chunk sent there).
+    #[must_use]
+    pub fn with_deltas(mut self, similar: Arc<dyn SimilarChunks>) -> Self {
+        self.similar = Some(similar);
+        self
     }
 
     /// Encodes one segment into the pending batch. Blocks become references when the
@@ -108,7 +131,11 @@ impl Encoder {
             }
             Segment::Block(data) => {
                 debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
-                let id = ChunkId::of(&data);
+                // Hashed once: the id names the chunk and, for deltas, vouches for the
+                // bytes remembered as a future base.
+                let chunk = VerifiedChunk::from_local(data);
+                let id = *chunk.id();
+                let data = chunk.data().clone();
                 ledger.advance(data.len());
                 let holding = self.peer.check_and_mark(&id, data.len());
                 if holding.is_held() {
@@ -121,7 +148,7 @@ impl Encoder {
                     } else {
                         Frame::Ref(id).encode(&mut self.batch);
                     }
-                } else {
+                } else if !self.try_delta(chunk, ledger) {
                     self.stats.chunks += 1;
                     self.stats.chunk_bytes += data.len() as u64;
                     self.batch_payload += data.len();
@@ -129,6 +156,42 @@ impl Encoder {
                 }
             }
         }
+    }
+
+    /// Sends a new chunk as a DELTA against a similar chunk the peer holds, if one is
+    /// known and the patch is small; remembers the chunk either way. Returns whether a
+    /// DELTA was sent.
+    fn try_delta(&mut self, chunk: VerifiedChunk, ledger: &mut SendLedger) -> bool {
+        let Some(similar) = &self.similar else {
+            return false;
+        };
+        let (id, data) = (*chunk.id(), chunk.data());
+        let Some(sketch) = Sketch::of(data) else {
+            return false;
+        };
+        let mut sent = false;
+        for (base, base_data) in similar.similar(&sketch, DELTA_CANDIDATES) {
+            // A base the full copy of which may still be in flight is not used: the
+            // receiver could not rebuild it yet.
+            if base == id || self.peer.peek(&base) != Holding::Held {
+                continue;
+            }
+            if let Some(patch) = delta::encode(&base_data, data, data.len() / DELTA_MAX_SHARE) {
+                self.stats.deltas += 1;
+                self.stats.delta_bytes += data.len() as u64;
+                self.stats.delta_patch_bytes += patch.len() as u64;
+                // Pinned like a reference: if the base is gone at the peer, it asks
+                // for the whole chunk.
+                ledger.pin(id, data);
+                // Patches of similar pages still share bytes: let compression see them.
+                self.batch_payload += patch.len();
+                Frame::Delta { base, id, patch }.encode(&mut self.batch);
+                sent = true;
+                break;
+            }
+        }
+        similar.remember(chunk, &sketch);
+        sent
     }
 
     /// Marks the end of the local stream: the next [`Encoder::take_batch`] ends with END.

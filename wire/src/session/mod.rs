@@ -4,7 +4,8 @@
 //! (frames → its local stream) and a [`SendLedger`] (what its encoder referenced and
 //! the peer has not yet acknowledged, kept to answer misses). The driver moves frames:
 //!
-//! - LITERAL / CHUNK / REF / END / FILL from the peer → [`Decoder::handle_frame`];
+//! - LITERAL / CHUNK / REF / REF_RECENT / DELTA / END / FILL from the peer →
+//!   [`Decoder::handle_frame`];
 //! - MISS / ACK from the peer → [`SendLedger::handle_control`] (may produce a FILL);
 //! - RESET → abort both local directions.
 //!
@@ -56,4 +57,7 @@ pub enum SessionError {
     /// A frame that does not belong where it came.
     #[error("unexpected {0} frame")]
     Unexpected(&'static str),
+    /// A DELTA whose patch does not describe edits of its base.
+    #[error("peer sent a malformed delta: {0}")]
+    BadPatch(#[from] crate::delta::PatchError),
 }
