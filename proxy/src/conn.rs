@@ -489,11 +489,14 @@ async fn downlink<T: AsyncRead>(
                 ack_deadline = None;
             }
             _ = tokio::time::sleep(DEFER_RECHECK), if defer_deadline.is_some() => {
-                if defer_deadline.is_some_and(|d| Instant::now() >= d) {
-                    dec.expire_deferred();
+                let r = if defer_deadline.is_some_and(|d| Instant::now() >= d) {
                     defer_deadline = None;
+                    dec.expire_deferred()
                 } else {
-                    dec.recheck();
+                    dec.recheck()
+                };
+                if let Err(e) = r {
+                    return Err(fail(e.into()));
                 }
             }
             _ = shared.uplink_finished.notified() => {}

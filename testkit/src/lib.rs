@@ -8,6 +8,11 @@
 //! - **unique** runs are pages seen nowhere else;
 //! - **zero** runs are all-zero pages.
 //!
+//! Optionally ([`Workload::with_near_duplicates`]) some shared pages are
+//! *near-duplicates*: the pool page with a few 8-byte words changed in place, different
+//! in every stream, the way kernel and library pages of similar VMs differ by
+//! relocated pointers, counters and timestamps.
+//!
 //! Page contents are half random, half drawn from a small vocabulary, so a general
 //! compressor finds roughly what it finds in real memory (about 2:1), and dedup is
 //! measured separately from compression.
@@ -33,6 +38,8 @@ pub struct Workload {
     pub run_min: u64,
     /// Longest run, in pages.
     pub run_max: u64,
+    /// Share of shared pages (in 1/1000) that are near-duplicates of their pool page.
+    pub near_permille: u32,
 }
 
 impl Workload {
@@ -46,7 +53,16 @@ impl Workload {
             zero_permille: 100,
             run_min: 16,
             run_max: 64,
+            near_permille: 0,
         }
+    }
+
+    /// Makes `permille`/1000 of the shared pages near-duplicates: 1 to 4 words of the
+    /// pool page replaced by values particular to the stream.
+    #[must_use]
+    pub fn with_near_duplicates(mut self, permille: u32) -> Self {
+        self.near_permille = permille.min(1000);
+        self
     }
 
     /// Stream number `index` of `len` bytes.
@@ -124,7 +140,19 @@ impl Stream {
                     *left -= 1;
                     let p = *next % self.w.pool_pages;
                     *next += 1;
-                    return page_bytes(self.w.seed, p);
+                    let mut page = page_bytes(self.w.seed, p);
+                    // Draws only when enabled, so other workloads stay as they were.
+                    if self.w.near_permille > 0
+                        && (self.rng.next() % 1000) < u64::from(self.w.near_permille)
+                    {
+                        let edits = 1 + self.rng.next() % 4;
+                        for _ in 0..edits {
+                            let at = (self.rng.next() as usize % (PAGE / 8)) * 8;
+                            let v = self.rng.next() ^ self.index.wrapping_mul(0x9E37_79B9);
+                            page[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                    return page;
                 }
                 Run::Unique { left } if *left > 0 => {
                     *left -= 1;
@@ -217,6 +245,43 @@ mod tests {
         assert_eq!(a.len(), 300_001);
         assert_eq!(a, b);
         assert_ne!(a, w.stream(1, 300_001).collect_all());
+    }
+
+    #[test]
+    fn near_duplicates_differ_from_their_pool_page_in_a_few_words() {
+        let w = Workload::cluster(3, 1 << 20).with_near_duplicates(500);
+        let pool: std::collections::HashMap<Vec<u8>, ()> = (0..w.pool_pages)
+            .map(|p| (w.pool_page(p).to_vec(), ()))
+            .collect();
+        let data = w.stream(0, 4 << 20).collect_all();
+        let (mut exact, mut near) = (0, 0);
+        for page in data.chunks(PAGE) {
+            if pool.contains_key(page) {
+                exact += 1;
+                continue;
+            }
+            // Compare with every pool page: a near-duplicate differs in <= 32 bytes.
+            if (0..w.pool_pages).any(|p| {
+                let q = w.pool_page(p);
+                q.iter().zip(page).filter(|(a, b)| a != b).count() <= 32
+            }) {
+                near += 1;
+            }
+        }
+        assert!(near > 0 && exact > 0, "{near} near, {exact} exact");
+        let ratio = near as f64 / (near + exact) as f64;
+        assert!((0.4..0.6).contains(&ratio), "near share {ratio}");
+        // Without near-duplicates the stream is unchanged.
+        let plain = Workload::cluster(3, 1 << 20)
+            .stream(0, 1 << 20)
+            .collect_all();
+        assert_eq!(
+            plain,
+            Workload::cluster(3, 1 << 20)
+                .with_near_duplicates(0)
+                .stream(0, 1 << 20)
+                .collect_all()
+        );
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! A chunk is cut into [`FEATURES`] equal parts and each part hashed (with the chunk
 //! length mixed in); two chunks of the same length that share one part share that
 //! feature. In-place edits leave every untouched part's feature intact, so a page
-//! with fewer than four edited places always keeps at least one feature of its base.
+//! with fewer than [`FEATURES`] edited places always keeps at least one feature of its
+//! base.
 //! Parts whose bytes are all equal (zero runs, fill patterns) give no feature: they
 //! match everything and predict nothing. Features only *propose* a base; the patch
 //! size decides, and the target hash makes a wrong proposal harmless.
@@ -26,8 +27,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::varint;
 
-/// Features per chunk.
-pub const FEATURES: usize = 4;
+/// Features per chunk: a chunk edited in fewer places than this keeps at least one
+/// feature of its original. Near-duplicates of near-duplicates (two VMs' variants of
+/// one page) differ in the edits of both, so there must be room for several.
+pub const FEATURES: usize = 8;
 
 /// Smallest chunk worth a delta: below it, the 64 bytes of ids in a DELTA frame eat
 /// the gain.
@@ -257,12 +260,12 @@ mod tests {
     }
 
     #[test]
-    fn sketch_survives_edits_in_fewer_than_four_places() {
+    fn sketch_survives_edits_in_fewer_than_eight_places() {
         let base = page(5);
         let mut target = base.clone();
-        target[10] ^= 1;
-        target[1500] ^= 1;
-        target[3000] ^= 1;
+        for at in [10, 600, 1100, 1600, 2100, 2600, 3100] {
+            target[at] ^= 1;
+        }
         let (a, b) = (Sketch::of(&base).unwrap(), Sketch::of(&target).unwrap());
         let shared = a
             .features()
@@ -273,7 +276,7 @@ mod tests {
         assert_eq!(Sketch::of(&[0u8; 4096]), None);
         let mut half = vec![0u8; 4096];
         half[..2048].copy_from_slice(&base[..2048]);
-        assert_eq!(Sketch::of(&half).unwrap().features().count(), 2);
+        assert_eq!(Sketch::of(&half).unwrap().features().count(), FEATURES / 2);
         // Too small for a delta.
         assert_eq!(Sketch::of(&base[..1000]), None);
         // Same bytes in a chunk of another length: different features.

@@ -16,7 +16,7 @@
 //! | `0x08` | RESET | varint len, UTF-8 reason (abort the connection) |
 //! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF/REF_RECENT frames |
 //! | `0x0a` | REF_RECENT | 32-byte id (a REF whose chunk may still be in flight) |
-//! | `0x0b` | DELTA | 32-byte base id, 32-byte id, varint len, len bytes of patch ([`crate::delta`]) |
+//! | `0x0b` | DELTA | flags (bit 0: base sent moments ago), 32-byte base id, 32-byte id, varint len, len bytes of patch ([`crate::delta`]) |
 //!
 //! LITERAL, CHUNK, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
@@ -68,6 +68,9 @@ pub enum Frame {
     /// Deliver the chunk `id`, rebuilt by applying `patch` to the chunk `base` the
     /// receiver already holds; it must hash to `id`.
     Delta {
+        /// The base's full copy left the sender moments ago and may still be in
+        /// flight (as for [`Frame::RefRecent`]): wait for it before asking.
+        base_recent: bool,
         /// The chunk the patch edits.
         base: ChunkId,
         /// BLAKE3 of the rebuilt chunk.
@@ -123,10 +126,16 @@ impl Frame {
                 dst.put_u8(T_REF_RECENT);
                 dst.put_slice(id.as_bytes());
             }
-            Frame::Delta { base, id, patch } => {
+            Frame::Delta {
+                base_recent,
+                base,
+                id,
+                patch,
+            } => {
                 debug_assert!(patch.len() <= MAX_CHUNK);
-                dst.reserve(1 + 2 * CHUNK_ID_LEN + varint::MAX_VARINT_LEN + patch.len());
+                dst.reserve(2 + 2 * CHUNK_ID_LEN + varint::MAX_VARINT_LEN + patch.len());
                 dst.put_u8(T_DELTA);
+                dst.put_u8(u8::from(*base_recent));
                 dst.put_slice(base.as_bytes());
                 dst.put_slice(id.as_bytes());
                 varint::put(dst, patch.len() as u64);
@@ -162,7 +171,7 @@ impl Frame {
             }
             Frame::Ref(_) | Frame::RefRecent(_) | Frame::Miss(_) => 1 + CHUNK_ID_LEN,
             Frame::Delta { patch, .. } => {
-                1 + 2 * CHUNK_ID_LEN + varint::len(patch.len() as u64) + patch.len()
+                2 + 2 * CHUNK_ID_LEN + varint::len(patch.len() as u64) + patch.len()
             }
             Frame::Ack(o) => 1 + varint::len(*o),
             Frame::End => 1,
@@ -226,11 +235,14 @@ pub enum FrameError {
     #[error("ZBATCH does not decompress to its announced {0} bytes")]
     BadBatch(usize),
     /// A ZBATCH holds something other than complete data frames.
-    #[error("ZBATCH holds a {0} frame; only LITERAL, CHUNK and REF are allowed")]
+    #[error("ZBATCH holds a {0} frame; only data frames are allowed")]
     BatchContent(&'static str),
     /// A ZBATCH ends inside a frame.
     #[error("ZBATCH ends inside a frame")]
     BatchTruncated,
+    /// A DELTA's flags byte has unknown bits set.
+    #[error("DELTA frame with unknown flags 0x{0:02x}")]
+    BadFlags(u8),
 }
 
 /// Incremental decoder of a frame stream: feed it a buffer that grows with each read.
@@ -393,12 +405,16 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
                 .transpose()?
         }
         T_DELTA => {
-            if rest.len() < 2 * CHUNK_ID_LEN {
+            if rest.len() < 1 + 2 * CHUNK_ID_LEN {
                 return Ok(None);
             }
-            get_varint(&rest[2 * CHUNK_ID_LEN..], "DELTA")?
+            if rest[0] > 1 {
+                return Err(FrameError::BadFlags(rest[0]));
+            }
+            get_varint(&rest[1 + 2 * CHUNK_ID_LEN..], "DELTA")?
                 .map(|(n, l)| {
-                    capped(n, MAX_CHUNK, "DELTA patch").map(|n| (1, 2 * CHUNK_ID_LEN + l + n, ty))
+                    capped(n, MAX_CHUNK, "DELTA patch")
+                        .map(|n| (1, 1 + 2 * CHUNK_ID_LEN + l + n, ty))
                 })
                 .transpose()?
         }
@@ -444,11 +460,13 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
         T_REF => Frame::Ref(take_id(&mut body)),
         T_REF_RECENT => Frame::RefRecent(take_id(&mut body)),
         T_DELTA => {
+            let base_recent = body.get_u8() == 1;
             let base = take_id(&mut body);
             let id = take_id(&mut body);
             let (_, l) = get_varint(&body, "DELTA")?.ok_or(FrameError::BadVarint("DELTA"))?;
             body.advance(l);
             Frame::Delta {
+                base_recent,
                 base,
                 id,
                 patch: body,

@@ -638,12 +638,16 @@ pub fn session_decoder(data: &[u8]) {
             if idle {
                 d.handle_idle();
             }
-            if expire {
-                d.expire_deferred();
+            let r = if expire {
+                d.expire_deferred()
             } else {
-                d.recheck();
+                d.recheck()
+            };
+            if r.is_err() {
+                dec = None;
+            } else {
+                watch.drain(d);
             }
-            watch.drain(d);
         }
     }
 }
@@ -751,10 +755,13 @@ impl Tunnel {
         if self.idle_each_read {
             self.dec.handle_idle();
         }
-        if self.expire_each_read {
-            self.dec.expire_deferred();
+        let r = if self.expire_each_read {
+            self.dec.expire_deferred()
         } else {
-            self.dec.recheck();
+            self.dec.recheck()
+        };
+        if let Err(e) = r {
+            panic!("decoder refused an honest encoder's delta: {e}");
         }
         self.collect();
         true
@@ -765,7 +772,9 @@ impl Tunnel {
         if !self.dec.has_deferred() {
             return false;
         }
-        self.dec.expire_deferred();
+        if let Err(e) = self.dec.expire_deferred() {
+            panic!("decoder refused an honest encoder's delta: {e}");
+        }
         self.collect();
         true
     }

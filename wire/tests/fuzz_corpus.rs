@@ -254,6 +254,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Delta {
+            base_recent: true,
             base: id,
             id: ChunkId::of(b"target"),
             patch: Bytes::from_static(&[0, 2, 7, 7, 100, 1, 9]),
@@ -420,6 +421,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::RefRecent(ids[1]),
         Frame::Ref(ids[3]),
         Frame::Delta {
+            base_recent: false,
             base: ids[0],
             id: ChunkId::of(&edited0),
             patch: wire::delta::encode(&blocks[0], &edited0, 4096).expect("patch"),

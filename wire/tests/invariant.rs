@@ -215,13 +215,13 @@ impl Conn {
         }
         self.dec.handle_idle();
         // The driver rechecks the store while references are deferred.
-        self.dec.recheck();
+        self.dec.recheck().expect("valid session");
         self.collect();
     }
 
     /// The receiver stops waiting for deferred references.
     fn expire_step(&mut self) {
-        self.dec.expire_deferred();
+        self.dec.expire_deferred().expect("valid session");
         self.collect();
     }
 
@@ -507,7 +507,7 @@ fn recent_reference_waits_for_a_sibling_instead_of_missing() {
         None,
         "nothing passes the waiting reference"
     );
-    b.recheck();
+    b.recheck().unwrap();
     assert!(
         !std::iter::from_fn(|| b.poll_control()).any(|f| matches!(f, Frame::Miss(_))),
         "a deferred reference sends no MISS"
@@ -515,7 +515,7 @@ fn recent_reference_waits_for_a_sibling_instead_of_missing() {
     // A's CHUNK arrives on the other connection: B resolves without asking.
     let mut a = Decoder::new(store.clone(), DecoderConfig::default());
     a.handle_frame(Frame::Chunk(page.clone())).unwrap();
-    b.recheck();
+    b.recheck().unwrap();
     assert!(!b.has_deferred() && !b.is_waiting());
     let out: Vec<u8> = std::iter::from_fn(|| b.poll_output())
         .flat_map(|x| x.to_vec())
@@ -529,7 +529,7 @@ fn recent_reference_waits_for_a_sibling_instead_of_missing() {
     let mut c = Decoder::new(store, DecoderConfig::default());
     c.handle_frame(Frame::RefRecent(other)).unwrap();
     c.handle_frame(Frame::RefRecent(other)).unwrap();
-    c.expire_deferred();
+    c.expire_deferred().unwrap();
     let misses: Vec<Frame> = std::iter::from_fn(|| c.poll_control()).collect();
     assert_eq!(misses, vec![Frame::Miss(other)]);
     // A plain REF to a missing chunk still asks at once.
@@ -603,6 +603,7 @@ fn delta_against_an_evicted_base_is_filled_whole() {
     // The receiver lacks the base: it asks for the whole target, once.
     let mut dec = Decoder::new(Arc::new(TinyStore::new(1 << 20)), DecoderConfig::default());
     dec.handle_frame(Frame::Delta {
+        base_recent: false,
         base: base_id,
         id,
         patch: patch.clone(),
@@ -621,6 +622,7 @@ fn delta_against_an_evicted_base_is_filled_whole() {
     let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
     let err = dec
         .handle_frame(Frame::Delta {
+            base_recent: false,
             base: base_id,
             id: ChunkId::of(b"another page"),
             patch,

@@ -58,7 +58,9 @@ const UNRESOLVED_WEIGHT: u64 = 4096;
 
 enum Pending {
     Ready(Bytes),
-    Wait(ChunkId),
+    /// Chunk `id`, not resolvable yet; for a DELTA whose base is missing, the base and
+    /// patch to rebuild it from once the base arrives.
+    Wait(ChunkId, Option<Box<(ChunkId, Bytes)>>),
     End,
 }
 
@@ -140,27 +142,28 @@ impl Decoder {
                 self.stats.chunks_stored += 1;
                 Pending::Ready(data)
             }
-            Frame::Delta { base, id, patch } => match self.lookup(&base) {
-                Some(base) => {
-                    let data = delta::apply(&base, &patch)?;
-                    // Verified against the id the sender computed from the original:
-                    // a wrong rebuild is refused, never delivered or stored.
-                    let chunk = UnverifiedChunk { id, data }.verify()?;
-                    let data = chunk.data().clone();
-                    self.store.insert(chunk);
-                    self.stats.deltas_applied += 1;
-                    Pending::Ready(data)
-                }
-                // The base is gone (evicted): ask for the whole chunk, which the
-                // sender pinned as it does for a reference.
+            Frame::Delta {
+                base_recent,
+                base,
+                id,
+                patch,
+            } => match self.lookup(&base) {
+                Some(base) => Pending::Ready(self.rebuild(&base, &patch, id)?),
                 None => match self.lookup(&id) {
                     Some(data) => {
                         self.stats.refs_resolved += 1;
                         Pending::Ready(data)
                     }
+                    // The base may still be in flight on another connection: wait.
+                    None if base_recent => {
+                        self.defer(id);
+                        Pending::Wait(id, Some(Box::new((base, patch))))
+                    }
+                    // The base is gone (evicted): ask for the whole chunk, which the
+                    // sender pinned as it does for a reference.
                     None => {
                         self.request(id);
-                        Pending::Wait(id)
+                        Pending::Wait(id, None)
                     }
                 },
             },
@@ -173,11 +176,11 @@ impl Decoder {
                     }
                     None if recent => {
                         self.defer(id);
-                        Pending::Wait(id)
+                        Pending::Wait(id, None)
                     }
                     None => {
                         self.request(id);
-                        Pending::Wait(id)
+                        Pending::Wait(id, None)
                     }
                 }
             }
@@ -190,8 +193,7 @@ impl Decoder {
                 self.stats.fills += 1;
                 self.fills.insert(id, chunk.data().clone());
                 self.store.insert(chunk);
-                self.drain();
-                return Ok(());
+                return self.drain();
             }
             Frame::Miss(_) => return Err(SessionError::Unexpected("MISS")),
             Frame::Ack(_) => return Err(SessionError::Unexpected("ACK")),
@@ -202,7 +204,7 @@ impl Decoder {
         } else {
             self.pending_weight += match &item {
                 Pending::Ready(d) => d.len() as u64,
-                Pending::Wait(_) => UNRESOLVED_WEIGHT,
+                Pending::Wait(..) => UNRESOLVED_WEIGHT,
                 Pending::End => 0,
             };
             self.pending.push_back(item);
@@ -214,6 +216,18 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    /// Rebuilds a DELTA's chunk from its base, verified against the id the sender
+    /// computed from the original (a wrong rebuild is refused, never delivered or
+    /// stored), and stores it.
+    fn rebuild(&mut self, base: &[u8], patch: &[u8], id: ChunkId) -> Result<Bytes, SessionError> {
+        let data = delta::apply(base, patch)?;
+        let chunk = UnverifiedChunk { id, data }.verify()?;
+        let data = chunk.data().clone();
+        self.store.insert(chunk);
+        self.stats.deltas_applied += 1;
+        Ok(data)
     }
 
     /// A chunk from the store, or from the FILLs kept while references wait.
@@ -242,9 +256,9 @@ impl Decoder {
     fn deliver(&mut self, item: Pending) {
         match item {
             Pending::Ready(data) => self.emit(data),
-            Pending::Wait(id) => {
+            wait @ Pending::Wait(..) => {
                 self.pending_weight += UNRESOLVED_WEIGHT;
-                self.pending.push_back(Pending::Wait(id));
+                self.pending.push_back(wait);
             }
             Pending::End => self.finish(),
         }
@@ -274,16 +288,28 @@ impl Decoder {
     }
 
     /// Resolves queued items from the front for as long as possible.
-    fn drain(&mut self) {
+    ///
+    /// # Errors
+    /// [`SessionError`] when a deferred DELTA rebuilds to something else than its id.
+    fn drain(&mut self) -> Result<(), SessionError> {
         while let Some(front) = self.pending.front() {
             let data = match front {
                 Pending::Ready(d) => {
                     self.pending_weight -= d.len() as u64;
                     d.clone()
                 }
-                Pending::Wait(id) => {
+                Pending::Wait(id, delta) => {
                     let id = *id;
-                    match self.fills.get(&id).cloned().or_else(|| self.store.get(&id)) {
+                    let mut found = self.fills.get(&id).cloned().or_else(|| self.store.get(&id));
+                    if found.is_none() {
+                        if let Some((base, patch)) = delta.as_deref() {
+                            if let Some(base) = self.store.get(base) {
+                                let patch = patch.clone();
+                                found = Some(self.rebuild(&base, &patch, id)?);
+                            }
+                        }
+                    }
+                    match found {
                         Some(d) => {
                             self.pending_weight -= UNRESOLVED_WEIGHT;
                             self.stats.refs_resolved += 1;
@@ -315,24 +341,31 @@ impl Decoder {
             self.requested.clear();
             self.deferred.clear();
         }
+        Ok(())
     }
 
     /// The store may have gained chunks (from sibling connections): resolve what now
     /// can be, from the front.
-    pub fn recheck(&mut self) {
-        self.drain();
+    ///
+    /// # Errors
+    /// [`SessionError`] when a deferred DELTA rebuilds to something else than its id.
+    pub fn recheck(&mut self) -> Result<(), SessionError> {
+        self.drain()
     }
 
     /// Deferred references have waited long enough: ask the peer for every one the
     /// store still lacks.
-    pub fn expire_deferred(&mut self) {
+    ///
+    /// # Errors
+    /// [`SessionError`] when a deferred DELTA rebuilds to something else than its id.
+    pub fn expire_deferred(&mut self) -> Result<(), SessionError> {
         let ids: Vec<ChunkId> = self.deferred.drain().collect();
         for id in ids {
             if self.store.get(&id).is_none() {
                 self.request(id);
             }
         }
-        self.drain();
+        self.drain()
     }
 
     /// Whether deferred references wait for a chunk to arrive on another connection

@@ -171,9 +171,8 @@ impl Encoder {
         };
         let mut sent = false;
         for (base, base_data) in similar.similar(&sketch, DELTA_CANDIDATES) {
-            // A base the full copy of which may still be in flight is not used: the
-            // receiver could not rebuild it yet.
-            if base == id || self.peer.peek(&base) != Holding::Held {
+            let holding = self.peer.peek(&base);
+            if base == id || !holding.is_held() {
                 continue;
             }
             if let Some(patch) = delta::encode(&base_data, data, data.len() / DELTA_MAX_SHARE) {
@@ -185,7 +184,15 @@ impl Encoder {
                 ledger.pin(id, data);
                 // Patches of similar pages still share bytes: let compression see them.
                 self.batch_payload += patch.len();
-                Frame::Delta { base, id, patch }.encode(&mut self.batch);
+                // A base sent moments ago may still be in flight: the receiver waits
+                // for it as for a REF_RECENT.
+                Frame::Delta {
+                    base_recent: holding == Holding::Recent,
+                    base,
+                    id,
+                    patch,
+                }
+                .encode(&mut self.batch);
                 sent = true;
                 break;
             }
