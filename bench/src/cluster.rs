@@ -33,10 +33,18 @@ pub struct ClusterArgs {
     /// WAN one-way delay, ms.
     #[arg(long, default_value_t = 10.0)]
     pub delay_ms: f64,
-    /// Scenarios, comma-separated: direct, edge, zstd3, zstd3-long27, and with
-    /// --multifd: qemu-multifd-zstd (QEMU's own multifd compression, direct).
+    /// Scenarios, comma-separated: direct, edge, zstd3, zstd3-long27,
+    /// zstd3-long30-shared (one zstd --long=30 stream carrying every migration in
+    /// turn), and with --multifd: qemu-multifd-zstd (QEMU's own multifd compression).
     #[arg(long, default_value = "direct,edge,zstd3,zstd3-long27")]
     pub scenarios: String,
+    /// Share (in 1/1000) of the shared pages that are near-duplicates: the pool page
+    /// with 1-4 words changed per VM (relocated pointers, counters).
+    #[arg(long, default_value_t = 0)]
+    pub near_permille: u32,
+    /// Write bar charts of WAN bytes and migration time per scenario (SVG) here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Migrate with multifd and this many channels (0: off).
     #[arg(long, default_value_t = 0)]
     pub multifd: u32,
@@ -324,8 +332,17 @@ fn run_scenario(
             )?);
             front
         }
-        "zstd3" | "zstd3-long27" => {
-            let long = if scenario == "zstd3" { "0" } else { "27" };
+        "zstd3" | "zstd3-long27" | "zstd3-long30-shared" => {
+            let long = match scenario {
+                "zstd3" => "0",
+                "zstd3-long27" => "27",
+                _ => "30",
+            };
+            let shared: &[&str] = if scenario == "zstd3-long30-shared" {
+                &["--shared"]
+            } else {
+                &[]
+            };
             procs.0.push(spawn(
                 Command::new(&env.me)
                     .args([
@@ -339,31 +356,35 @@ fn run_scenario(
                 env.dir.join("shaper.log"),
             )?);
             procs.0.push(spawn(
-                Command::new(&env.me).args([
-                    "ztunnel",
-                    "--mode",
-                    "decompress",
-                    "--listen",
-                    &back.to_string(),
-                    "--to",
-                    &dst.to_string(),
-                    "--long",
-                    long,
-                ]),
+                Command::new(&env.me)
+                    .args([
+                        "ztunnel",
+                        "--mode",
+                        "decompress",
+                        "--listen",
+                        &back.to_string(),
+                        "--to",
+                        &dst.to_string(),
+                        "--long",
+                        long,
+                    ])
+                    .args(shared),
                 env.dir.join("zdec.log"),
             )?);
             procs.0.push(spawn(
-                Command::new(&env.me).args([
-                    "ztunnel",
-                    "--mode",
-                    "compress",
-                    "--listen",
-                    &front.to_string(),
-                    "--to",
-                    &shaper.to_string(),
-                    "--long",
-                    long,
-                ]),
+                Command::new(&env.me)
+                    .args([
+                        "ztunnel",
+                        "--mode",
+                        "compress",
+                        "--listen",
+                        &front.to_string(),
+                        "--to",
+                        &shaper.to_string(),
+                        "--long",
+                        long,
+                    ])
+                    .args(shared),
                 env.dir.join("zenc.log"),
             )?);
             front
@@ -388,6 +409,7 @@ fn run_scenario(
             if !src_disk.exists() {
                 let mut f = std::io::BufWriter::new(std::fs::File::create(&src_disk)?);
                 let mut st = testkit::Workload::cluster(2026, args.pool_mib << 20)
+                    .with_near_duplicates(args.near_permille)
                     .stream(100 + vm, args.disk_mib << 20);
                 while let Some(p) = st.next_piece(1 << 20) {
                     f.write_all(&p)?;
@@ -544,6 +566,7 @@ struct Env {
     delay: f64,
     ram_mib: u64,
     pool_mib: u64,
+    near_permille: u32,
 }
 
 impl Env {
@@ -567,6 +590,7 @@ impl Env {
         if !path.exists() {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("tmpfs"));
             let mut s = testkit::Workload::cluster(2026, self.pool_mib << 20)
+                .with_near_duplicates(self.near_permille)
                 .stream(vm, self.ram_mib << 20);
             while let Some(p) = s.next_piece(1 << 20) {
                 f.write_all(&p).expect("write RAM");
@@ -604,6 +628,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         delay: args.delay_ms,
         ram_mib: args.ram_mib,
         pool_mib: args.pool_mib,
+        near_permille: args.near_permille,
     };
     let mut figures = Vec::new();
     let result = (|| {
@@ -655,6 +680,48 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             f.total_secs,
             direct.map_or("-".into(), |d| format!("{:.3}", f.total_secs / d))
         );
+    }
+    if let Some(p) = &args.svg {
+        let title = format!(
+            "{} VMs x {} MiB{}, {} Mbit/s, {} ms one way{}",
+            args.vms,
+            args.ram_mib,
+            if args.near_permille > 0 {
+                format!(" ({} permille near-duplicate pages)", args.near_permille)
+            } else {
+                String::new()
+            },
+            args.rate_mbit,
+            args.delay_ms,
+            if args.multifd > 0 {
+                format!(", multifd x{}", args.multifd)
+            } else {
+                String::new()
+            }
+        );
+        let wan: Vec<(String, f64)> = figures
+            .iter()
+            .map(|f| {
+                (
+                    f.scenario.clone(),
+                    (f.wan_forward_bytes + f.wan_reverse_bytes) as f64 / 1e6,
+                )
+            })
+            .collect();
+        let time: Vec<(String, f64)> = figures
+            .iter()
+            .map(|f| (f.scenario.clone(), f.total_secs))
+            .collect();
+        std::fs::write(
+            p,
+            crate::chart::bar_charts(
+                &title,
+                &[
+                    ("WAN bytes (MB)", wan.as_slice()),
+                    ("migration time (s)", time.as_slice()),
+                ],
+            ),
+        )?;
     }
     if let Some(p) = &args.json {
         std::fs::write(

@@ -7,6 +7,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod chart;
 mod cluster;
 mod pair;
 mod relay;
