@@ -32,6 +32,12 @@ pub struct PairArgs {
     /// Send the streams at once instead of one after another.
     #[arg(long)]
     pub concurrent: bool,
+    /// Each edge's chunk store (`--cache-mem`).
+    #[arg(long, default_value = "2GiB")]
+    pub cache_mem: String,
+    /// Each edge's memory for delta bases (`--delta-mem`).
+    #[arg(long, default_value = "512MiB")]
+    pub delta_mem: String,
     /// Shared page pool of the workload (default: a quarter of all bytes).
     #[arg(long, value_parser = parse_size)]
     pub pool: Option<u64>,
@@ -392,7 +398,14 @@ async fn run_one(
                 ]
             }
         };
-        let common = ["--cache-mem", "2GiB", "--compress", args.compress.as_str()];
+        let common = [
+            "--cache-mem",
+            args.cache_mem.as_str(),
+            "--delta-mem",
+            args.delta_mem.as_str(),
+            "--compress",
+            args.compress.as_str(),
+        ];
         procs.0.push(spawn(
             Command::new(&env.shrinker)
                 .args(["edge", "--name", "b", "--tunnel-listen", &back.to_string()])

@@ -33,7 +33,7 @@ use wire::{
     ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings, SimilarChunks,
 };
 
-use crate::governor::{CompressGovernor, LinkMeter};
+use crate::governor::{CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL};
 use crate::stats::EdgeStats;
 
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
@@ -82,6 +82,8 @@ pub(crate) struct PumpCtx {
     pub(crate) window: u64,
     /// The peer's send window (bounds what may queue behind a miss here).
     pub(crate) peer_window: u64,
+    /// The compression decisions of every connection to this peer.
+    pub(crate) link_history: Arc<LinkHistory>,
     pub(crate) stats: Arc<EdgeStats>,
 }
 
@@ -259,7 +261,7 @@ async fn uplink(
     ctx: &PumpCtx,
 ) -> Result<(EncoderStats, SegmenterReport), ConnError> {
     let mut seg = wire::segment::detecting_segmenter(ctx.chunk);
-    let mut governor = CompressGovernor::new(Instant::now());
+    let mut governor = CompressGovernor::new(Instant::now(), ctx.link_history.clone());
     let (mut batches, mut limited_batches) = (0u64, 0u64);
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     if let Some(similar) = &ctx.similar {
@@ -343,13 +345,18 @@ async fn uplink(
         if !flush && enc.batch_len() < BATCH_TARGET {
             continue;
         }
-        let limited = governor.link_limited(Instant::now(), &shared.link);
+        let encoding = governor.encoding(Instant::now(), &shared.link);
+        let limited = encoding != Encoding::Raw;
+        enc.set_level(match encoding {
+            Encoding::Zstd(level) => level,
+            Encoding::Raw => FAST_LEVEL,
+        });
         batches += 1;
         limited_batches += u64::from(limited);
         let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());
         let batch = enc.take_batch(limited);
         if compress_attempts(&enc) > attempts {
-            governor.record(raw, started.elapsed());
+            governor.record(raw, enc.level(), started.elapsed());
         }
         if let Some(batch) = batch {
             let send_start = Instant::now();

@@ -22,6 +22,7 @@ use wire::{ChunkParams, SimilarChunks};
 use crate::config::{EdgeConfig, Forward};
 use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
+use crate::governor::LinkHistory;
 use crate::io::{ConnWan, WanCountingIo};
 use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
@@ -48,6 +49,8 @@ pub(crate) struct EdgeShared {
     limit: Arc<Semaphore>,
     started: Instant,
     recent: std::sync::Mutex<std::collections::VecDeque<ConnSummary>>,
+    /// Per peer edge: the compression decisions its connections share.
+    links: std::sync::Mutex<std::collections::HashMap<String, Arc<LinkHistory>>>,
 }
 
 /// Finished connections kept in the stats snapshot.
@@ -106,6 +109,7 @@ impl Edge {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             started: Instant::now(),
             recent: Default::default(),
+            links: Default::default(),
             config,
         });
         Ok(Edge {
@@ -275,6 +279,13 @@ impl EdgeShared {
             chunk: ChunkParams::DEFAULT,
             window: self.config.window,
             peer_window,
+            link_history: self
+                .links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(peer_edge.to_owned())
+                .or_default()
+                .clone(),
             stats: self.stats.clone(),
         }
     }

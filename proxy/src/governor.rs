@@ -9,8 +9,19 @@
 //! beat) compressing would make the CPU the bottleneck, so batches go out raw. Kernel
 //! socket buffers hide a slow link for megabytes, which is why the decision rests on
 //! measured rates, not on the send queue's state at one instant.
+//!
+//! Those buffers also mean a new connection needs a while to see its link; a
+//! migration is a new connection each time, and on a slow link the first megabytes
+//! would go out raw. So every connection to a peer shares a [`LinkHistory`]: a new
+//! connection starts from the last decision made on any connection to that peer
+//! within [`HISTORY_TTL`] (or, knowing nothing, compresses), and corrects it after its
+//! own first window.
+//!
+//! When the link drains far slower than the fast level compresses, batches use the
+//! strong level ([`STRONG_LEVEL`]): it costs about twice the CPU and saves a few
+//! percent more, which a slow link turns into time.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,6 +40,64 @@ const MIN_SAMPLE: Duration = Duration::from_micros(50);
 const WINDOW: Duration = Duration::from_millis(50);
 /// Share of a window spent waiting for the link that makes the link the bottleneck.
 const WAIT_SHARE: f64 = 0.25;
+/// How long a decision seen on one connection guides new connections to that peer.
+pub(crate) const HISTORY_TTL: Duration = Duration::from_secs(60);
+/// zstd level while the link is limited.
+pub(crate) const FAST_LEVEL: i32 = 1;
+/// zstd level while the link drains below [`STRONG_SHARE`] of the fast level's speed.
+pub(crate) const STRONG_LEVEL: i32 = 3;
+/// See [`STRONG_LEVEL`]: the strong level runs at roughly a third of the fast one's
+/// speed, so below this share it still outpaces the link.
+const STRONG_SHARE: f64 = 0.2;
+
+/// What to do with the next batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// Send raw: the link is not the bottleneck.
+    Raw,
+    /// Compress at this zstd level.
+    Zstd(i32),
+}
+
+/// The last decision made on any connection to one peer (shared by them).
+#[derive(Debug, Default)]
+pub(crate) struct LinkHistory {
+    limited: AtomicBool,
+    link_rate: AtomicU64,
+    /// Milliseconds since `origin` of the last update; 0 = never.
+    updated_ms: AtomicU64,
+    origin: std::sync::OnceLock<Instant>,
+}
+
+impl LinkHistory {
+    fn origin(&self) -> Instant {
+        *self.origin.get_or_init(Instant::now)
+    }
+
+    fn store(&self, limited: bool, rate: f64, now: Instant) {
+        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
+        self.limited.store(limited, Relaxed);
+        self.link_rate.store(rate as u64, Relaxed);
+        self.updated_ms.store(ms, Relaxed);
+    }
+
+    /// The last decision and link rate, if made within [`HISTORY_TTL`] of `now`.
+    fn recall(&self, now: Instant) -> Option<(bool, f64)> {
+        let at = self.updated_ms.load(Relaxed);
+        if at == 0 {
+            return None;
+        }
+        let age = now
+            .duration_since(self.origin())
+            .saturating_sub(Duration::from_millis(at - 1));
+        (age < HISTORY_TTL).then(|| {
+            (
+                self.limited.load(Relaxed),
+                self.link_rate.load(Relaxed) as f64,
+            )
+        })
+    }
+}
 
 /// Bytes written to one tunnel's socket (the writer adds, the uplink reads).
 #[derive(Debug, Default)]
@@ -50,23 +119,43 @@ impl LinkMeter {
 /// Per-connection measurements and the decision.
 #[derive(Debug)]
 pub(crate) struct CompressGovernor {
+    history: std::sync::Arc<LinkHistory>,
     zstd_rate: f64,
     window_start: Instant,
     written_at_start: u64,
     waited: Duration,
     limited: bool,
-    link_rate: Option<f64>,
+    /// The link's rate as last measured while it was saturated (the uplink waited for
+    /// it): its capacity, as far as this edge knows.
+    capacity: Option<f64>,
 }
 
 impl CompressGovernor {
-    pub(crate) fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant, history: std::sync::Arc<LinkHistory>) -> Self {
+        let recalled = history.recall(now);
+        // (A recalled capacity of 0 means "not known".)
         CompressGovernor {
+            history,
             zstd_rate: INITIAL_ZSTD_RATE,
             window_start: now,
             written_at_start: 0,
             waited: Duration::ZERO,
-            limited: false,
-            link_rate: None,
+            // With nothing known, compress: on a slow link the first megabytes matter
+            // and a fast link is recognised after one window (compression then makes
+            // the uplink, not the link, the one that waits least).
+            limited: recalled.is_none_or(|r| r.0),
+            capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
+        }
+    }
+
+    /// What to do with the next batch (closes a measurement window when due).
+    pub(crate) fn encoding(&mut self, now: Instant, link: &LinkMeter) -> Encoding {
+        if !self.link_limited(now, link) {
+            return Encoding::Raw;
+        }
+        match self.capacity {
+            Some(rate) if rate < self.zstd_rate * STRONG_SHARE => Encoding::Zstd(STRONG_LEVEL),
+            _ => Encoding::Zstd(FAST_LEVEL),
         }
     }
 
@@ -82,8 +171,26 @@ impl CompressGovernor {
             let written = link.written();
             let rate = (written - self.written_at_start) as f64 / elapsed.as_secs_f64();
             let share = self.waited.as_secs_f64() / elapsed.as_secs_f64();
-            self.link_rate = Some(rate);
-            self.limited = share >= WAIT_SHARE && rate < self.zstd_rate * MARGIN;
+            let saturated = share >= WAIT_SHARE;
+            if saturated {
+                self.capacity = Some(rate);
+            } else if self.capacity.is_some_and(|c| rate > 2.0 * c) {
+                // More left than the capacity we believed: it is stale.
+                self.capacity = None;
+            }
+            self.limited = if saturated {
+                rate < self.zstd_rate * MARGIN
+            } else {
+                // The uplink did not wait this window (the source paused, or the CPU
+                // is busy). A link known to be far slower than compression is still
+                // the bottleneck: raw bytes would only pile up in front of it, and
+                // compressing costs a small share of the CPU. Otherwise go raw.
+                self.capacity.is_some_and(|c| {
+                    c < self.zstd_rate * STRONG_SHARE && rate < self.zstd_rate * MARGIN
+                })
+            };
+            self.history
+                .store(self.limited, self.capacity.unwrap_or(0.0), now);
             self.window_start = now;
             self.written_at_start = written;
             self.waited = Duration::ZERO;
@@ -91,12 +198,16 @@ impl CompressGovernor {
         self.limited
     }
 
-    /// Records a compression of `raw` bytes that took `elapsed`.
-    pub(crate) fn record(&mut self, raw: usize, elapsed: Duration) {
+    /// Records a compression of `raw` bytes at `level` that took `elapsed`. The rate
+    /// tracked is the fast level's; strong-level samples are scaled to it.
+    pub(crate) fn record(&mut self, raw: usize, level: i32, elapsed: Duration) {
         if elapsed < MIN_SAMPLE {
             return;
         }
-        let sample = raw as f64 / elapsed.as_secs_f64();
+        let mut sample = raw as f64 / elapsed.as_secs_f64();
+        if level != FAST_LEVEL {
+            sample *= 3.0;
+        }
         self.zstd_rate += ALPHA * (sample - self.zstd_rate);
     }
 }
@@ -122,25 +233,51 @@ mod tests {
     fn slow_link_compresses_fast_link_does_not() {
         let mut t = Instant::now();
         let link = LinkMeter::default();
-        let mut g = CompressGovernor::new(t);
-        assert!(!g.link_limited(t, &link), "no evidence yet");
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert!(g.link_limited(t, &link), "no evidence yet: compress");
         // 100 Mbit/s (1.25 MB per 100 ms) with the uplink waiting most of the time.
         assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
         // A fast link: 200 MB per 100 ms, the uplink hardly waits.
         assert!(!window(&mut g, &mut t, &link, 200_000_000, 5));
         // A peer that is slow but faster than zstd: no point compressing.
         assert!(!window(&mut g, &mut t, &link, 60_000_000, 90));
+        // A new connection to the same peer starts from the last decision.
+        assert!(!CompressGovernor::new(t, history.clone()).link_limited(t, &link));
+        assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
+        let mut next = CompressGovernor::new(t, history.clone());
+        assert_eq!(next.encoding(t, &link), Encoding::Zstd(STRONG_LEVEL));
+        // ... but not after the history has aged: then it knows nothing (and compresses).
+        let later = t + HISTORY_TTL + Duration::from_secs(1);
+        assert!(history.recall(later).is_none());
+    }
+
+    #[test]
+    fn level_follows_the_link_rate() {
+        let mut t = Instant::now();
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, Default::default());
+        // 1 Gbit/s (12.5 MB per 100 ms), waiting: limited, fast level (zstd ~350 MB/s).
+        g.waited(Duration::from_millis(80));
+        link.record(12_500_000);
+        t += Duration::from_millis(100);
+        assert_eq!(g.encoding(t, &link), Encoding::Zstd(FAST_LEVEL));
+        // 100 Mbit/s: strong level.
+        g.waited(Duration::from_millis(80));
+        link.record(1_250_000);
+        t += Duration::from_millis(100);
+        assert_eq!(g.encoding(t, &link), Encoding::Zstd(STRONG_LEVEL));
     }
 
     #[test]
     fn zstd_rate_follows_measurements() {
         let t = Instant::now();
-        let mut g = CompressGovernor::new(t);
+        let mut g = CompressGovernor::new(t, Default::default());
         for _ in 0..50 {
-            g.record(1 << 20, Duration::from_millis(10));
+            g.record(1 << 20, FAST_LEVEL, Duration::from_millis(10));
         }
         assert!((g.zstd_rate - 104_857_600.0).abs() < 1e6, "{}", g.zstd_rate);
-        g.record(10, Duration::from_nanos(10));
+        g.record(10, FAST_LEVEL, Duration::from_nanos(10));
         assert!(
             (g.zstd_rate - 104_857_600.0).abs() < 1e6,
             "tiny samples ignored"

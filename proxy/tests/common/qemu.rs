@@ -346,3 +346,136 @@ pub fn write_then_read_kernel(end: u32, passes: u32) -> Vec<u8> {
     k.extend_from_slice(&[0x72, 0xF0, 0xEB, 0xE9]); // jb read_inner; jmp read
     k
 }
+
+/// A Linux guest booted directly (`-kernel`/`-initrd`/`-append`) with its console on
+/// a serial port written to a log file (e.g. scripts/guest-linux.sh's kernel and
+/// initramfs). The destination of a migration takes the same spec with `incoming`.
+pub struct LinuxVmSpec<'a> {
+    pub build: &'a QemuBuild,
+    pub dir: &'a Path,
+    pub name: String,
+    pub ram_mib: u64,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub append: &'a str,
+    /// `-incoming defer -S`: wait for `migrate-incoming`, stay paused afterwards.
+    pub incoming: bool,
+}
+
+/// A running Linux guest (see `LinuxVmSpec`); the QEMU process is killed on drop.
+pub struct LinuxVm {
+    pub vm: Vm,
+    pub serial: PathBuf,
+}
+
+impl LinuxVm {
+    pub async fn start(spec: LinuxVmSpec<'_>) -> LinuxVm {
+        let ram = PathBuf::from(format!(
+            "/dev/shm/shrinker-test-{}-{}.ram",
+            std::process::id(),
+            spec.name
+        ));
+        std::fs::File::create(&ram)
+            .unwrap()
+            .set_len(spec.ram_mib << 20)
+            .unwrap();
+        let qmp_path = spec.dir.join(format!("{}.qmp", spec.name));
+        let _ = std::fs::remove_file(&qmp_path);
+        let log = spec.dir.join(format!("{}.qemu.log", spec.name));
+        let serial = spec.dir.join(format!("{}.serial.log", spec.name));
+        let _ = std::fs::remove_file(&serial);
+        let mut cmd = Command::new(&spec.build.binary);
+        if let Some(fw) = &spec.build.firmware {
+            cmd.arg("-L").arg(fw);
+        }
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-smp",
+            "1",
+            "-accel",
+            "tcg",
+        ])
+        .args(["-machine", "pc,memory-backend=pc.ram"])
+        .arg("-m")
+        .arg(format!("{}M", spec.ram_mib))
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=pc.ram,size={}M,mem-path={},share=on",
+            spec.ram_mib,
+            ram.display()
+        ))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(spec.kernel)
+        .arg("-initrd")
+        .arg(spec.initrd)
+        .arg("-append")
+        .arg(spec.append);
+        if spec.incoming {
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        let qmp = Qmp::connect(&qmp_path, &log).await;
+        LinuxVm {
+            vm: Vm {
+                child,
+                qmp,
+                ram,
+                log,
+            },
+            serial,
+        }
+    }
+
+    /// Everything the guest wrote to its serial console so far.
+    pub fn serial_log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// The last `lines` lines of the serial console.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        let log = self.serial_log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until the serial console shows `marker`; panics after `timeout`, at once
+    /// if QEMU exits or the guest kernel panics, with the serial log's tail and QEMU's
+    /// own log.
+    pub async fn wait_for_serial(&mut self, marker: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let log = self.serial_log();
+            if log.contains(marker) {
+                return;
+            }
+            let exited = self.vm.child.try_wait().ok().flatten();
+            let kernel_panic = log.contains("Kernel panic - not syncing");
+            if exited.is_some() || kernel_panic || start.elapsed() > timeout {
+                if kernel_panic {
+                    // Let the guest finish printing its trace.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                panic!(
+                    "guest {} did not print {marker:?} within {timeout:?} \
+                     (QEMU exit: {exited:?}, kernel panic: {kernel_panic})\n\
+                     --- serial log tail ({}) ---\n{}\n--- QEMU log ---\n{}",
+                    self.serial.display(),
+                    self.serial.display(),
+                    self.serial_tail(40),
+                    self.vm.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -257,6 +257,24 @@ impl Encoder {
         Some(out.freeze())
     }
 
+    /// Sets the zstd level for the next batches (the driver picks it from the link's
+    /// pace: a slow link affords a stronger level).
+    pub fn set_level(&mut self, level: i32) {
+        if level != self.level {
+            self.level = level;
+            if let Some(z) = &mut self.zstd {
+                if z.set_compression_level(level).is_err() {
+                    self.zstd = None;
+                }
+            }
+        }
+    }
+
+    /// The zstd level in use.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
     fn compress(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
         if raw.len() > frame::MAX_BATCH_RAW {
             return None;
