@@ -35,6 +35,9 @@ fi
 log "QEMU 7.2 and 10.0 for the end-to-end migration tests"
 bash scripts/install-qemu.sh
 
+log "a real Linux guest (Debian cloud kernel + busybox initramfs) for the guest tests"
+bash scripts/guest-linux.sh
+
 log "format"
 cargo fmt --all -- --check
 

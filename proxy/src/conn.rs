@@ -33,7 +33,9 @@ use wire::{
     ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings, SimilarChunks,
 };
 
-use crate::governor::{CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL};
+use crate::governor::{
+    CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
+};
 use crate::stats::EdgeStats;
 
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
@@ -263,6 +265,7 @@ async fn uplink(
     let mut seg = wire::segment::detecting_segmenter(ctx.chunk);
     let mut governor = CompressGovernor::new(Instant::now(), ctx.link_history.clone());
     let (mut batches, mut limited_batches) = (0u64, 0u64);
+    let always = ctx.encoder.compress == wire::session::CompressMode::Always;
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     if let Some(similar) = &ctx.similar {
         enc = enc.with_deltas(similar.clone());
@@ -347,10 +350,16 @@ async fn uplink(
         }
         let encoding = governor.encoding(Instant::now(), &shared.link);
         let limited = encoding != Encoding::Raw;
+        // `always` asks for the fewest bytes whatever the CPU cost; `auto` picks by the
+        // link's pace. zstd deltas cost two compressions per chunk with a similar
+        // base: only when the link is far slower than compression (or `always`).
+        let strong = always || encoding == Encoding::Zstd(STRONG_LEVEL);
         enc.set_level(match encoding {
+            _ if strong => STRONG_LEVEL,
             Encoding::Zstd(level) => level,
             Encoding::Raw => FAST_LEVEL,
         });
+        enc.set_thorough(strong);
         batches += 1;
         limited_batches += u64::from(limited);
         let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());

@@ -72,6 +72,8 @@ counters! {
     delta_bytes,
     /// Patch bytes of those deltas.
     delta_patch_bytes,
+    /// Of `deltas_sent`, those sent as zstd frames with the base as dictionary.
+    zstd_deltas_sent,
     /// Deltas received, rebuilt, verified and stored.
     deltas_applied,
     /// Batches sent zstd-compressed.
@@ -117,6 +119,7 @@ impl EdgeStats {
         self.refs_recent_sent.fetch_add(s.refs_recent, Relaxed);
         self.deltas_sent.fetch_add(s.deltas, Relaxed);
         self.delta_bytes.fetch_add(s.delta_bytes, Relaxed);
+        self.zstd_deltas_sent.fetch_add(s.zstd_deltas, Relaxed);
         self.delta_patch_bytes
             .fetch_add(s.delta_patch_bytes, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);

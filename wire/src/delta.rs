@@ -1,42 +1,50 @@
 //! Near-duplicate chunks: finding a similar chunk ([`Sketch`]) and describing a chunk
-//! as in-place edits of it ([`encode`] / [`apply`]).
+//! against it, either as in-place edits ([`encode`] / [`apply`]) or as a zstd frame
+//! compressed with the similar chunk as its dictionary ([`zstd_encode`] /
+//! [`zstd_apply`]).
 //!
 //! Memory pages of similar VMs often differ from a page the peer already holds in a
 //! few bytes only: a counter, a timestamp, a pointer relocated by a different load
-//! address. Such a page crosses the WAN as a DELTA frame naming the base chunk, the
-//! target's own id and a *patch*; the receiver rebuilds the target from its verified
-//! copy of the base and accepts it only if it hashes to the target id.
+//! address. Others hold the same text or structures at other offsets (page cache of
+//! files laid out differently, symbol tables with other addresses). Such a page
+//! crosses the WAN as a DELTA frame naming the base chunk, the target's own id and a
+//! payload; the receiver rebuilds the target from its verified copy of the base and
+//! accepts it only if it hashes to the target id.
 //!
-//! # Patch format
+//! # Edits format
 //! The target has the base's length. A patch is a sequence of edits, each
 //! `varint skip, varint len (≥ 1), len bytes`: keep `skip` bytes of the base, then
 //! replace the next `len` bytes with the given ones. Bytes after the last edit are the
 //! base's. Edits must stay within the chunk; anything else is malformed.
 //!
+//! # Zstd format
+//! One zstd frame with its content size set (at most 1 MiB), compressed with the base
+//! as a raw-content dictionary (`ZSTD_compress_usingDict`).
+//!
 //! # Sketch
-//! A chunk is cut into [`FEATURES`] equal parts and each part hashed (with the chunk
-//! length mixed in); two chunks of the same length that share one part share that
-//! feature. In-place edits leave every untouched part's feature intact, so a page
-//! with fewer than [`FEATURES`] edited places always keeps at least one feature of its
-//! base.
-//! Parts whose bytes are all equal (zero runs, fill patterns) give no feature: they
-//! match everything and predict nothing. Features only *propose* a base; the patch
+//! A gear rolling hash (the one FastCDC uses: each value covers the last 64 bytes)
+//! runs over the chunk; the [`FEATURES`] smallest distinct values are its features
+//! (min-hash). Two chunks sharing most of their 64-byte windows, at any offsets, share
+//! most of their smallest values, so edits and shifts both keep features. Windows in
+//! uniform runs (zero pages, fill patterns) repeat the same value and are skipped: they
+//! match everything and predict nothing. Features only *propose* a base; the payload
 //! size decides, and the target hash makes a wrong proposal harmless.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::varint;
 
-/// Features per chunk: a chunk edited in fewer places than this keeps at least one
-/// feature of its original. Near-duplicates of near-duplicates (two VMs' variants of
-/// one page) differ in the edits of both, so there must be room for several.
+/// Features per chunk.
 pub const FEATURES: usize = 8;
 
 /// Smallest chunk worth a delta: below it, the 64 bytes of ids in a DELTA frame eat
 /// the gain.
 pub const MIN_DELTA_CHUNK: usize = 1024;
 
-/// The features of one chunk (`None` for a part without a usable feature).
+/// Largest chunk a zstd delta may rebuild (the wire's chunk cap).
+const MAX_TARGET: usize = crate::frame::MAX_CHUNK;
+
+/// The features of one chunk: its smallest distinct gear-hash values, ascending.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sketch(pub [Option<u64>; FEATURES]);
 
@@ -47,21 +55,42 @@ impl Sketch {
         if chunk.len() < MIN_DELTA_CHUNK {
             return None;
         }
-        let part = chunk.len() / FEATURES;
-        let mut out = [None; FEATURES];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let end = if i + 1 == FEATURES {
-                chunk.len()
-            } else {
-                (i + 1) * part
-            };
-            let bytes = &chunk[i * part..end];
-            if bytes.iter().all(|&b| b == bytes[0]) {
+        let gear = gear_table();
+        // The FEATURES smallest distinct values seen, ascending; `worst` is the largest
+        // kept once full, so most positions cost one comparison.
+        let mut mins = [u64::MAX; FEATURES];
+        let mut kept = 0usize;
+        let mut h = 0u64;
+        let mut prev = 0u64;
+        for (i, &b) in chunk.iter().enumerate() {
+            h = (h << 1).wrapping_add(gear[usize::from(b)]);
+            let repeat = h == prev;
+            prev = h;
+            // A value needs a full 64-byte window; a value equal to the previous
+            // position's comes from a uniform run.
+            if i < 64 || repeat || (kept == FEATURES && h >= mins[FEATURES - 1]) {
                 continue;
             }
-            *slot = Some(part_hash(bytes, chunk.len() as u64, i as u64));
+            let at = mins[..kept].partition_point(|&m| m < h);
+            if at < kept && mins[at] == h {
+                continue;
+            }
+            let end = kept.min(FEATURES - 1);
+            mins.copy_within(at..end, at + 1);
+            mins[at] = h;
+            kept = (kept + 1).min(FEATURES);
         }
-        out.iter().any(Option::is_some).then_some(Sketch(out))
+        if kept == 0 {
+            return None;
+        }
+        // Mixed with the length class so tiny and huge chunks do not propose each other
+        // (a chunk and its base are usually about the same size).
+        let class = (chunk.len() as u64).ilog2() as u64;
+        let mut out = [None; FEATURES];
+        for (slot, &m) in out.iter_mut().zip(&mins[..kept]) {
+            *slot = Some(m ^ class.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        Some(Sketch(out))
     }
 
     /// The usable features.
@@ -70,25 +99,50 @@ impl Sketch {
     }
 }
 
-/// A fast, non-cryptographic hash of one part (word at a time). Collisions only cost
-/// a failed delta attempt.
-fn part_hash(bytes: &[u8], len: u64, index: u64) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = (len << 8 | index).wrapping_mul(K) ^ 0x5851_F42D_4C95_7F2D;
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        h = (h ^ v).wrapping_mul(K).rotate_left(29);
+/// A fixed pseudo-random table (splitmix64 of the byte value), the gear hash's input.
+fn gear_table() -> &'static [u64; 256] {
+    static TABLE: std::sync::OnceLock<[u64; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [0u64; 256];
+        for (i, v) in t.iter_mut().enumerate() {
+            let mut z = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            *v = z ^ (z >> 31);
+        }
+        t
+    })
+}
+
+/// `target` compressed as one zstd frame with `base` as its dictionary, if that works
+/// and comes out at most `limit` bytes.
+pub fn zstd_encode(base: &[u8], target: &[u8], level: i32, limit: usize) -> Option<Vec<u8>> {
+    if target.len() > MAX_TARGET {
+        return None;
     }
-    for &b in words.remainder() {
-        h = (h ^ u64::from(b)).wrapping_mul(K).rotate_left(29);
+    let mut cctx = zstd::zstd_safe::CCtx::create();
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
+    cctx.compress_using_dict(&mut out, target, base, level)
+        .ok()?;
+    (out.len() <= limit).then_some(out)
+}
+
+/// Rebuilds a target from `base` and a zstd frame made by [`zstd_encode`].
+///
+/// # Errors
+/// [`PatchError::BadZstd`] when the frame does not say its size, says more than 1 MiB,
+/// or does not decompress to exactly that size with this base.
+pub fn zstd_apply(base: &[u8], frame: &[u8]) -> Result<Bytes, PatchError> {
+    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n <= MAX_TARGET as u64 => n as usize,
+        _ => return Err(PatchError::BadZstd),
+    };
+    let mut out: Vec<u8> = Vec::with_capacity(size);
+    let mut dctx = zstd::zstd_safe::DCtx::create();
+    match dctx.decompress_using_dict(&mut out, frame, base) {
+        Ok(n) if n == size && out.len() == size => Ok(Bytes::from(out)),
+        _ => Err(PatchError::BadZstd),
     }
-    // Final avalanche (from splitmix64), so nearby inputs spread over the key space.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^ (h >> 31)
 }
 
 /// Equal bytes between two edits shorter than this are folded into one edit: an edit
@@ -157,6 +211,10 @@ pub enum PatchError {
         /// The base's length.
         len: usize,
     },
+    /// A zstd delta that does not decompress, with its base, to its announced size
+    /// (at most 1 MiB).
+    #[error("zstd delta does not decompress with its base to its announced size")]
+    BadZstd,
 }
 
 /// Rebuilds the target from `base` and `patch`.
@@ -259,29 +317,68 @@ mod tests {
         assert!(apply(&base, &p).is_err());
     }
 
-    #[test]
-    fn sketch_survives_edits_in_fewer_than_eight_places() {
-        let base = page(5);
-        let mut target = base.clone();
-        for at in [10, 600, 1100, 1600, 2100, 2600, 3100] {
-            target[at] ^= 1;
-        }
-        let (a, b) = (Sketch::of(&base).unwrap(), Sketch::of(&target).unwrap());
-        let shared = a
-            .features()
+    fn shared_features(a: &[u8], b: &[u8]) -> usize {
+        let (a, b) = (Sketch::of(a).unwrap(), Sketch::of(b).unwrap());
+        a.features()
             .filter(|f| b.features().any(|g| g == *f))
-            .count();
-        assert_eq!(shared, 1, "{a:?} {b:?}");
-        // Uniform parts give no feature; an all-zero page no sketch at all.
+            .count()
+    }
+
+    #[test]
+    fn sketch_survives_edits_and_shifts() {
+        let mut x = 7u64;
+        let base: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 40) as u8 + b'0'
+            })
+            .collect();
+        let mut edited = base.clone();
+        for at in [10, 600, 1100, 1600, 2100, 2600, 3100] {
+            edited[at] ^= 1;
+        }
+        assert!(
+            shared_features(&base, &edited) >= 4,
+            "edited: {}",
+            shared_features(&base, &edited)
+        );
+        // The same content 100 bytes further on, other bytes in front.
+        let shifted = [&page(9)[..100], &base[..3996]].concat();
+        assert!(
+            shared_features(&base, &shifted) >= 4,
+            "shifted: {}",
+            shared_features(&base, &shifted)
+        );
+        // Unrelated content shares nothing.
+        let other: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        assert_eq!(shared_features(&base, &other), 0);
+        // Uniform runs give no feature; an all-zero page no sketch at all.
         assert_eq!(Sketch::of(&[0u8; 4096]), None);
-        let mut half = vec![0u8; 4096];
-        half[..2048].copy_from_slice(&base[..2048]);
-        assert_eq!(Sketch::of(&half).unwrap().features().count(), FEATURES / 2);
-        // Too small for a delta.
+        assert_eq!(Sketch::of(&[0xAAu8; 4096]), None);
+        // Too small for a delta; deterministic.
         assert_eq!(Sketch::of(&base[..1000]), None);
-        // Same bytes in a chunk of another length: different features.
-        let longer = [base.clone(), base[..1024].to_vec()].concat();
-        let c = Sketch::of(&longer).unwrap();
-        assert!(a.features().all(|f| c.features().all(|g| g != f)));
+        assert_eq!(Sketch::of(&base), Sketch::of(&base.clone()));
+    }
+
+    #[test]
+    fn zstd_delta_rebuilds_shifted_content_small() {
+        let base: Vec<u8> = (0..4096u32)
+            .map(|i| ((i * 7) ^ (i >> 5)) as u8 | 1)
+            .collect();
+        let mut target = [&b"a new header "[..], &base[..4000]].concat();
+        target.truncate(4096);
+        let z = zstd_encode(&base, &target, 3, 4096).unwrap();
+        assert!(z.len() < 200, "{} bytes", z.len());
+        assert_eq!(zstd_apply(&base, &z).unwrap(), target);
+        // With another base it does not rebuild the same bytes (or fails).
+        assert!(zstd_apply(&page(1), &z).map_or(true, |t| t != target));
+        // Over the limit: none.
+        assert!(zstd_encode(&base, &page(2), 3, 100).is_none());
+        // Garbage is refused, not trusted.
+        assert_eq!(zstd_apply(&base, b"not zstd"), Err(PatchError::BadZstd));
     }
 }

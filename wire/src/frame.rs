@@ -16,7 +16,7 @@
 //! | `0x08` | RESET | varint len, UTF-8 reason (abort the connection) |
 //! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF/REF_RECENT frames |
 //! | `0x0a` | REF_RECENT | 32-byte id (a REF whose chunk may still be in flight) |
-//! | `0x0b` | DELTA | flags (bit 0: base sent moments ago), 32-byte base id, 32-byte id, varint len, len bytes of patch ([`crate::delta`]) |
+//! | `0x0b` | DELTA | flags (bit 0: base sent moments ago, bit 1: zstd payload), 32-byte base id, 32-byte id, varint len, len bytes of payload ([`crate::delta`]) |
 //!
 //! LITERAL, CHUNK, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
@@ -71,6 +71,8 @@ pub enum Frame {
         /// The base's full copy left the sender moments ago and may still be in
         /// flight (as for [`Frame::RefRecent`]): wait for it before asking.
         base_recent: bool,
+        /// The payload is a zstd frame with the base as dictionary, not edits.
+        zstd: bool,
         /// The chunk the patch edits.
         base: ChunkId,
         /// BLAKE3 of the rebuilt chunk.
@@ -128,6 +130,7 @@ impl Frame {
             }
             Frame::Delta {
                 base_recent,
+                zstd,
                 base,
                 id,
                 patch,
@@ -135,7 +138,7 @@ impl Frame {
                 debug_assert!(patch.len() <= MAX_CHUNK);
                 dst.reserve(2 + 2 * CHUNK_ID_LEN + varint::MAX_VARINT_LEN + patch.len());
                 dst.put_u8(T_DELTA);
-                dst.put_u8(u8::from(*base_recent));
+                dst.put_u8(u8::from(*base_recent) | u8::from(*zstd) << 1);
                 dst.put_slice(base.as_bytes());
                 dst.put_slice(id.as_bytes());
                 varint::put(dst, patch.len() as u64);
@@ -408,7 +411,7 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
             if rest.len() < 1 + 2 * CHUNK_ID_LEN {
                 return Ok(None);
             }
-            if rest[0] > 1 {
+            if rest[0] > 3 {
                 return Err(FrameError::BadFlags(rest[0]));
             }
             get_varint(&rest[1 + 2 * CHUNK_ID_LEN..], "DELTA")?
@@ -460,13 +463,15 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
         T_REF => Frame::Ref(take_id(&mut body)),
         T_REF_RECENT => Frame::RefRecent(take_id(&mut body)),
         T_DELTA => {
-            let base_recent = body.get_u8() == 1;
+            let flags = body.get_u8();
+            let (base_recent, zstd) = (flags & 1 != 0, flags & 2 != 0);
             let base = take_id(&mut body);
             let id = take_id(&mut body);
             let (_, l) = get_varint(&body, "DELTA")?.ok_or(FrameError::BadVarint("DELTA"))?;
             body.advance(l);
             Frame::Delta {
                 base_recent,
+                zstd,
                 base,
                 id,
                 patch: body,

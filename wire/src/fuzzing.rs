@@ -931,9 +931,9 @@ pub fn tunnel_roundtrip(data: &[u8]) {
 // ---------------------------------------------------------------------------------------
 
 /// `delta_patch`: byte 0 picks the base (length 1024-4096, content from byte 1); the
-/// rest is, in turn, a patch applied to the base (which must fail cleanly or give a
-/// chunk of the base's length) and a list of in-place edits whose encoded patch must
-/// rebuild the edited chunk exactly.
+/// rest is, in turn, a patch and a zstd delta applied to the base (which must fail
+/// cleanly or give a chunk within the caps) and a list of in-place edits whose encoded
+/// patch and zstd delta must rebuild the edited chunk exactly.
 pub fn delta_patch(data: &[u8]) {
     let Some((&[a, b], rest)) = data.split_first_chunk::<2>() else {
         return;
@@ -942,9 +942,15 @@ pub fn delta_patch(data: &[u8]) {
     let base: Vec<u8> = (0..len)
         .map(|i| (i as u8).wrapping_mul(b) ^ (i >> 8) as u8)
         .collect();
-    // Arbitrary bytes as a patch.
+    // Arbitrary bytes as a patch, and as a zstd delta.
     if let Ok(out) = delta::apply(&base, rest) {
         assert_eq!(out.len(), base.len(), "a patch changed the length");
+    }
+    if let Ok(out) = delta::zstd_apply(&base, rest) {
+        assert!(
+            out.len() <= frame::MAX_CHUNK,
+            "a zstd delta exceeded the chunk cap"
+        );
     }
     // Arbitrary edits: (offset, value) pairs.
     let mut target = base.clone();
@@ -965,6 +971,13 @@ pub fn delta_patch(data: &[u8]) {
     if !patch.is_empty() {
         assert!(delta::encode(&base, &target, patch.len() - 1).is_none());
     }
+    // The zstd codec rebuilds it too.
+    let z = delta::zstd_encode(&base, &target, 1, usize::MAX).expect("zstd delta");
+    let rebuilt = delta::zstd_apply(&base, &z).expect("own zstd delta applies");
+    assert!(
+        rebuilt[..] == target[..],
+        "zstd delta does not rebuild the target"
+    );
     // Sketches: deterministic, and equal for equal chunks.
     assert_eq!(Sketch::of(&target), Sketch::of(&target.clone()));
 }

@@ -255,6 +255,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::RefRecent(id),
         Frame::Delta {
             base_recent: true,
+            zstd: false,
             base: id,
             id: ChunkId::of(b"target"),
             patch: Bytes::from_static(&[0, 2, 7, 7, 100, 1, 9]),
@@ -422,6 +423,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Ref(ids[3]),
         Frame::Delta {
             base_recent: false,
+            zstd: false,
             base: ids[0],
             id: ChunkId::of(&edited0),
             patch: wire::delta::encode(&blocks[0], &edited0, 4096).expect("patch"),
@@ -588,6 +590,10 @@ fn delta_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "one-edit-end",
             vec![255, 3, 0, 0x10, 0xAA, 0x0b, 0xff, 0x0f, 1],
+        ),
+        (
+            "zstd-frame",
+            with_header(&[9, 4], &zstd::bulk::compress(&noise(300, 8), 1).unwrap()),
         ),
     ]
 }

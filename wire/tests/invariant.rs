@@ -276,12 +276,21 @@ fn workload(seed: u64, len: usize, pool: &[Vec<u8>]) -> Vec<u8> {
     while out.len() < len {
         match next() % 5 {
             0 | 1 => out.extend_from_slice(&pool[(next() as usize) % pool.len()]),
-            // A near-duplicate: a pool page with a few bytes changed in place.
+            // A near-duplicate: a pool page with a few bytes changed in place, or its
+            // content shifted by a few inserted bytes.
             4 => {
                 let mut page = pool[(next() as usize) % pool.len()].clone();
-                for _ in 0..1 + next() % 3 {
-                    let at = (next() as usize) % page.len();
-                    page[at] = page[at].wrapping_add(1 + (next() % 255) as u8);
+                if next() % 2 == 0 {
+                    for _ in 0..1 + next() % 3 {
+                        let at = (next() as usize) % page.len();
+                        page[at] = page[at].wrapping_add(1 + (next() % 255) as u8);
+                    }
+                } else {
+                    let len = page.len();
+                    let mut shifted: Vec<u8> = (0..1 + next() % 16).map(|_| next() as u8).collect();
+                    shifted.extend_from_slice(&page);
+                    shifted.truncate(len);
+                    page = shifted;
                 }
                 out.extend_from_slice(&page);
             }
@@ -586,6 +595,7 @@ fn near_duplicates_cross_as_deltas_and_rebuild_exactly() {
     }
     let (enc2, dec2, wire2) = &encoded[1];
     assert_eq!(enc2.deltas, 64, "{enc2:?}");
+    assert_eq!(enc2.zstd_deltas, 0, "in-place edits need no zstd");
     assert_eq!(dec2.deltas_applied, 64);
     assert_eq!(dec2.misses, 0);
     // 64 pages of 4 KiB in well under 100 bytes each.
@@ -604,6 +614,7 @@ fn delta_against_an_evicted_base_is_filled_whole() {
     let mut dec = Decoder::new(Arc::new(TinyStore::new(1 << 20)), DecoderConfig::default());
     dec.handle_frame(Frame::Delta {
         base_recent: false,
+        zstd: false,
         base: base_id,
         id,
         patch: patch.clone(),
@@ -623,6 +634,7 @@ fn delta_against_an_evicted_base_is_filled_whole() {
     let err = dec
         .handle_frame(Frame::Delta {
             base_recent: false,
+            zstd: false,
             base: base_id,
             id: ChunkId::of(b"another page"),
             patch,
@@ -633,4 +645,61 @@ fn delta_against_an_evicted_base_is_filled_whole() {
         "{err}"
     );
     assert!(store.get(&id).is_none(), "nothing unverified stored");
+}
+
+#[test]
+fn shifted_near_duplicates_cross_as_zstd_deltas() {
+    // Text-like pages, then the same pages with a few bytes inserted in front.
+    let pages: Vec<Vec<u8>> = (0..32u64)
+        .map(|i| {
+            let words = workload_raw(2000 + i, 4096);
+            words
+                .iter()
+                .map(|b| b"etaoin shrdlu cmfwyp"[usize::from(*b) % 20])
+                .collect()
+        })
+        .collect();
+    let first: Vec<u8> = pages.concat();
+    let second: Vec<u8> = pages
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let mut q = format!("<{i}>").into_bytes();
+            q.extend_from_slice(p);
+            q.truncate(4096);
+            q
+        })
+        .collect();
+    let store = Arc::new(TinyStore::new(1 << 30));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let mut stats = Vec::new();
+    for input in [first, second] {
+        let mut enc =
+            Encoder::new(peer.clone(), EncoderConfig::default()).with_deltas(similar.clone());
+        let mut ledger = SendLedger::new();
+        let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
+        for page in input.chunks(4096) {
+            enc.handle_segment(
+                wire::Segment::Block(Bytes::copy_from_slice(page)),
+                &mut ledger,
+            );
+        }
+        enc.handle_end();
+        let wire_bytes = enc.take_batch(false).unwrap();
+        let mut buf = BytesMut::from(&wire_bytes[..]);
+        let mut fdec = FrameDecoder::new();
+        while let Some(f) = fdec.decode(&mut buf).unwrap() {
+            dec.handle_frame(f).unwrap();
+        }
+        let out: Vec<u8> = std::iter::from_fn(|| dec.poll_output())
+            .flat_map(|b| b.to_vec())
+            .collect();
+        assert!(out == input, "rebuilt stream differs");
+        stats.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
+    }
+    let (enc2, dec2, wire2) = &stats[1];
+    assert!(enc2.zstd_deltas >= 30, "{enc2:?}");
+    assert_eq!(dec2.deltas_applied, enc2.deltas);
+    assert!(*wire2 < 32 * 200, "{wire2} bytes for 32 shifted pages");
 }

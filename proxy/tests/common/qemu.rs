@@ -423,11 +423,23 @@ impl LinuxVm {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().unwrap();
+        // Until the Vm exists (its Drop cleans up), a failed QMP connection must not
+        // leave the process or the RAM file behind.
+        struct Guard(Option<Child>, PathBuf);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                if let Some(mut c) = self.0.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    let _ = std::fs::remove_file(&self.1);
+                }
+            }
+        }
+        let mut guard = Guard(Some(cmd.spawn().unwrap()), ram.clone());
         let qmp = Qmp::connect(&qmp_path, &log).await;
         LinuxVm {
             vm: Vm {
-                child,
+                child: guard.0.take().unwrap(),
                 qmp,
                 ram,
                 log,

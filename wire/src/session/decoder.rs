@@ -60,7 +60,7 @@ enum Pending {
     Ready(Bytes),
     /// Chunk `id`, not resolvable yet; for a DELTA whose base is missing, the base and
     /// patch to rebuild it from once the base arrives.
-    Wait(ChunkId, Option<Box<(ChunkId, Bytes)>>),
+    Wait(ChunkId, Option<Box<(ChunkId, bool, Bytes)>>),
     End,
 }
 
@@ -144,11 +144,12 @@ impl Decoder {
             }
             Frame::Delta {
                 base_recent,
+                zstd,
                 base,
                 id,
                 patch,
             } => match self.lookup(&base) {
-                Some(base) => Pending::Ready(self.rebuild(&base, &patch, id)?),
+                Some(base) => Pending::Ready(self.rebuild(&base, zstd, &patch, id)?),
                 None => match self.lookup(&id) {
                     Some(data) => {
                         self.stats.refs_resolved += 1;
@@ -157,7 +158,7 @@ impl Decoder {
                     // The base may still be in flight on another connection: wait.
                     None if base_recent => {
                         self.defer(id);
-                        Pending::Wait(id, Some(Box::new((base, patch))))
+                        Pending::Wait(id, Some(Box::new((base, zstd, patch))))
                     }
                     // The base is gone (evicted): ask for the whole chunk, which the
                     // sender pinned as it does for a reference.
@@ -221,8 +222,18 @@ impl Decoder {
     /// Rebuilds a DELTA's chunk from its base, verified against the id the sender
     /// computed from the original (a wrong rebuild is refused, never delivered or
     /// stored), and stores it.
-    fn rebuild(&mut self, base: &[u8], patch: &[u8], id: ChunkId) -> Result<Bytes, SessionError> {
-        let data = delta::apply(base, patch)?;
+    fn rebuild(
+        &mut self,
+        base: &[u8],
+        zstd: bool,
+        patch: &[u8],
+        id: ChunkId,
+    ) -> Result<Bytes, SessionError> {
+        let data = if zstd {
+            delta::zstd_apply(base, patch)?
+        } else {
+            delta::apply(base, patch)?
+        };
         let chunk = UnverifiedChunk { id, data }.verify()?;
         let data = chunk.data().clone();
         self.store.insert(chunk);
@@ -302,10 +313,10 @@ impl Decoder {
                     let id = *id;
                     let mut found = self.fills.get(&id).cloned().or_else(|| self.store.get(&id));
                     if found.is_none() {
-                        if let Some((base, patch)) = delta.as_deref() {
+                        if let Some((base, zstd, patch)) = delta.as_deref() {
                             if let Some(base) = self.store.get(base) {
-                                let patch = patch.clone();
-                                found = Some(self.rebuild(&base, &patch, id)?);
+                                let (zstd, patch) = (*zstd, patch.clone());
+                                found = Some(self.rebuild(&base, zstd, &patch, id)?);
                             }
                         }
                     }

@@ -51,6 +51,8 @@ pub struct EncoderStats {
     pub delta_bytes: u64,
     /// Patch bytes of those deltas (what crossed instead of `delta_bytes`).
     pub delta_patch_bytes: u64,
+    /// Of `deltas`, those sent as zstd frames with the base as dictionary.
+    pub zstd_deltas: u64,
     /// Frame bytes produced (after compression).
     pub wire_bytes: u64,
     /// Batches sent compressed.
@@ -64,11 +66,18 @@ const DELTA_CANDIDATES: usize = 2;
 /// A patch may be at most 1/this of the chunk: larger ones lose to compressing the
 /// chunk itself (zstd takes typical memory pages to a third or half).
 const DELTA_MAX_SHARE: usize = 4;
+/// A zstd delta is sent only if it is at most this share of the chunk compressed
+/// alone (minus the frame's 70 bytes of ids and header): batches compress chunks
+/// somewhat better than one at a time, so it must win clearly.
+const ZSTD_DELTA_SHARE_NUM: usize = 3;
+const ZSTD_DELTA_SHARE_DEN: usize = 4;
 
 /// Turns segments into data frames, batched and optionally compressed.
 pub struct Encoder {
     peer: Arc<dyn PeerHoldings>,
     similar: Option<Arc<dyn SimilarChunks>>,
+    /// Also try zstd deltas (costs two compressions per candidate chunk).
+    thorough: bool,
     policy: CompressPolicy,
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -96,6 +105,7 @@ impl Encoder {
         Encoder {
             peer,
             similar: None,
+            thorough: true,
             policy: CompressPolicy::new(config.compress),
             level: config.level,
             zstd: None,
@@ -113,6 +123,13 @@ impl Encoder {
     pub fn with_deltas(mut self, similar: Arc<dyn SimilarChunks>) -> Self {
         self.similar = Some(similar);
         self
+    }
+
+    /// Whether to also try zstd deltas (two compressions per chunk that has a similar
+    /// base): worth it when the link, not the CPU, limits (the driver decides; on by
+    /// default).
+    pub fn set_thorough(&mut self, thorough: bool) {
+        self.thorough = thorough;
     }
 
     /// Encodes one segment into the pending batch. Blocks become references when the
@@ -170,24 +187,44 @@ impl Encoder {
             return false;
         };
         let mut sent = false;
+        // What the chunk costs without a base, computed once if needed.
+        let mut alone: Option<usize> = None;
         for (base, base_data) in similar.similar(&sketch, DELTA_CANDIDATES) {
             let holding = self.peer.peek(&base);
             if base == id || !holding.is_held() {
                 continue;
             }
-            if let Some(patch) = delta::encode(&base_data, data, data.len() / DELTA_MAX_SHARE) {
+            // In-place edits first (cheap); a zstd frame with the base as dictionary
+            // when the link is slow enough to afford it and it beats compressing the
+            // chunk on its own.
+            let mut zstd = false;
+            let mut payload = delta::encode(&base_data, data, data.len() / DELTA_MAX_SHARE);
+            if payload.is_none() && self.thorough {
+                let alone = *alone.get_or_insert_with(|| {
+                    zstd::bulk::compress(data, self.level).map_or(data.len(), |z| z.len())
+                });
+                let limit =
+                    (alone * ZSTD_DELTA_SHARE_NUM / ZSTD_DELTA_SHARE_DEN).saturating_sub(70);
+                payload = delta::zstd_encode(&base_data, data, self.level, limit).map(Bytes::from);
+                zstd = payload.is_some();
+            }
+            if let Some(patch) = payload {
                 self.stats.deltas += 1;
+                self.stats.zstd_deltas += u64::from(zstd);
                 self.stats.delta_bytes += data.len() as u64;
                 self.stats.delta_patch_bytes += patch.len() as u64;
                 // Pinned like a reference: if the base is gone at the peer, it asks
                 // for the whole chunk.
                 ledger.pin(id, data);
-                // Patches of similar pages still share bytes: let compression see them.
-                self.batch_payload += patch.len();
+                // Edits of similar pages still share bytes: let compression see them.
+                if !zstd {
+                    self.batch_payload += patch.len();
+                }
                 // A base sent moments ago may still be in flight: the receiver waits
                 // for it as for a REF_RECENT.
                 Frame::Delta {
                     base_recent: holding == Holding::Recent,
+                    zstd,
                     base,
                     id,
                     patch,
