@@ -42,6 +42,11 @@ pub struct ClusterArgs {
     /// with 1-4 words changed per VM (relocated pointers, counters).
     #[arg(long, default_value_t = 0)]
     pub near_permille: u32,
+    /// Use these guest RAM images (comma-separated, one per VM, each exactly
+    /// --ram-mib MiB) instead of generated memory, e.g. real booted guests saved by
+    /// `SHRINKER_GUEST_RAM_OUT=DIR cargo test -p shrinker-proxy --test linux_guest`.
+    #[arg(long, value_delimiter = ',')]
+    pub ram_files: Vec<PathBuf>,
     /// Write bar charts of WAN bytes and migration time per scenario (SVG) here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
@@ -567,6 +572,7 @@ struct Env {
     ram_mib: u64,
     pool_mib: u64,
     near_permille: u32,
+    ram_files: Vec<PathBuf>,
 }
 
 impl Env {
@@ -587,6 +593,13 @@ impl Env {
             "/dev/shm/shrinker-bench-{}-vm{vm}.ram",
             std::process::id()
         ));
+        if let Some(f) = self.ram_files.get(vm as usize) {
+            // A copy: QEMU maps the file shared, and the user's image must not change.
+            if !path.exists() {
+                std::fs::copy(f, &path).expect("copy RAM image to /dev/shm");
+            }
+            return path;
+        }
         if !path.exists() {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("tmpfs"));
             let mut s = testkit::Workload::cluster(2026, self.pool_mib << 20)
@@ -629,7 +642,29 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         ram_mib: args.ram_mib,
         pool_mib: args.pool_mib,
         near_permille: args.near_permille,
+        ram_files: args.ram_files.clone(),
     };
+    if !args.ram_files.is_empty() {
+        if args.ram_files.len() as u64 != args.vms {
+            bail!(
+                "--ram-files names {} images for --vms {}",
+                args.ram_files.len(),
+                args.vms
+            );
+        }
+        for f in &args.ram_files {
+            let len = std::fs::metadata(f)
+                .with_context(|| format!("{}", f.display()))?
+                .len();
+            if len != args.ram_mib << 20 {
+                bail!(
+                    "{} is {len} bytes, not --ram-mib {} MiB",
+                    f.display(),
+                    args.ram_mib
+                );
+            }
+        }
+    }
     let mut figures = Vec::new();
     let result = (|| {
         for (i, s) in args

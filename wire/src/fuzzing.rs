@@ -183,8 +183,9 @@ impl PeerHoldings for Optimist {
 }
 
 /// Remembers every chunk sent, by feature, without bound: deltas whenever possible.
+/// (Also the fake the property tests use.)
 #[derive(Debug, Default)]
-struct MemSimilar(Mutex<(HashMap<u64, ChunkId>, HashMap<ChunkId, Bytes>)>);
+pub struct MemSimilar(Mutex<(HashMap<u64, ChunkId>, HashMap<ChunkId, Bytes>)>);
 
 impl SimilarChunks for MemSimilar {
     fn similar(&self, sketch: &Sketch, max: usize) -> Vec<(ChunkId, Bytes)> {

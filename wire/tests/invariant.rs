@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use wire::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
+use wire::session::{
+    CompressMode, Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig, EncoderStats,
+    SendLedger,
+};
 use wire::{
-    delta::Sketch, segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame,
-    FrameDecoder, Holding, PeerHoldings, Segmenter, SimilarChunks, VerifiedChunk,
+    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder, Holding,
+    PeerHoldings, Segmenter, SimilarChunks, VerifiedChunk,
 };
 
 /// A FIFO store bounded in bytes (0 = stores nothing), with optional forced evictions.
@@ -91,37 +94,7 @@ impl PeerHoldings for Optimist {
 }
 
 /// Remembers every chunk sent, by feature, without bound.
-#[derive(Default)]
-struct Similar(Mutex<(HashMap<u64, ChunkId>, HashMap<ChunkId, Bytes>)>);
-
-impl SimilarChunks for Similar {
-    fn similar(&self, sketch: &Sketch, max: usize) -> Vec<(ChunkId, Bytes)> {
-        let g = self.0.lock().unwrap();
-        let mut out: Vec<(ChunkId, Bytes)> = Vec::new();
-        for f in sketch.features() {
-            if let Some(id) = g.0.get(&f) {
-                if out.iter().all(|(o, _)| o != id) {
-                    out.push((*id, g.1[id].clone()));
-                }
-            }
-        }
-        out.truncate(max);
-        out
-    }
-    fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch) {
-        let mut g = self.0.lock().unwrap();
-        let (id, data) = chunk.into_parts();
-        assert_eq!(
-            ChunkId::of(&data),
-            id,
-            "remembered bytes are not their id's"
-        );
-        for f in sketch.features() {
-            g.0.insert(f, id);
-        }
-        g.1.insert(id, data);
-    }
-}
+use wire::fuzzing::MemSimilar as Similar;
 
 /// One proxied connection: sender side (segmenter, encoder, ledger) and receiver side
 /// (frame decoder, decoder), with the wire in between held as bytes in flight.
@@ -564,35 +537,7 @@ fn near_duplicates_cross_as_deltas_and_rebuild_exactly() {
             p
         })
         .collect();
-    let store = Arc::new(TinyStore::new(1 << 30));
-    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
-    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
-    let mut encoded = Vec::new();
-    for input in [first, second] {
-        let mut enc =
-            Encoder::new(peer.clone(), EncoderConfig::default()).with_deltas(similar.clone());
-        let mut ledger = SendLedger::new();
-        let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
-        for page in input.chunks(4096) {
-            enc.handle_segment(
-                wire::Segment::Block(Bytes::copy_from_slice(page)),
-                &mut ledger,
-            );
-        }
-        enc.handle_end();
-        let wire_bytes = enc.take_batch(false).unwrap();
-        let mut buf = BytesMut::from(&wire_bytes[..]);
-        let mut fdec = FrameDecoder::new();
-        while let Some(f) = fdec.decode(&mut buf).unwrap() {
-            dec.handle_frame(f).unwrap();
-        }
-        let out: Vec<u8> = std::iter::from_fn(|| dec.poll_output())
-            .flat_map(|b| b.to_vec())
-            .collect();
-        assert!(out == input, "rebuilt stream differs");
-        assert!(dec.is_finished());
-        encoded.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
-    }
+    let encoded = send_pages_in_turn([first, second]);
     let (enc2, dec2, wire2) = &encoded[1];
     assert_eq!(enc2.deltas, 64, "{enc2:?}");
     assert_eq!(enc2.zstd_deltas, 0, "in-place edits need no zstd");
@@ -670,11 +615,22 @@ fn shifted_near_duplicates_cross_as_zstd_deltas() {
             q
         })
         .collect();
+    let stats = send_pages_in_turn([first, second]);
+    let (enc2, dec2, wire2) = &stats[1];
+    assert!(enc2.zstd_deltas >= 30, "{enc2:?}");
+    assert_eq!(dec2.deltas_applied, enc2.deltas);
+    assert!(*wire2 < 32 * 200, "{wire2} bytes for 32 shifted pages");
+}
+
+/// Sends each input in turn as 4 KiB blocks (as the QEMU and NBD parsers cut them)
+/// through one encoder/decoder pair per input, sharing store, peer model and delta
+/// bases; checks each is rebuilt exactly and returns each one's counters and wire size.
+fn send_pages_in_turn(inputs: [Vec<u8>; 2]) -> Vec<(EncoderStats, DecoderStats, usize)> {
     let store = Arc::new(TinyStore::new(1 << 30));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
     let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
-    let mut stats = Vec::new();
-    for input in [first, second] {
+    let mut results = Vec::new();
+    for input in inputs {
         let mut enc =
             Encoder::new(peer.clone(), EncoderConfig::default()).with_deltas(similar.clone());
         let mut ledger = SendLedger::new();
@@ -696,10 +652,8 @@ fn shifted_near_duplicates_cross_as_zstd_deltas() {
             .flat_map(|b| b.to_vec())
             .collect();
         assert!(out == input, "rebuilt stream differs");
-        stats.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
+        assert!(dec.is_finished());
+        results.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
     }
-    let (enc2, dec2, wire2) = &stats[1];
-    assert!(enc2.zstd_deltas >= 30, "{enc2:?}");
-    assert_eq!(dec2.deltas_applied, enc2.deltas);
-    assert!(*wire2 < 32 * 200, "{wire2} bytes for 32 shifted pages");
+    results
 }
