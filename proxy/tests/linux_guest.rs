@@ -132,6 +132,7 @@ async fn boot_and_migrate_via(
     let migration = t1.elapsed();
     let status = src.vm.qmp.cmd("query-status", json!({})).await;
     assert_eq!(status["status"], "postmigrate", "{status}");
+    dst.vm.qmp.wait_incoming_done(MIGRATION_TIMEOUT).await;
     assert_same_file(&src.vm.ram, &dst.vm.ram);
     eprintln!(
         "QEMU {} {name}: booted to {READY} in {:.1} s, migrated in {:.1} s ({} dirty syncs, {} bytes transferred)",

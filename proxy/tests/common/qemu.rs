@@ -233,6 +233,35 @@ impl Qmp {
         }
     }
 
+    /// On a destination: polls until the incoming migration has been loaded entirely
+    /// (query-migrate reports it completed). The source reports "completed" once it
+    /// has *sent* everything; the destination may still be reading and writing pages
+    /// (multifd channels and delayed tunnels finish later), so compare RAM only after
+    /// this.
+    pub async fn wait_incoming_done(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.cmd("query-migrate", json!({})).await;
+            match v["status"].as_str() {
+                Some("completed") => return v,
+                Some("failed") | Some("cancelled") => panic!("incoming migration failed: {v}"),
+                // No incoming state reported: fall back to the run state.
+                None => {
+                    let st = self.cmd("query-status", json!({})).await;
+                    if st["status"] != "inmigrate" {
+                        return st;
+                    }
+                }
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "incoming migration not completed in {timeout:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls query-migrate until completed (panics on failure or timeout).
     pub async fn wait_migration(&mut self, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
@@ -264,11 +293,29 @@ pub fn assert_same_file(a: &Path, b: &Path) {
         b.display()
     );
     if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        // Enough to tell a page that never arrived (zeros) from wrong content.
+        let differing: Vec<usize> = x
+            .chunks(4096)
+            .zip(y.chunks(4096))
+            .enumerate()
+            .filter(|(_, (p, q))| p != q)
+            .map(|(n, _)| n)
+            .collect();
+        let page = i / 4096;
+        let (p, q) = (&x[page * 4096..][..4096], &y[page * 4096..][..4096]);
+        let diff_bytes = p.iter().zip(q).filter(|(u, v)| u != v).count();
         panic!(
-            "{} and {} differ at byte {i} (page {})",
+            "{} and {} differ at byte {i} (page {page}); {} pages differ (first {:?}); \
+             in page {page} {diff_bytes} bytes differ, destination page all zero: {}, \
+             source page all zero: {}; source starts {:02x?}, destination {:02x?}",
             a.display(),
             b.display(),
-            i / 4096
+            differing.len(),
+            &differing[..differing.len().min(10)],
+            q.iter().all(|&v| v == 0),
+            p.iter().all(|&v| v == 0),
+            &p[..16],
+            &q[..16],
         );
     }
 }
