@@ -40,6 +40,10 @@ const MIN_SAMPLE: Duration = Duration::from_micros(50);
 const WINDOW: Duration = Duration::from_millis(50);
 /// Share of a window spent waiting for the link that makes the link the bottleneck.
 const WAIT_SHARE: f64 = 0.25;
+/// Consecutive windows draining more than twice the known capacity (without the
+/// uplink waiting) before that capacity is dropped as stale: 0.4 s, longer than kernel
+/// buffers can fake a fast link.
+const STALE_WINDOWS: u32 = 8;
 /// How long a decision seen on one connection guides new connections to that peer.
 pub(crate) const HISTORY_TTL: Duration = Duration::from_secs(60);
 /// zstd level while the link is limited.
@@ -128,6 +132,8 @@ pub(crate) struct CompressGovernor {
     /// The link's rate as last measured while it was saturated (the uplink waited for
     /// it): its capacity, as far as this edge knows.
     capacity: Option<f64>,
+    /// Consecutive unsaturated windows that drained more than twice `capacity`.
+    faster_windows: u32,
 }
 
 impl CompressGovernor {
@@ -145,6 +151,7 @@ impl CompressGovernor {
             // the uplink, not the link, the one that waits least).
             limited: recalled.is_none_or(|r| r.0),
             capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
+            faster_windows: 0,
         }
     }
 
@@ -175,8 +182,15 @@ impl CompressGovernor {
             if saturated {
                 self.capacity = Some(rate);
             } else if self.capacity.is_some_and(|c| rate > 2.0 * c) {
-                // More left than the capacity we believed: it is stale.
-                self.capacity = None;
+                // More left than the capacity we believed. Kernel buffers swallow a few
+                // megabytes at any speed (at the start of every connection), so only a
+                // sustained excess says the capacity is stale.
+                self.faster_windows += 1;
+                if self.faster_windows >= STALE_WINDOWS {
+                    self.capacity = None;
+                }
+            } else {
+                self.faster_windows = 0;
             }
             self.limited = if saturated {
                 rate < self.zstd_rate * MARGIN
@@ -250,6 +264,26 @@ mod tests {
         // ... but not after the history has aged: then it knows nothing (and compresses).
         let later = t + HISTORY_TTL + Duration::from_secs(1);
         assert!(history.recall(later).is_none());
+    }
+
+    #[test]
+    fn kernel_buffers_do_not_erase_a_known_slow_link() {
+        let mut t = Instant::now();
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, Default::default());
+        assert!(
+            window(&mut g, &mut t, &link, 1_250_000, 80),
+            "100 Mbit/s, waiting"
+        );
+        // A new burst fills socket buffers fast, without waiting: still limited.
+        for _ in 0..3 {
+            assert!(window(&mut g, &mut t, &link, 8_000_000, 0));
+        }
+        // Sustained fast draining: the link got faster, the capacity is stale.
+        for _ in 0..STALE_WINDOWS {
+            window(&mut g, &mut t, &link, 40_000_000, 0);
+        }
+        assert!(!window(&mut g, &mut t, &link, 40_000_000, 0));
     }
 
     #[test]
