@@ -426,7 +426,7 @@ fn run_scenario(
         } else {
             None
         };
-        let (mut dst_child, mut dq) = qemu(
+        let (dst_child, mut dq) = qemu(
             args,
             &env.dir,
             "dst",
@@ -434,7 +434,9 @@ fn run_scenario(
             true,
             disks.as_ref().map(|d| (d.1.as_path(), true)),
         )?;
-        let (mut src_child, mut sq) = qemu(
+        // Killed on drop, so a failed migration leaves no VM (or busy port) behind.
+        let mut vm_procs = Procs(vec![dst_child]);
+        let (src_child, mut sq) = qemu(
             args,
             &env.dir,
             "src",
@@ -442,6 +444,7 @@ fn run_scenario(
             false,
             disks.as_ref().map(|d| (d.0.as_path(), true)),
         )?;
+        vm_procs.0.push(src_child);
         if args.multifd > 0 {
             for q in [&mut sq, &mut dq] {
                 q.cmd(
@@ -531,10 +534,7 @@ fn run_scenario(
         }
         times.push(t.elapsed().as_secs_f64());
         lan += info["ram"]["transferred"].as_u64().unwrap_or(0);
-        let _ = src_child.kill();
-        let _ = dst_child.kill();
-        let _ = src_child.wait();
-        let _ = dst_child.wait();
+        drop(vm_procs);
         if std::fs::read(&src_ram)? != std::fs::read(&dst_ram)? {
             bail!("{scenario}: VM {vm}: destination RAM differs from the source's");
         }
