@@ -62,12 +62,26 @@ pub struct PairArgs {
     /// Run the edges' tunnel without TLS (passes --insecure-plaintext to both).
     #[arg(long)]
     pub plaintext: bool,
+    /// Write bar charts (SVG) of throughput, WAN bytes and round-trip latency
+    /// percentiles, relay pair vs edge pair (medians), here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Write all figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Give up after this many seconds in total.
     #[arg(long, default_value_t = 1200)]
     pub timeout_secs: u64,
+}
+
+/// `n` bytes as the largest whole binary unit (e.g. 256MiB), for titles.
+fn fmt_size(n: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    format!("{n}B")
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -795,6 +809,51 @@ pub async fn run(args: PairArgs) -> anyhow::Result<()> {
     if let (Some(a), Some(b)) = (edge_m.edge_a_peak_rss_mib, edge_m.edge_b_peak_rss_mib) {
         println!("edge peak RSS (medians): A (sender) {a:.0} MiB, B (receiver, holds the store) {b:.0} MiB");
     }
+    if let Some(path) = &args.svg {
+        let both = |f: &dyn Fn(&Medians) -> f64| -> Vec<(String, f64)> {
+            [&relay_m, &edge_m]
+                .iter()
+                .map(|m| (m.scenario.to_string(), f(m)))
+                .collect()
+        };
+        let mut latency = Vec::new();
+        for (q, f) in [
+            ("p50", (|m: &Medians| m.p50_us) as fn(&Medians) -> f64),
+            ("p99", |m: &Medians| m.p99_us),
+            ("p999", |m: &Medians| m.p999_us),
+        ] {
+            for m in [&relay_m, &edge_m] {
+                latency.push((format!("{} {q}", m.scenario), f(m)));
+            }
+        }
+        let title = format!(
+            "{} x {} streams{}, WAN {}, compress {}, medians of {} runs",
+            fmt_size(args.bytes),
+            args.streams,
+            if args.concurrent { " (concurrent)" } else { "" },
+            if args.rate_mbit > 0.0 {
+                format!("{} Mbit/s + {} ms", args.rate_mbit, args.delay_ms)
+            } else {
+                "unlimited".into()
+            },
+            args.compress,
+            args.runs
+        );
+        std::fs::write(
+            path,
+            crate::chart::bar_charts(
+                &title,
+                &[
+                    (
+                        "throughput (MB/s, LAN side)",
+                        both(&|m| m.throughput_mb_s).as_slice(),
+                    ),
+                    ("WAN bytes (MB)", both(&|m| m.wan_bytes / 1e6).as_slice()),
+                    ("64-byte round trip (us)", latency.as_slice()),
+                ],
+            ),
+        )?;
+    }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "args": {
@@ -824,6 +883,14 @@ pub async fn run(args: PairArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_format_for_titles() {
+        assert_eq!(fmt_size(256 << 20), "256MiB");
+        assert_eq!(fmt_size(1 << 30), "1GiB");
+        assert_eq!(fmt_size(4096), "4KiB");
+        assert_eq!(fmt_size(1000), "1000B");
+    }
 
     #[test]
     fn sizes_parse() {

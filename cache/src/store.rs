@@ -141,8 +141,17 @@ impl ContentStore for ChunkStore {
     }
 
     fn insert(&self, chunk: VerifiedChunk) {
-        // The chunk was hashed when it was verified; nothing here hashes or copies.
+        // The chunk was hashed when it was verified; nothing here hashes.
         let (id, data) = chunk.into_parts();
+        if self.inner.map.contains(&id) {
+            self.inner.map.insert(id, data);
+            return;
+        }
+        // A chunk usually is a slice of a read buffer or of a decompressed batch
+        // hundreds of KiB long, which the slice would keep alive: the budget would
+        // count 4 KiB and the process hold the whole buffer. Stored chunks get their
+        // own allocation (a memcpy, cheap beside the hash that verified them).
+        let data = Bytes::copy_from_slice(&data);
         match self.inner.map.insert(id, data) {
             Insert::Present(()) => {}
             Insert::Inserted { evicted } => {

@@ -360,6 +360,8 @@ async fn uplink(
             Encoding::Raw => FAST_LEVEL,
         });
         enc.set_thorough(strong);
+        // On a fast link the CPU is the limit: no delta search at all.
+        enc.set_deltas(always || limited);
         batches += 1;
         limited_batches += u64::from(limited);
         let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());

@@ -76,6 +76,8 @@ const ZSTD_DELTA_SHARE_DEN: usize = 4;
 pub struct Encoder {
     peer: Arc<dyn PeerHoldings>,
     similar: Option<Arc<dyn SimilarChunks>>,
+    /// Look for deltas at all (sketch, lookup, remember: a few µs per new chunk).
+    deltas: bool,
     /// Also try zstd deltas (costs two compressions per candidate chunk).
     thorough: bool,
     policy: CompressPolicy,
@@ -105,6 +107,7 @@ impl Encoder {
         Encoder {
             peer,
             similar: None,
+            deltas: true,
             thorough: true,
             policy: CompressPolicy::new(config.compress),
             level: config.level,
@@ -130,6 +133,13 @@ impl Encoder {
     /// default).
     pub fn set_thorough(&mut self, thorough: bool) {
         self.thorough = thorough;
+    }
+
+    /// Whether to look for deltas at all: sketching, looking up and remembering every
+    /// new chunk costs a few µs, worth it only when the link, not the CPU, limits (the
+    /// driver decides; on by default). Chunks sent while off are not remembered.
+    pub fn set_deltas(&mut self, deltas: bool) {
+        self.deltas = deltas;
     }
 
     /// Encodes one segment into the pending batch. Blocks become references when the
@@ -179,7 +189,7 @@ impl Encoder {
     /// known and the patch is small; remembers the chunk either way. Returns whether a
     /// DELTA was sent.
     fn try_delta(&mut self, chunk: VerifiedChunk, ledger: &mut SendLedger) -> bool {
-        let Some(similar) = &self.similar else {
+        let Some(similar) = self.similar.as_ref().filter(|_| self.deltas) else {
             return false;
         };
         let (id, data) = (*chunk.id(), chunk.data());
