@@ -96,6 +96,11 @@ pub struct EdgeArgs {
     /// (e.g. 1GiB; 0 turns deltas off).
     #[arg(long, value_name = "SIZE")]
     pub delta_mem: Option<ByteSize>,
+    /// Memory for context-keeping compression streams, 8 MiB of history each, granted
+    /// to connections while the link is the bottleneck (e.g. 256MiB; 0: every batch
+    /// is compressed on its own). The peer edge keeps the same history to decode.
+    #[arg(long, value_name = "SIZE")]
+    pub stream_mem: Option<ByteSize>,
     /// Most unacknowledged bytes per connection in flight to the peer (bounds memory
     /// kept to answer misses; must cover bandwidth x RTT).
     #[arg(long, value_name = "SIZE")]
@@ -132,6 +137,7 @@ pub struct EdgeFile {
     insecure_plaintext: Option<bool>,
     cache_mem: Option<ByteSize>,
     delta_mem: Option<ByteSize>,
+    stream_mem: Option<ByteSize>,
     window: Option<ByteSize>,
     compress: Option<String>,
     stats_json: Option<PathBuf>,
@@ -174,6 +180,8 @@ pub struct EdgeConfig {
     pub cache_bytes: u64,
     /// Memory for delta bases in bytes (0: no deltas).
     pub delta_bytes: u64,
+    /// Memory for compression streams in bytes (0: none).
+    pub stream_bytes: u64,
     /// Flow-control window per connection direction.
     pub window: u64,
     /// Compression mode.
@@ -193,6 +201,9 @@ pub const DEFAULT_CACHE: u64 = 1 << 30;
 /// Default memory for delta bases: the pages of a few VMs already sent, so the next
 /// similar VM's near-duplicate pages find their base.
 pub const DEFAULT_DELTA_MEM: u64 = 512 << 20;
+/// Default memory for compression streams: about 25 connections compressing at once
+/// with 8 MiB of history each.
+pub const DEFAULT_STREAM_MEM: u64 = 256 << 20;
 /// Default window: 64 MiB covers 1 Gbit/s x 500 ms or 10 Gbit/s x 50 ms.
 pub const DEFAULT_WINDOW: u64 = 64 << 20;
 
@@ -293,6 +304,10 @@ impl EdgeArgs {
                 .delta_mem
                 .or(file.delta_mem)
                 .map_or(DEFAULT_DELTA_MEM, |s| s.0),
+            stream_bytes: self
+                .stream_mem
+                .or(file.stream_mem)
+                .map_or(DEFAULT_STREAM_MEM, |s| s.0),
             window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
             compress,
             stats_json: self.stats_json.clone().or(file.stats_json),

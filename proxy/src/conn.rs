@@ -33,6 +33,7 @@ use wire::{
     ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings, SimilarChunks,
 };
 
+use crate::budget::{StreamBudget, StreamGrant};
 use crate::governor::{
     CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
 };
@@ -78,6 +79,8 @@ pub(crate) struct PumpCtx {
     pub(crate) peer: Arc<dyn PeerHoldings>,
     /// Where delta bases come from (`None`: no deltas).
     pub(crate) similar: Option<Arc<dyn SimilarChunks>>,
+    /// Memory for context-keeping compression streams.
+    pub(crate) streams: Arc<StreamBudget>,
     pub(crate) encoder: EncoderConfig,
     pub(crate) chunk: ChunkParams,
     /// Our send window.
@@ -270,6 +273,9 @@ async fn uplink(
     if let Some(similar) = &ctx.similar {
         enc = enc.with_deltas(similar.clone());
     }
+    // Held while the encoder keeps a compression stream (returned when the
+    // connection ends).
+    let mut stream_grant: Option<StreamGrant> = None;
     let mut buf = BytesMut::with_capacity(READ_CAP);
     let mut segs = Vec::new();
     let fail = |e| shared.fail(e, &ctrl_tx);
@@ -362,6 +368,11 @@ async fn uplink(
         enc.set_thorough(strong);
         // On a fast link the CPU is the limit: no delta search at all.
         enc.set_deltas(always || limited);
+        // Compressing with history needs a stream: ask once the link limits.
+        if (always || limited) && stream_grant.is_none() {
+            stream_grant = ctx.streams.take();
+            enc.set_stream(stream_grant.as_ref().map(StreamGrant::window_log));
+        }
         batches += 1;
         limited_batches += u64::from(limited);
         let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());

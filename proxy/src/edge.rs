@@ -19,6 +19,7 @@ use wire::handshake::{Hello, HelloReply};
 use wire::session::EncoderConfig;
 use wire::{ChunkParams, SimilarChunks};
 
+use crate::budget::StreamBudget;
 use crate::config::{EdgeConfig, Forward};
 use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
@@ -41,6 +42,8 @@ pub(crate) struct EdgeShared {
     store: ChunkStore,
     /// Chunks sent, as delta bases (`None` when `--delta-mem 0`).
     similar: Option<Arc<dyn SimilarChunks>>,
+    /// Memory for context-keeping compression streams.
+    streams: Arc<StreamBudget>,
     peers: PeerRegistry,
     stats: Arc<EdgeStats>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -101,6 +104,7 @@ impl Edge {
             store: ChunkStore::new(config.cache_bytes),
             similar: (config.delta_bytes > 0)
                 .then(|| Arc::new(SimilarIndex::new(config.delta_bytes)) as Arc<dyn SimilarChunks>),
+            streams: StreamBudget::new(config.stream_bytes),
             peers: PeerRegistry::new(),
             stats: Arc::new(EdgeStats::default()),
             tls_acceptor,
@@ -272,6 +276,7 @@ impl EdgeShared {
             store: Arc::new(self.store.clone()),
             peer: self.peers.index_for(peer_edge, peer_epoch, peer_cache),
             similar: self.similar.clone(),
+            streams: self.streams.clone(),
             encoder: EncoderConfig {
                 compress: self.config.compress,
                 level: 1,

@@ -10,6 +10,7 @@
 //! - [`io`]: the WAN byte-counting socket wrapper.
 #![warn(missing_docs, unreachable_pub)]
 
+mod budget;
 pub mod config;
 mod conn;
 pub mod demo;

@@ -78,6 +78,9 @@ counters! {
     deltas_applied,
     /// Batches sent zstd-compressed.
     batches_compressed,
+    /// Of those, batches sent as pieces of a context-keeping stream (matches reach back
+    /// into earlier batches of the connection).
+    batches_streamed,
     /// MISS requests this edge sent (a reference it could not resolve).
     misses_sent,
     /// FILLs this edge sent in answer to a peer's MISS.
@@ -125,6 +128,7 @@ impl EdgeStats {
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
         self.batches_compressed
             .fetch_add(s.batches_compressed, Relaxed);
+        self.batches_streamed.fetch_add(s.batches_streamed, Relaxed);
     }
 
     /// Adds one finished direction's segmenter report.

@@ -17,6 +17,7 @@
 //! | `0x09` | ZBATCH | varint raw len, varint zstd len, zstd frame holding LITERAL/CHUNK/REF/REF_RECENT frames |
 //! | `0x0a` | REF_RECENT | 32-byte id (a REF whose chunk may still be in flight) |
 //! | `0x0b` | DELTA | flags (bit 0: base sent moments ago, bit 1: zstd payload), 32-byte base id, 32-byte id, varint len, len bytes of payload ([`crate::delta`]) |
+//! | `0x0c` | ZSTREAM | flags (bit 0: fresh context), varint raw len, varint zstd len, one flushed piece of the direction's zstd stream ([`crate::zstream`]) holding data frames |
 //!
 //! LITERAL, CHUNK, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
@@ -48,6 +49,7 @@ const T_RESET: u8 = 0x08;
 const T_ZBATCH: u8 = 0x09;
 const T_REF_RECENT: u8 = 0x0a;
 const T_DELTA: u8 = 0x0b;
+const T_ZSTREAM: u8 = 0x0c;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,6 +205,20 @@ fn encode_chunk(dst: &mut BytesMut, ty: u8, id: &ChunkId, data: &[u8]) {
     dst.put_slice(data);
 }
 
+/// Appends a ZSTREAM header for a piece of `compressed_len` bytes decoding to `raw_len`
+/// bytes of encoded data frames; `fresh` tells the receiver to drop its context first.
+pub fn encode_zstream_header(
+    dst: &mut BytesMut,
+    fresh: bool,
+    raw_len: usize,
+    compressed_len: usize,
+) {
+    dst.put_u8(T_ZSTREAM);
+    dst.put_u8(u8::from(fresh));
+    varint::put(dst, raw_len as u64);
+    varint::put(dst, compressed_len as u64);
+}
+
 /// Appends a ZBATCH frame holding `compressed`, the zstd frame of `raw_len` bytes of
 /// encoded data frames.
 pub fn encode_zbatch_header(dst: &mut BytesMut, raw_len: usize, compressed_len: usize) {
@@ -243,9 +259,12 @@ pub enum FrameError {
     /// A ZBATCH ends inside a frame.
     #[error("ZBATCH ends inside a frame")]
     BatchTruncated,
-    /// A DELTA's flags byte has unknown bits set.
-    #[error("DELTA frame with unknown flags 0x{0:02x}")]
+    /// A DELTA's or ZSTREAM's flags byte has unknown bits set.
+    #[error("frame with unknown flags 0x{0:02x}")]
     BadFlags(u8),
+    /// A ZSTREAM piece does not decode in this stream.
+    #[error(transparent)]
+    Stream(#[from] crate::zstream::StreamError),
 }
 
 /// Incremental decoder of a frame stream: feed it a buffer that grows with each read.
@@ -255,6 +274,8 @@ pub enum FrameError {
 pub struct FrameDecoder {
     batch: std::collections::VecDeque<Frame>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// This direction's stream context, made by the first ZSTREAM.
+    stream: Option<crate::zstream::StreamDecompressor>,
     /// Wire bytes consumed so far (including ZBATCH envelopes).
     consumed: u64,
 }
@@ -280,6 +301,7 @@ impl FrameDecoder {
         FrameDecoder {
             batch: Default::default(),
             zstd: None,
+            stream: None,
             consumed: 0,
         }
     }
@@ -315,6 +337,13 @@ impl FrameDecoder {
             // expand_batch refuses empty batches, so there is a frame to return.
             return Ok(self.batch.pop_front());
         }
+        if ty == T_ZSTREAM {
+            let fresh = header[1] & 1 != 0;
+            let (raw_len, _) =
+                get_varint(&header[2..], "ZSTREAM")?.ok_or(FrameError::BadVarint("ZSTREAM"))?;
+            self.expand_piece(fresh, raw_len as usize, &frame)?;
+            return Ok(self.batch.pop_front());
+        }
         build(ty, frame).map(Some)
     }
 
@@ -336,7 +365,30 @@ impl FrameDecoder {
         if raw.len() != raw_len {
             return Err(FrameError::BadBatch(raw_len));
         }
-        let mut raw = Bytes::from(raw);
+        self.queue_batch(Bytes::from(raw))
+    }
+
+    fn expand_piece(
+        &mut self,
+        fresh: bool,
+        raw_len: usize,
+        piece: &[u8],
+    ) -> Result<(), FrameError> {
+        if raw_len == 0 {
+            return Err(FrameError::BadBatch(0));
+        }
+        let stream = match &mut self.stream {
+            Some(s) => s,
+            None => self
+                .stream
+                .insert(crate::zstream::StreamDecompressor::new()?),
+        };
+        let raw = stream.decompress(fresh, piece, raw_len)?;
+        self.queue_batch(Bytes::from(raw))
+    }
+
+    /// Queues the data frames of a decompressed batch.
+    fn queue_batch(&mut self, mut raw: Bytes) -> Result<(), FrameError> {
         while !raw.is_empty() {
             let Some((header_len, body_len, ty)) = peek_header(&raw)? else {
                 return Err(FrameError::BatchTruncated);
@@ -368,6 +420,7 @@ fn type_name(ty: u8) -> &'static str {
         T_END => "END",
         T_RESET => "RESET",
         T_ZBATCH => "ZBATCH",
+        T_ZSTREAM => "ZSTREAM",
         _ => "unknown",
     }
 }
@@ -436,6 +489,24 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
                 .map(|(z, l2)| {
                     capped(z, MAX_BATCH_COMPRESSED, "ZBATCH compressed")
                         .map(|z| (1 + l1 + l2, z, ty))
+                })
+                .transpose()?
+        }
+        T_ZSTREAM => {
+            let Some(&flags) = rest.first() else {
+                return Ok(None);
+            };
+            if flags > 1 {
+                return Err(FrameError::BadFlags(flags));
+            }
+            let Some((raw, l1)) = get_varint(&rest[1..], "ZSTREAM")? else {
+                return Ok(None);
+            };
+            capped(raw, MAX_BATCH_RAW, "ZSTREAM raw")?;
+            get_varint(&rest[1 + l1..], "ZSTREAM")?
+                .map(|(z, l2)| {
+                    capped(z, MAX_BATCH_COMPRESSED, "ZSTREAM compressed")
+                        .map(|z| (2 + l1 + l2, z, ty))
                 })
                 .transpose()?
         }

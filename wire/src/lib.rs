@@ -27,6 +27,7 @@ pub mod handshake;
 pub mod segment;
 pub mod session;
 pub mod varint;
+pub mod zstream;
 
 pub use chunk::{ChunkParams, Chunker};
 pub use frame::{Frame, FrameDecoder, FrameError};

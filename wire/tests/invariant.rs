@@ -316,6 +316,13 @@ enum Op {
     Expire {
         conn: usize,
     },
+    /// The driver grants or withdraws a compression stream, or changes the level
+    /// (each restarts or drops the stream's context mid-connection).
+    Stream {
+        conn: usize,
+        window_log: Option<u32>,
+        level: i32,
+    },
     EvictAll,
 }
 
@@ -326,6 +333,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, 1..30_000usize).prop_map(|(conn, n)| Op::Recv { conn, n }),
         2 => (0..3usize).prop_map(|conn| Op::Control { conn }),
         1 => (0..3usize).prop_map(|conn| Op::Expire { conn }),
+        1 => (0..3usize, proptest::option::of(18..21u32), 1..4i32)
+            .prop_map(|(conn, window_log, level)| Op::Stream { conn, window_log, level }),
         1 => Just(Op::EvictAll),
     ]
 }
@@ -350,6 +359,15 @@ fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>,
             Op::Recv { conn, n: len } => conns[conn % n].recv_step(len),
             Op::Control { conn } => conns[conn % n].control_step(),
             Op::Expire { conn } => conns[conn % n].expire_step(),
+            Op::Stream {
+                conn,
+                window_log,
+                level,
+            } => {
+                let enc = &mut conns[conn % n].enc;
+                enc.set_stream(window_log);
+                enc.set_level(level);
+            }
             Op::EvictAll => store.evict_all(),
         }
     }
@@ -656,4 +674,50 @@ fn send_pages_in_turn(inputs: [Vec<u8>; 2]) -> Vec<(EncoderStats, DecoderStats, 
         results.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
     }
     results
+}
+
+/// Sends `input` over one connection with compression always on, in small batches,
+/// with or without a compression stream; returns the wire bytes and encoder counters.
+fn send_compressed(input: &[u8], window_log: Option<u32>) -> (usize, EncoderStats) {
+    let store: Arc<dyn ContentStore> = Arc::new(TinyStore::new(0));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), 0));
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let mut c = Conn::new(input.to_vec(), store, peer, similar, CompressMode::Always);
+    c.enc.set_deltas(false);
+    c.enc.set_stream(window_log);
+    let mut wire = 0;
+    for _ in 0..100_000 {
+        if c.done() {
+            break;
+        }
+        c.send_step(16 * 1024, true, true);
+        wire += c.wire.len();
+        c.recv_step(usize::MAX);
+        c.control_step();
+    }
+    assert!(c.done(), "connection did not finish");
+    c.check_finished();
+    (wire, c.enc.stats().clone())
+}
+
+#[test]
+fn a_compression_stream_reaches_back_across_batches() {
+    // Text-like records that recur with small changes far apart: each batch alone
+    // sees each record once, the stream sees it again and again.
+    let records: Vec<Vec<u8>> = (0..48).map(|i| workload_raw(5000 + i, 700)).collect();
+    let mut input = Vec::new();
+    for round in 0..12u32 {
+        for (i, r) in records.iter().enumerate() {
+            input.extend_from_slice(r);
+            input.extend_from_slice(format!("#{round}:{i};").as_bytes());
+        }
+    }
+    let (alone, s1) = send_compressed(&input, None);
+    let (streamed, s2) = send_compressed(&input, Some(20));
+    assert_eq!(s1.batches_streamed, 0);
+    assert!(s2.batches_streamed > 10, "{s2:?}");
+    assert!(
+        streamed * 3 < alone,
+        "stream {streamed} B vs batches alone {alone} B"
+    );
 }

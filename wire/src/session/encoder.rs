@@ -11,6 +11,7 @@ use crate::frame::{self, Frame, MAX_LITERAL};
 use crate::segment::Segment;
 use crate::store::{Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
+use crate::zstream::StreamCompressor;
 
 /// Encoder settings.
 #[derive(Clone, Debug)]
@@ -59,6 +60,8 @@ pub struct EncoderStats {
     pub batches_compressed: u64,
     /// Batches where compression was tried and did not pay.
     pub batches_incompressible: u64,
+    /// Of `batches_compressed`, those sent as pieces of the context-keeping stream.
+    pub batches_streamed: u64,
 }
 
 /// Similar chunks tried as a delta's base, best first.
@@ -83,6 +86,8 @@ pub struct Encoder {
     policy: CompressPolicy,
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// The context-keeping stream, when the driver grants one ([`Encoder::set_stream`]).
+    stream: Option<StreamCompressor>,
     batch: BytesMut,
     /// Literal and chunk bytes in `batch`: what compression can act on (references
     /// and frame headers are random or tiny).
@@ -112,6 +117,7 @@ impl Encoder {
             policy: CompressPolicy::new(config.compress),
             level: config.level,
             zstd: None,
+            stream: None,
             batch: BytesMut::with_capacity(64 * 1024),
             batch_payload: 0,
             end: false,
@@ -140,6 +146,23 @@ impl Encoder {
     /// driver decides; on by default). Chunks sent while off are not remembered.
     pub fn set_deltas(&mut self, deltas: bool) {
         self.deltas = deltas;
+    }
+
+    /// Compresses batches as pieces of one zstd stream keeping `2^window_log` bytes of
+    /// history (`None`: each batch on its own). The history costs about that much
+    /// memory here and at the peer, so the driver grants it from a budget; taking it
+    /// away drops the context.
+    pub fn set_stream(&mut self, window_log: Option<u32>) {
+        match (window_log, &self.stream) {
+            (None, _) => self.stream = None,
+            (Some(log), Some(s)) if s.window() == 1 << log => {}
+            (Some(log), _) => self.stream = StreamCompressor::new(log),
+        }
+    }
+
+    /// Whether batches are compressed as pieces of a stream.
+    pub fn has_stream(&self) -> bool {
+        self.stream.is_some()
     }
 
     /// Encodes one segment into the pending batch. Blocks become references when the
@@ -278,18 +301,35 @@ impl Encoder {
             // do not let it count as evidence that the data is incompressible.
             let worth_trying = payload * 4 >= raw.len() * 3;
             if worth_trying && self.policy.should_try(link_limited) {
-                match self.compress(&raw) {
-                    Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
-                        self.policy.record(true);
-                        self.stats.batches_compressed += 1;
-                        out.reserve(24 + z.len());
-                        frame::encode_zbatch_header(&mut out, raw.len(), z.len());
-                        out.extend_from_slice(&z);
-                    }
-                    _ => {
-                        self.policy.record(false);
-                        self.stats.batches_incompressible += 1;
-                        out = raw;
+                if let Some(piece) = self.compress_piece(&raw) {
+                    // The stream has moved on: this piece must go, paying or not
+                    // (zstd adds a few bytes per 128 KiB at worst).
+                    let pays = CompressPolicy::pays(raw.len(), piece.bytes.len());
+                    self.policy.record(pays);
+                    self.stats.batches_compressed += 1;
+                    self.stats.batches_streamed += 1;
+                    out.reserve(24 + piece.bytes.len());
+                    frame::encode_zstream_header(
+                        &mut out,
+                        piece.fresh,
+                        raw.len(),
+                        piece.bytes.len(),
+                    );
+                    out.extend_from_slice(&piece.bytes);
+                } else {
+                    match self.compress(&raw) {
+                        Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
+                            self.policy.record(true);
+                            self.stats.batches_compressed += 1;
+                            out.reserve(24 + z.len());
+                            frame::encode_zbatch_header(&mut out, raw.len(), z.len());
+                            out.extend_from_slice(&z);
+                        }
+                        _ => {
+                            self.policy.record(false);
+                            self.stats.batches_incompressible += 1;
+                            out = raw;
+                        }
                     }
                 }
             } else {
@@ -320,6 +360,15 @@ impl Encoder {
     /// The zstd level in use.
     pub fn level(&self) -> i32 {
         self.level
+    }
+
+    /// The batch as the stream's next piece, if there is a stream.
+    fn compress_piece(&mut self, raw: &[u8]) -> Option<crate::zstream::Piece> {
+        if raw.len() > frame::MAX_BATCH_RAW {
+            return None;
+        }
+        let level = self.level;
+        self.stream.as_mut()?.compress(raw, level)
     }
 
     fn compress(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
