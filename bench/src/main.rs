@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod chart;
 mod cluster;
+mod encode;
 mod pair;
 mod relay;
 mod shaper;
@@ -36,6 +37,8 @@ enum Cmd {
     Cluster(cluster::ClusterArgs),
     /// A zstd tunnel hop (compress or decompress side).
     Ztunnel(ztunnel::ZtunnelArgs),
+    /// Offline: guest RAM images encoded as the sending edge would (WAN bytes by kind).
+    Encode(encode::EncodeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Cluster(a) => return cluster::run(a),
         Cmd::Ztunnel(a) => return ztunnel::run(a),
+        Cmd::Encode(a) => return encode::run(a),
         _ => {}
     }
     let rt = tokio::runtime::Runtime::new()?;
@@ -62,7 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Cmd::Pair(a) => pair::run(a).await,
             Cmd::Relay(a) => relay::run(a).await,
             Cmd::Shaper(a) => shaper::run(a).await,
-            Cmd::Cluster(_) | Cmd::Ztunnel(_) => unreachable!("handled above"),
+            Cmd::Cluster(_) | Cmd::Ztunnel(_) | Cmd::Encode(_) => unreachable!("handled above"),
         }
     })
 }

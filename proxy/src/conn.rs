@@ -356,16 +356,21 @@ async fn uplink(
         }
         let encoding = governor.encoding(Instant::now(), &shared.link);
         let limited = encoding != Encoding::Raw;
-        // `always` asks for the fewest bytes whatever the CPU cost; `auto` picks by the
-        // link's pace. zstd deltas cost two compressions per chunk with a similar
+        // `auto` picks the level by the link's pace; `always` asks for few bytes
+        // whatever the CPU cost (at least the strong level, the deep one when the link
+        // is that slow). zstd deltas cost two compressions per chunk with a similar
         // base: only when the link is far slower than compression (or `always`).
-        let strong = always || encoding == Encoding::Zstd(STRONG_LEVEL);
-        enc.set_level(match encoding {
-            _ if strong => STRONG_LEVEL,
+        let level = match encoding {
             Encoding::Zstd(level) => level,
             Encoding::Raw => FAST_LEVEL,
-        });
-        enc.set_thorough(strong);
+        };
+        let level = if always {
+            level.max(STRONG_LEVEL)
+        } else {
+            level
+        };
+        enc.set_level(level);
+        enc.set_thorough(level >= STRONG_LEVEL);
         // On a fast link the CPU is the limit: no delta search at all.
         enc.set_deltas(always || limited);
         // Compressing with history needs a stream: ask once the link limits.

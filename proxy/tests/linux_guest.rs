@@ -111,6 +111,12 @@ async fn boot_and_migrate_via(
     let mut src = LinuxVm::start(spec(format!("{name}-src"), false)).await;
     src.wait_for_serial(READY, BOOT_TIMEOUT).await;
     let boot = t0.elapsed();
+    // The guest is paused before it migrates: under TCG, QEMU can lose the dirty bit
+    // of a page the guest writes continuously (its timer ticks), which leaves that page
+    // stale on the destination (docs: qemu-testing.md; seen here in a *direct*
+    // migration, 55 bytes in 2 pages). These guests are about realistic memory
+    // content; live dirtying is tested by the qemu_e2e guests built to avoid that trap.
+    src.vm.qmp.cmd("stop", json!({})).await;
     let mut dst = LinuxVm::start(spec(format!("{name}-dst"), true)).await;
     dst.vm
         .qmp
@@ -131,7 +137,10 @@ async fn boot_and_migrate_via(
     let info = src.vm.qmp.wait_migration(MIGRATION_TIMEOUT).await;
     let migration = t1.elapsed();
     let status = src.vm.qmp.cmd("query-status", json!({})).await;
-    assert_eq!(status["status"], "postmigrate", "{status}");
+    assert!(
+        matches!(status["status"].as_str(), Some("postmigrate" | "paused")),
+        "{status}"
+    );
     dst.vm.qmp.wait_incoming_done(MIGRATION_TIMEOUT).await;
     assert_same_file(&src.vm.ram, &dst.vm.ram);
     eprintln!(

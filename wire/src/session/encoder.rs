@@ -65,7 +65,7 @@ pub struct EncoderStats {
 }
 
 /// Similar chunks tried as a delta's base, best first.
-const DELTA_CANDIDATES: usize = 2;
+const DELTA_CANDIDATES: usize = 4;
 /// A patch may be at most 1/this of the chunk: larger ones lose to compressing the
 /// chunk itself (zstd takes typical memory pages to a third or half).
 const DELTA_MAX_SHARE: usize = 4;
@@ -297,15 +297,18 @@ impl Encoder {
         if !self.batch.is_empty() {
             let raw = self.batch.split();
             let payload = std::mem::take(&mut self.batch_payload);
-            // A batch of mostly references has nothing to compress: do not try, and
-            // do not let it count as evidence that the data is incompressible.
-            let worth_trying = payload * 4 >= raw.len() * 3;
-            if worth_trying && self.policy.should_try(link_limited) {
+            // A batch of mostly references still compresses (page headers, and the
+            // same ids recurring: pages repeated within a guest), by a quarter to a
+            // half; but when it does not pay, that says nothing about the data to come.
+            let mostly_refs = payload * 4 < raw.len() * 3;
+            if self.policy.should_try(link_limited) {
                 if let Some(piece) = self.compress_piece(&raw) {
                     // The stream has moved on: this piece must go, paying or not
                     // (zstd adds a few bytes per 128 KiB at worst).
                     let pays = CompressPolicy::pays(raw.len(), piece.bytes.len());
-                    self.policy.record(pays);
+                    if pays || !mostly_refs {
+                        self.policy.record(pays);
+                    }
                     self.stats.batches_compressed += 1;
                     self.stats.batches_streamed += 1;
                     out.reserve(24 + piece.bytes.len());
@@ -326,7 +329,9 @@ impl Encoder {
                             out.extend_from_slice(&z);
                         }
                         _ => {
-                            self.policy.record(false);
+                            if !mostly_refs {
+                                self.policy.record(false);
+                            }
                             self.stats.batches_incompressible += 1;
                             out = raw;
                         }
