@@ -884,6 +884,10 @@ pub fn tunnel_roundtrip(data: &[u8]) {
         expire_each_read: h1 & 0x80 != 0,
         forget_on_miss: h0 & 0x40 != 0,
     };
+    // The second `Always` also keeps a compression stream across batches.
+    if (h0 >> 3) & 3 == 3 {
+        t.enc.set_stream(Some(18));
+    }
     let mut send_splits = Splits::new(s0, s1);
     let mut recv_splits = Splits::new(r0, r1);
     let mut round = 0usize;

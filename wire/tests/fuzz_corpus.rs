@@ -183,6 +183,19 @@ fn zbatch(frames: &[Frame]) -> Vec<u8> {
     b.to_vec()
 }
 
+/// Two ZSTREAM frames, each carrying `frames`, as consecutive pieces of one stream.
+fn zstream_pieces(frames: &[Frame]) -> [Vec<u8>; 2] {
+    let raw = enc(frames);
+    let mut c = wire::zstream::StreamCompressor::new(18).expect("zstd context");
+    [(); 2].map(|()| {
+        let piece = c.compress(&raw, 3).expect("zstd");
+        let mut b = BytesMut::new();
+        frame::encode_zstream_header(&mut b, piece.fresh, raw.len(), piece.bytes.len());
+        b.extend_from_slice(&piece.bytes);
+        b.to_vec()
+    })
+}
+
 fn with_header(header: &[u8], body: &[u8]) -> Vec<u8> {
     [header, body].concat()
 }
@@ -205,6 +218,12 @@ impl PeerHoldings for Optimist {
 
 /// What the real encoder puts on the wire for `input` (cut into fixed blocks).
 fn encoder_stream(input: &[u8], mode: CompressMode) -> Vec<u8> {
+    encoder_output(input, mode, None)
+}
+
+/// [`encoder_stream`], with batches as pieces of a compression stream of
+/// `2^window_log` bytes of history when given.
+fn encoder_output(input: &[u8], mode: CompressMode, window_log: Option<u32>) -> Vec<u8> {
     let mut e = Encoder::new(
         std::sync::Arc::new(Optimist::default()),
         EncoderConfig {
@@ -212,6 +231,7 @@ fn encoder_stream(input: &[u8], mode: CompressMode) -> Vec<u8> {
             level: 1,
         },
     );
+    e.set_stream(window_log);
     let mut ledger = SendLedger::new();
     let mut out = Vec::new();
     for piece in input.chunks(700) {
@@ -295,6 +315,10 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("zbatch-empty", with_header(&[1, 0], &zbatch(&[]))),
         ("zbatch-with-ack", with_header(&[0, 0], &control_in_batch)),
         ("zbatch-truncated", with_header(&[2, 30], &truncated_batch)),
+        (
+            "zstream-two-pieces",
+            with_header(&[2, 11], &zstream_pieces(&data_frames).concat()),
+        ),
         ("mixed", with_header(&[3, 9], &mixed)),
         (
             "encoder-always",
@@ -302,6 +326,18 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 &[3, 77],
                 &encoder_stream(&pagey(6000, 3), CompressMode::Always),
             ),
+        ),
+        (
+            "encoder-zstream",
+            with_header(
+                &[3, 5],
+                &encoder_output(&pagey(6000, 5), CompressMode::Always, Some(18)),
+            ),
+        ),
+        // The stream's later pieces without its first: must be refused, not decoded.
+        (
+            "zstream-missing-first-piece",
+            with_header(&[0, 0], &zstream_pieces(&data_frames)[1]),
         ),
         (
             "encoder-off",
