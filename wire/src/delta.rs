@@ -117,14 +117,60 @@ fn gear_table() -> &'static [u64; 256] {
 /// `target` compressed as one zstd frame with `base` as its dictionary, if that works
 /// and comes out at most `limit` bytes.
 pub fn zstd_encode(base: &[u8], target: &[u8], level: i32, limit: usize) -> Option<Vec<u8>> {
-    if target.len() > MAX_TARGET {
-        return None;
+    DeltaCompressor::new().encode(base, target, level, limit)
+}
+
+/// Makes zstd deltas with one reused zstd context: creating a context per chunk (it
+/// allocates and clears its match tables) cost more than a tenth of the delta search.
+pub struct DeltaCompressor {
+    cctx: zstd::zstd_safe::CCtx<'static>,
+}
+
+impl std::fmt::Debug for DeltaCompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaCompressor").finish()
     }
-    let mut cctx = zstd::zstd_safe::CCtx::create();
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
-    cctx.compress_using_dict(&mut out, target, base, level)
-        .ok()?;
-    (out.len() <= limit).then_some(out)
+}
+
+impl Default for DeltaCompressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeltaCompressor {
+    /// A compressor with a fresh context.
+    pub fn new() -> Self {
+        DeltaCompressor {
+            cctx: zstd::zstd_safe::CCtx::create(),
+        }
+    }
+
+    /// [`zstd_encode`], with this compressor's context.
+    pub fn encode(
+        &mut self,
+        base: &[u8],
+        target: &[u8],
+        level: i32,
+        limit: usize,
+    ) -> Option<Vec<u8>> {
+        if target.len() > MAX_TARGET {
+            return None;
+        }
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
+        self.cctx
+            .compress_using_dict(&mut out, target, base, level)
+            .ok()?;
+        (out.len() <= limit).then_some(out)
+    }
+
+    /// Size of `target` compressed on its own at `level` (its length if zstd fails).
+    pub fn alone(&mut self, target: &[u8], level: i32) -> usize {
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
+        self.cctx
+            .compress(&mut out, target, level)
+            .map_or(target.len(), |_| out.len())
+    }
 }
 
 /// Rebuilds a target from `base` and a zstd frame made by [`zstd_encode`].
