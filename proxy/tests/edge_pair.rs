@@ -554,3 +554,130 @@ fn sigterm_stops_gracefully_and_writes_final_stats() {
         serde_json::from_str(&std::fs::read_to_string(stats).unwrap()).unwrap();
     assert_eq!(v["edge"], "b");
 }
+
+/// Log-like text, different per `id` (numbers), compressible and hardly deduplicable.
+fn text_for(id: u64) -> Vec<u8> {
+    let mut out = String::new();
+    let mut n = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    while out.len() < 600 * 1024 {
+        n ^= n << 13;
+        n ^= n >> 7;
+        n ^= n << 17;
+        out.push_str(&format!(
+            "conn {id} seq {} level={} user-{} fetched /srv/data/{:x} in {} us\n",
+            out.len(),
+            ["info", "warn", "debug"][(n % 3) as usize],
+            n % 97,
+            n >> 40,
+            n % 10_000
+        ));
+    }
+    out.into_bytes()
+}
+
+/// `--compress always` with a stream budget for only some of the connections: those
+/// granted a stream send ZSTREAM pieces, the others ZBATCH frames, in both directions,
+/// over real TLS sockets; every byte arrives, and the budget is returned as
+/// connections end (a second wave gets streams again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compression_streams_for_some_connections_stay_exact() {
+    let dir = Scratch::new("streams");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(19, 17000), addr(19, 14000), addr(19, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let mut received = serve_exchange(listener, |id| text_for(id + 1_000_000)).await;
+    // Room for 3 streams of 8 MiB history (each counted as 10 MiB) per edge.
+    let budget = [s("--compress"), s("always"), s("--stream-mem"), s("31MiB")];
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[&[s("--tunnel-listen"), tunnel.to_string()], &budget[..]].concat(),
+        tunnel,
+    );
+    let a = EdgeProc::start(
+        dir.path(),
+        "a",
+        &[forward(fwd, tunnel, target), budget.to_vec()].concat(),
+        fwd,
+    );
+    let mut streamed_before = 0;
+    for wave in 0..2u64 {
+        // Every connection sends half its data, then waits until all 12 are relayed
+        // (so they hold or lack a stream at the same time), then sends the rest.
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(12));
+        let mut tasks = Vec::new();
+        for id in wave * 100..wave * 100 + 12 {
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                let data = with_id(id, &text_for(id));
+                let (mut r, mut w) = TcpStream::connect(fwd).await.unwrap().into_split();
+                let half = data.len() / 2;
+                w.write_all(&data[..half]).await.unwrap();
+                // Reply bytes prove the edges relay this connection end to end (kernel
+                // buffers would take the half even before the edge accepted).
+                let mut back = vec![0u8; 4096];
+                r.read_exact(&mut back).await.unwrap();
+                barrier.wait().await;
+                let sender = tokio::spawn(async move {
+                    w.write_all(&data[half..]).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+                r.read_to_end(&mut back).await.unwrap();
+                sender.await.unwrap();
+                (id, back)
+            }));
+        }
+        for t in tasks {
+            let (id, back) = tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("in time")
+                .unwrap();
+            assert!(
+                back == text_for(id + 1_000_000),
+                "conn {id}: reply bytes differ"
+            );
+        }
+        for _ in 0..12 {
+            let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let want = with_id(id, &text_for(id));
+            assert_eq!(
+                (n, h),
+                (want.len() as u64, blake3::hash(&want)),
+                "conn {id}: request differs at the target"
+            );
+        }
+        let done = 12 * (wave + 1);
+        let sa = a.wait_for("a wave of completed connections", |c| {
+            c["connections_completed"] == done
+        });
+        let sb = b.wait_for("a wave of completed tunnels", |c| {
+            c["connections_completed"] == done
+        });
+        for (edge, stats) in [("A", &sa), ("B", &sb)] {
+            let c = &stats["counters"];
+            let (streamed, compressed) = (
+                c["batches_streamed"].as_u64().unwrap(),
+                c["batches_compressed"].as_u64().unwrap(),
+            );
+            assert!(streamed > 0, "{edge}: no stream after wave {wave}: {c}");
+            // A's 12 uplinks are all open at the barrier, so 9 of them compress batch
+            // by batch. B's uplinks (the replies) finish before the barrier and return
+            // their streams as they do, so B may stream every batch.
+            assert!(
+                edge == "B" || streamed < compressed,
+                "{edge}: every batch streamed although the budget holds 3 streams: {c}"
+            );
+            if edge == "A" {
+                assert!(
+                    streamed > streamed_before,
+                    "A: wave {wave} got no stream back from the budget: {c}"
+                );
+                streamed_before = streamed;
+            }
+            assert_eq!(c["connections_failed"], 0, "{edge}: {c}");
+        }
+    }
+}
