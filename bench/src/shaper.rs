@@ -130,14 +130,28 @@ pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Upstream connections open in the order their clients were accepted: QEMU 7.2
+    // tells a migration's channels apart only by accept order (main first, then the
+    // multifd channels), and concurrent connects can complete in any order (a
+    // destination once took the main channel for multifd channel 0: "received packet
+    // magic 5145564d expected 11223344", and the migration hung).
+    let mut previous: Option<tokio::sync::oneshot::Receiver<()>> = None;
     loop {
         tokio::select! {
             r = listener.accept() => {
                 let (a, _) = r?;
                 let to = args.to;
                 let (up, down, counts) = (up.clone(), down.clone(), counts.clone());
+                let (connected, next) = tokio::sync::oneshot::channel();
+                let before = previous.replace(next);
                 tokio::spawn(async move {
-                    let Ok(b) = TcpStream::connect(to).await else { return };
+                    if let Some(before) = before {
+                        // Err: that connect failed or its task ended; go on either way.
+                        let _ = before.await;
+                    }
+                    let b = TcpStream::connect(to).await;
+                    let _ = connected.send(());
+                    let Ok(b) = b else { return };
                     let _ = a.set_nodelay(true);
                     let _ = b.set_nodelay(true);
                     let (ar, aw) = a.into_split();

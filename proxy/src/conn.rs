@@ -34,9 +34,7 @@ use wire::{
 };
 
 use crate::budget::{StreamBudget, StreamGrant};
-use crate::governor::{
-    CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
-};
+use crate::governor::{CompressGovernor, Encoding, LinkHistory, FAST_LEVEL, STRONG_LEVEL};
 use crate::stats::EdgeStats;
 
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
@@ -156,7 +154,9 @@ struct Shared {
     lan_in: AtomicU64,
     lan_out: AtomicU64,
     fills_sent: AtomicU64,
-    link: LinkMeter,
+    /// Every connection to the same peer records its writes here: the governor reads
+    /// the link's pace from all of them together.
+    peer_link: Arc<LinkHistory>,
 }
 
 impl Shared {
@@ -206,7 +206,7 @@ where
         lan_in: AtomicU64::new(0),
         lan_out: AtomicU64::new(0),
         fills_sent: AtomicU64::new(0),
-        link: LinkMeter::default(),
+        peer_link: ctx.link_history.clone(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
@@ -354,7 +354,7 @@ async fn uplink(
         if !flush && enc.batch_len() < BATCH_TARGET {
             continue;
         }
-        let encoding = governor.encoding(Instant::now(), &shared.link);
+        let encoding = governor.encoding(Instant::now(), shared.peer_link.meter());
         let limited = encoding != Encoding::Raw;
         // `auto` picks the level by the link's pace; `always` asks for few bytes
         // whatever the CPU cost (at least the strong level, the deep one when the link
@@ -572,7 +572,7 @@ async fn writer<T: AsyncWrite>(
                 b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
                     Some(b) => {
                         write_or_abort(tw, &b, shared).await?;
-                        shared.link.record(b.len());
+                        shared.peer_link.meter().record(b.len());
                     }
                     None => data_open = false,
                 },

@@ -72,9 +72,15 @@ pub(crate) enum Encoding {
     Zstd(i32),
 }
 
-/// The last decision made on any connection to one peer (shared by them).
+/// The last decision made on any connection to one peer (shared by them), and the
+/// bytes all of them wrote: the link's pace is what it drains for all connections
+/// together (multifd's channels share one link; each alone would see a quarter of
+/// it, take the link for slower than it is and pick levels the CPU cannot keep up
+/// with).
 #[derive(Debug, Default)]
 pub(crate) struct LinkHistory {
+    /// Bytes written to this peer by every connection.
+    meter: LinkMeter,
     limited: AtomicBool,
     link_rate: AtomicU64,
     /// Milliseconds since `origin` of the last update; 0 = never.
@@ -83,6 +89,11 @@ pub(crate) struct LinkHistory {
 }
 
 impl LinkHistory {
+    /// Bytes written to this peer by every connection (writers record here).
+    pub(crate) fn meter(&self) -> &LinkMeter {
+        &self.meter
+    }
+
     fn origin(&self) -> Instant {
         *self.origin.get_or_init(Instant::now)
     }
