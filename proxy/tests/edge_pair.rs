@@ -681,3 +681,67 @@ async fn compression_streams_for_some_connections_stay_exact() {
         }
     }
 }
+
+/// The peer edge opens its connections to the target in the order this edge accepted
+/// them (QEMU 7.2 tells a migration's main channel from its multifd channels only by
+/// that order), although TCP and TLS to the peer are set up in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_sees_connections_in_accept_order() {
+    let dir = Scratch::new("order");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(19, 17100), addr(19, 14100), addr(19, 15100));
+    let listener = TcpListener::bind(target).await.unwrap();
+    const N: u64 = 16;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for accepted in 0.. {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut id = [0u8; 8];
+                s.read_exact(&mut id).await.unwrap();
+                let _ = tx.send((accepted, u64::from_le_bytes(id)));
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let _a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    for round in 0..3u64 {
+        // Connect one after another (so the edge accepts in this order), each sending
+        // its number at once; nobody waits for the tunnel before the next connects.
+        let mut clients = Vec::new();
+        for k in 0..N {
+            let mut c = TcpStream::connect(fwd).await.unwrap();
+            c.write_all(&(round * 100 + k).to_le_bytes()).await.unwrap();
+            clients.push(c);
+        }
+        let mut seen = Vec::new();
+        for _ in 0..N {
+            let got = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("target got every connection")
+                .unwrap();
+            seen.push(got);
+        }
+        seen.sort();
+        let ids: Vec<u64> = seen.iter().map(|(_, id)| id - round * 100).collect();
+        assert_eq!(seen[0].0, round * N, "round {round}: accepts counted from");
+        assert_eq!(
+            ids,
+            (0..N).collect::<Vec<_>>(),
+            "round {round}: accept order"
+        );
+        drop(clients);
+        b.wait_for("a round of finished tunnels", |c| {
+            c["connections_completed"].as_u64().unwrap() + c["connections_failed"].as_u64().unwrap()
+                >= N * (round + 1)
+        });
+    }
+}
