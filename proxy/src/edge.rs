@@ -650,15 +650,27 @@ async fn accept_one(
     let _ = tcp.set_nodelay(true);
     let cfg = &shared.config;
     let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
-    let opened = timeout(cfg.connect_timeout, async {
-        let mut tunnel: Tunnel = match &shared.tls_acceptor {
-            Some(a) => Box::new(
-                a.accept(io)
-                    .await
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?,
-            ),
-            None => Box::new(io),
-        };
+    let secured = timeout(cfg.connect_timeout, async {
+        match &shared.tls_acceptor {
+            Some(a) => a
+                .accept(io)
+                .await
+                .map(|t| Box::new(t) as Tunnel)
+                .map_err(|e| format!("TLS handshake failed: {e}")),
+            None => Ok(Box::new(io) as Tunnel),
+        }
+    })
+    .await;
+    let mut tunnel = match secured {
+        Ok(Ok(t)) => t,
+        Ok(Err(msg)) => return Err(msg),
+        Err(_) => return Err(format!("no TLS handshake within {:?}", cfg.connect_timeout)),
+    };
+    // The peer sends its Hello when its connection's turn comes (after the previous
+    // connection of its forward got a reply, itself bounded by the connect timeout),
+    // so the Hello may come up to one connect timeout after TLS, plus a round trip.
+    let hello_within = cfg.connect_timeout * 2;
+    let opened = timeout(hello_within, async {
         let mut rbuf = BytesMut::with_capacity(8192);
         let hello = loop {
             match Hello::decode(&mut rbuf) {
@@ -674,13 +686,13 @@ async fn accept_one(
                 return Err("closed during the handshake".to_string());
             }
         };
-        Ok((tunnel, rbuf, hello))
+        Ok((rbuf, hello))
     })
     .await;
-    let (mut tunnel, rbuf, hello) = match opened {
+    let (rbuf, hello) = match opened {
         Ok(Ok(x)) => x,
         Ok(Err(msg)) => return Err(msg),
-        Err(_) => return Err(format!("no handshake within {:?}", cfg.connect_timeout)),
+        Err(_) => return Err(format!("no handshake within {hello_within:?}")),
     };
     let target = timeout(cfg.connect_timeout, TcpStream::connect(&hello.target)).await;
     let target = match target {
