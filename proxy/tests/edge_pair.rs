@@ -400,18 +400,37 @@ fn common_reset(c: TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_killed_mid_stream_fails_loudly_then_a_restarted_peer_works() {
-    let dir = Scratch::new("killed");
+    killed_peer_case("killed", 17, &[]).await;
+}
+
+/// The same with compression always on: connections carry compression streams, and
+/// the restarted peer's new connections start new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_killed_with_compression_streams_then_a_restarted_peer_works() {
+    let a = killed_peer_case("killed-streams", 21, &[s("--compress"), s("always")]).await;
+    assert!(
+        a["counters"]["batches_streamed"].as_u64().unwrap() > 0,
+        "no compression stream was used: {a}"
+    );
+}
+
+/// A peer edge SIGKILLed mid-stream: the client sees a reset, the failure is logged,
+/// and a restarted peer (empty store, new epoch) gets no stale references. Returns
+/// the source edge's final stats.
+async fn killed_peer_case(name: &str, net: u8, extra: &[String]) -> serde_json::Value {
+    let dir = Scratch::new(name);
     certs(dir.path(), &["a", "b"]);
-    let (tunnel, fwd, target) = (addr(17, 17000), addr(17, 14000), addr(17, 15000));
+    let (tunnel, fwd, target) = (addr(net, 17000), addr(net, 14000), addr(net, 15000));
     let listener = TcpListener::bind(target).await.unwrap();
     let mut received = serve_exchange(listener, |_| Vec::new()).await;
-    let mut b = EdgeProc::start(
+    let b_args = [&[s("--tunnel-listen"), tunnel.to_string()], extra].concat();
+    let mut b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
+    let a = EdgeProc::start(
         dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
-        tunnel,
+        "a",
+        &[forward(fwd, tunnel, target), extra.to_vec()].concat(),
+        fwd,
     );
-    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
     let body = payload(7, 4 << 20);
     // Warm B's store with `body`, so A believes B holds it.
     let back = exchange(fwd, with_id(1, &body)).await.unwrap();
@@ -450,12 +469,7 @@ async fn peer_killed_mid_stream_fails_loudly_then_a_restarted_peer_works() {
         a.log()
     );
     // B comes back with an empty store and a new epoch: A must not send stale tokens.
-    let b2 = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
-        tunnel,
-    );
+    let b2 = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
     let data = with_id(3, &body);
     let back = exchange(fwd, data.clone()).await.unwrap();
     assert!(back.is_empty());
@@ -476,6 +490,9 @@ async fn peer_killed_mid_stream_fails_loudly_then_a_restarted_peer_works() {
         s2["counters"]["misses_sent"], 0,
         "stale references were sent to a restarted peer: {s2}"
     );
+    a.wait_for("two completed connections", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 2
+    })
 }
 
 #[test]
