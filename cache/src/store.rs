@@ -143,8 +143,10 @@ impl ContentStore for ChunkStore {
     fn insert(&self, chunk: VerifiedChunk) {
         // The chunk was hashed when it was verified; nothing here hashes.
         let (id, data) = chunk.into_parts();
-        if self.inner.map.contains(&id) {
-            self.inner.map.insert(id, data);
+        // Already held: only refresh its place in the LRU (no copy). Going through
+        // `insert` here once raced with an eviction on another thread: the chunk went
+        // back in uncounted (inserts - evictions != entries) and uncopied.
+        if self.inner.map.get_with(&id, |_| ()).is_some() {
             return;
         }
         // A chunk usually is a slice of a read buffer or of a decompressed batch
