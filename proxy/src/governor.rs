@@ -146,7 +146,9 @@ pub(crate) struct CompressGovernor {
     history: std::sync::Arc<LinkHistory>,
     zstd_rate: f64,
     window_start: Instant,
-    written_at_start: u64,
+    /// The meter's reading when the window started; `None` until the first call (the
+    /// meter is the peer's, shared with earlier connections: it does not start at 0).
+    written_at_start: Option<u64>,
     waited: Duration,
     limited: bool,
     /// The link's rate as last measured while it was saturated (the uplink waited for
@@ -164,7 +166,7 @@ impl CompressGovernor {
             history,
             zstd_rate: INITIAL_ZSTD_RATE,
             window_start: now,
-            written_at_start: 0,
+            written_at_start: None,
             waited: Duration::ZERO,
             // With nothing known, compress: on a slow link the first megabytes matter
             // and a fast link is recognised after one window (compression then makes
@@ -194,10 +196,20 @@ impl CompressGovernor {
 
     /// Whether the link limits throughput now; closes a measurement window when due.
     pub(crate) fn link_limited(&mut self, now: Instant, link: &LinkMeter) -> bool {
+        let Some(start) = self.written_at_start else {
+            // The first window starts at the first call, from the meter's reading then:
+            // counting from 0 would credit this connection with everything earlier
+            // connections wrote to the peer (a bogus, huge rate that sent a new
+            // migration's first batches raw).
+            self.written_at_start = Some(link.written());
+            self.window_start = now;
+            self.waited = Duration::ZERO;
+            return self.limited;
+        };
         let elapsed = now.duration_since(self.window_start);
         if elapsed >= WINDOW {
             let written = link.written();
-            let rate = (written - self.written_at_start) as f64 / elapsed.as_secs_f64();
+            let rate = written.saturating_sub(start) as f64 / elapsed.as_secs_f64();
             let share = self.waited.as_secs_f64() / elapsed.as_secs_f64();
             let saturated = share >= WAIT_SHARE;
             if saturated {
@@ -227,7 +239,7 @@ impl CompressGovernor {
             self.history
                 .store(self.limited, self.capacity.unwrap_or(0.0), now);
             self.window_start = now;
-            self.written_at_start = written;
+            self.written_at_start = Some(written);
             self.waited = Duration::ZERO;
         }
         self.limited
@@ -298,6 +310,7 @@ mod tests {
         let mut t = Instant::now();
         let link = LinkMeter::default();
         let mut g = CompressGovernor::new(t, Default::default());
+        g.link_limited(t, &link); // starts the first window
         assert!(
             window(&mut g, &mut t, &link, 1_250_000, 80),
             "100 Mbit/s, waiting"
@@ -318,7 +331,8 @@ mod tests {
         let mut t = Instant::now();
         let link = LinkMeter::default();
         let mut g = CompressGovernor::new(t, Default::default());
-        // 1 Gbit/s (12.5 MB per 100 ms), waiting: limited, fast level (zstd ~350 MB/s).
+        g.link_limited(t, &link); // starts the first window
+                                  // 1 Gbit/s (12.5 MB per 100 ms), waiting: limited, fast level (zstd ~350 MB/s).
         g.waited(Duration::from_millis(80));
         link.record(12_500_000);
         t += Duration::from_millis(100);
@@ -332,6 +346,19 @@ mod tests {
         g.waited(Duration::from_millis(80));
         link.record(1_250_000);
         t += Duration::from_millis(100);
+        assert_eq!(g.encoding(t, &link), Encoding::Zstd(DEEP_LEVEL));
+    }
+
+    #[test]
+    fn bytes_of_earlier_connections_do_not_make_the_link_look_fast() {
+        let mut t = Instant::now();
+        let link = LinkMeter::default();
+        // Earlier migrations to this peer wrote 100 MB through the shared meter.
+        link.record(100_000_000);
+        let mut g = CompressGovernor::new(t, Default::default());
+        assert!(g.link_limited(t, &link), "no evidence yet: compress");
+        // 100 Mbit/s, waiting: the first window measures 12.5 MB/s, not 1 GB/s.
+        assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
         assert_eq!(g.encoding(t, &link), Encoding::Zstd(DEEP_LEVEL));
     }
 
