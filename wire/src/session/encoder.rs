@@ -168,11 +168,6 @@ impl Encoder {
         }
     }
 
-    /// Whether batches are compressed as pieces of a stream.
-    pub fn has_stream(&self) -> bool {
-        self.stream.is_some()
-    }
-
     /// Encodes one segment into the pending batch. Blocks become references when the
     /// peer is believed to hold them; their bytes are pinned in `ledger` until acked.
     pub fn handle_segment(&mut self, segment: Segment, ledger: &mut SendLedger) {
@@ -300,9 +295,9 @@ impl Encoder {
         self.end_sent
     }
 
-    /// Takes the pending frames as wire bytes (a ZBATCH when compression is tried and
-    /// pays), followed by END if the stream ended. `link_limited` feeds the `Auto`
-    /// compression policy.
+    /// Takes the pending frames as wire bytes (a ZSTREAM piece when the encoder has a
+    /// stream, else a ZBATCH when compression pays), followed by END if the stream
+    /// ended. `link_limited` feeds the `Auto` compression policy.
     pub fn take_batch(&mut self, link_limited: bool) -> Option<Bytes> {
         if self.batch.is_empty() && (!self.end || self.end_sent) {
             return None;
@@ -311,50 +306,16 @@ impl Encoder {
         if !self.batch.is_empty() {
             let raw = self.batch.split();
             let payload = std::mem::take(&mut self.batch_payload);
-            // A batch of mostly references still compresses (page headers, and the
-            // same ids recurring: pages repeated within a guest; 4.3% fewer WAN bytes
-            // on Linux guests, `bench encode`); but when it does not pay, that says
-            // nothing about the data to come.
-            let mostly_refs = payload * 4 < raw.len() * 3;
-            if self.policy.should_try(link_limited) {
-                if let Some(piece) = self.compress_piece(&raw) {
-                    // The stream has moved on: this piece must go, paying or not
-                    // (zstd adds a few bytes per 128 KiB at worst).
-                    let pays = CompressPolicy::pays(raw.len(), piece.bytes.len());
-                    if pays || !mostly_refs {
-                        self.policy.record(pays);
-                    }
-                    self.stats.batches_compressed += 1;
-                    self.stats.batches_streamed += 1;
-                    out.reserve(24 + piece.bytes.len());
-                    frame::encode_zstream_header(
-                        &mut out,
-                        piece.fresh,
-                        raw.len(),
-                        piece.bytes.len(),
-                    );
-                    out.extend_from_slice(&piece.bytes);
-                } else {
-                    match self.compress(&raw) {
-                        Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
-                            self.policy.record(true);
-                            self.stats.batches_compressed += 1;
-                            out.reserve(24 + z.len());
-                            frame::encode_zbatch_header(&mut out, raw.len(), z.len());
-                            out.extend_from_slice(&z);
-                        }
-                        _ => {
-                            if !mostly_refs {
-                                self.policy.record(false);
-                            }
-                            self.stats.batches_incompressible += 1;
-                            out = raw;
-                        }
-                    }
-                }
+            out = if self.policy.should_try(link_limited) {
+                // A batch of mostly references still compresses (page headers, and the
+                // same ids recurring: pages repeated within a guest; 4.3% fewer WAN
+                // bytes on Linux guests, `bench encode`); but when it does not pay,
+                // that says nothing about the data to come.
+                let mostly_refs = payload * 4 < raw.len() * 3;
+                self.compressed(raw, mostly_refs)
             } else {
-                out = raw;
-            }
+                raw
+            };
         }
         if self.end && !self.end_sent {
             Frame::End.encode(&mut out);
@@ -362,6 +323,42 @@ impl Encoder {
         }
         self.stats.wire_bytes += out.len() as u64;
         Some(out.freeze())
+    }
+
+    /// `raw` as the stream's next piece, or as a ZBATCH if that pays, or as it is.
+    fn compressed(&mut self, raw: BytesMut, mostly_refs: bool) -> BytesMut {
+        let mut out = BytesMut::new();
+        if let Some(piece) = self.compress_piece(&raw) {
+            // The stream has moved on: this piece must go, paying or not (zstd adds a
+            // few bytes per 128 KiB at worst).
+            let pays = CompressPolicy::pays(raw.len(), piece.bytes.len());
+            if pays || !mostly_refs {
+                self.policy.record(pays);
+            }
+            self.stats.batches_compressed += 1;
+            self.stats.batches_streamed += 1;
+            out.reserve(24 + piece.bytes.len());
+            frame::encode_zstream_header(&mut out, piece.fresh, raw.len(), piece.bytes.len());
+            out.extend_from_slice(&piece.bytes);
+            return out;
+        }
+        match self.compress(&raw) {
+            Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
+                self.policy.record(true);
+                self.stats.batches_compressed += 1;
+                out.reserve(24 + z.len());
+                frame::encode_zbatch_header(&mut out, raw.len(), z.len());
+                out.extend_from_slice(&z);
+                out
+            }
+            _ => {
+                if !mostly_refs {
+                    self.policy.record(false);
+                }
+                self.stats.batches_incompressible += 1;
+                raw
+            }
+        }
     }
 
     /// Sets the zstd level for the next batches (the driver picks it from the link's
