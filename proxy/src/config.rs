@@ -428,34 +428,6 @@ mod tests {
     }
 
     #[test]
-    fn memory_budgets_default_and_follow_flags_over_the_file() {
-        let dir = std::env::temp_dir().join(format!("shrinker-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("edge.toml");
-        std::fs::write(
-            &file,
-            "tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\n",
-        )
-        .unwrap();
-        let mut a = EdgeArgs {
-            tunnel_listen: Some("127.0.0.1:7700".parse().unwrap()),
-            insecure_plaintext: true,
-            ..Default::default()
-        };
-        let c = a.resolve().unwrap();
-        assert_eq!(
-            (c.stream_bytes, c.delta_bytes),
-            (DEFAULT_STREAM_MEM, DEFAULT_DELTA_MEM)
-        );
-        a.config = Some(file.clone());
-        let c = a.resolve().unwrap();
-        assert_eq!((c.stream_bytes, c.delta_bytes), (64 << 20, 0));
-        a.stream_mem = Some("0".parse().unwrap());
-        assert_eq!(a.resolve().unwrap().stream_bytes, 0);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
     fn nothing_to_do_is_an_error() {
         let a = EdgeArgs {
             insecure_plaintext: true,

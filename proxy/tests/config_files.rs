@@ -1,6 +1,7 @@
 //! Every shipped example configuration parses and validates.
 
 use clap::Parser;
+use proxy::config::{DEFAULT_DELTA_MEM, DEFAULT_STREAM_MEM};
 
 #[derive(Parser)]
 struct Cli {
@@ -73,5 +74,23 @@ fn flags_override_the_file_and_tables_work() {
     assert_eq!(cfg.cache_bytes, 512 << 20);
     assert_eq!(cfg.forwards.len(), 1);
     assert_eq!(cfg.forwards[0].target, "10.0.0.1:4444");
+    // Memory budgets: defaults, then the file, then a flag over the file.
+    assert_eq!(
+        (cfg.stream_bytes, cfg.delta_bytes),
+        (DEFAULT_STREAM_MEM, DEFAULT_DELTA_MEM)
+    );
+    let budgets = dir.join("budgets.toml");
+    std::fs::write(
+        &budgets,
+        "tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\n",
+    )
+    .unwrap();
+    let from_file = |extra: &[&str]| {
+        let args = [&["x", "--config", budgets.to_str().unwrap()][..], extra].concat();
+        let c = Cli::parse_from(args).edge.resolve().unwrap();
+        (c.stream_bytes, c.delta_bytes)
+    };
+    assert_eq!(from_file(&[]), (64 << 20, 0));
+    assert_eq!(from_file(&["--stream-mem", "0"]), (0, 0));
     let _ = std::fs::remove_dir_all(&dir);
 }
