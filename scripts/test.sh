@@ -51,4 +51,10 @@ log "demo smoke (2 VMs x 32 MiB through a TLS edge pair)"
 cargo build --release --locked -p shrinker-proxy
 ./target/release/shrinker demo --vms 2 --vm-size 32MiB --shared-pool 16MiB
 
+log "benchmark smoke (2 real QEMU VMs at once through every path, RAM compared)"
+cargo build --release --locked -p shrinker-bench
+./target/release/shrinker-bench cluster --vms 2 --ram-mib 32 --pool-mib 16 \
+  --rate-mbit 400 --delay-ms 2 --concurrent \
+  --scenarios direct,relay,edge,zstd3,zstd3-long27,zstd3-long30-shared
+
 log "all tests passed"

@@ -7,28 +7,49 @@ use tokio::net::{TcpListener, TcpStream};
 /// Relay settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RelayArgs {
-    /// Listen here.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// Forward to here.
-    #[arg(long)]
-    pub to: SocketAddr,
+    /// Listen here (repeat for more lanes).
+    #[arg(long, required = true)]
+    pub listen: Vec<SocketAddr>,
+    /// Forward to here (one per --listen, in the same order).
+    #[arg(long, required = true)]
+    pub to: Vec<SocketAddr>,
 }
 
-/// Relays every accepted connection to `to`, both ways, half-close included.
+/// Relays every connection accepted on a lane's `listen` to its `to`, both ways,
+/// half-close included.
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen).await?;
+    if args.listen.len() != args.to.len() {
+        anyhow::bail!(
+            "{} --listen but {} --to: give one --to per --listen",
+            args.listen.len(),
+            args.to.len()
+        );
+    }
+    let mut lanes = tokio::task::JoinSet::new();
+    for (&listen, &to) in args.listen.iter().zip(&args.to) {
+        lanes.spawn(lane(TcpListener::bind(listen).await?, to));
+    }
+    while let Some(r) = lanes.join_next().await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn lane(listener: TcpListener, to: SocketAddr) {
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     loop {
         let mut a = match listener.accept().await {
             Ok((a, _)) => a,
             Err(e) => {
                 // Out of descriptors or a connection reset before accept: keep serving.
-                eprintln!("relay {}: accept: {e}", args.listen);
+                eprintln!("relay {listen}: accept: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let to = args.to;
         tokio::spawn(async move {
             let Ok(mut b) = TcpStream::connect(to).await else {
                 return;
@@ -53,7 +74,10 @@ mod tests {
         let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = probe.local_addr().unwrap();
         drop(probe);
-        tokio::spawn(run(RelayArgs { listen, to: taddr }));
+        tokio::spawn(run(RelayArgs {
+            listen: vec![listen],
+            to: vec![taddr],
+        }));
         tokio::spawn(async move {
             let (mut s, _) = target.accept().await.unwrap();
             let mut got = Vec::new();
@@ -83,7 +107,10 @@ mod tests {
         let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = probe.local_addr().unwrap();
         drop(probe);
-        tokio::spawn(run(RelayArgs { listen, to: taddr }));
+        tokio::spawn(run(RelayArgs {
+            listen: vec![listen],
+            to: vec![taddr],
+        }));
         // The target speaks first and stops writing, then still reads the client.
         let server = tokio::spawn(async move {
             let (mut s, _) = target.accept().await.unwrap();

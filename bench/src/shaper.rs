@@ -1,5 +1,9 @@
 //! A userspace WAN emulator: rate limit (token bucket shared by all connections of a
 //! direction) and a fixed one-way delay, between two hops. Counts what it forwards.
+//!
+//! Several lanes (`--listen L1 --to T1 --listen L2 --to T2 ...`) share one link: the
+//! cluster benchmark's concurrent migrations each get a lane, and all of them compete
+//! for the same rate, as they would on one WAN.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,12 +60,12 @@ impl Bucket {
 /// Shaper settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ShaperArgs {
-    /// Listen here.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// Forward to here.
-    #[arg(long)]
-    pub to: SocketAddr,
+    /// Listen here (repeat for more lanes over the same link).
+    #[arg(long, required = true)]
+    pub listen: Vec<SocketAddr>,
+    /// Forward to here (one per --listen, in the same order).
+    #[arg(long, required = true)]
+    pub to: Vec<SocketAddr>,
     /// Rate per direction in Mbit/s (0: unlimited).
     #[arg(long, default_value_t = 0.0)]
     pub rate_mbit: f64,
@@ -86,21 +90,14 @@ pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
     if !rate_ok || !delay_ok {
         anyhow::bail!("--rate-mbit must be >= 0 and --delay-ms between 0 and 60000");
     }
-    let rate = args.rate_mbit * 1e6 / 8.0;
-    // A small receive buffer on the link's entry (inherited by accepted sockets): a
-    // loopback socket would otherwise autotune to tens of MiB and hide the link's
-    // rate from the sender, which a real WAN path does not do.
-    let socket = if args.listen.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    if rate > 0.0 {
-        socket.set_recv_buffer_size(256 * 1024)?;
+    if args.listen.len() != args.to.len() {
+        anyhow::bail!(
+            "{} --listen but {} --to: give one --to per --listen",
+            args.listen.len(),
+            args.to.len()
+        );
     }
-    socket.bind(args.listen)?;
-    let listener = socket.listen(1024)?;
+    let rate = args.rate_mbit * 1e6 / 8.0;
     let up = Arc::new(Mutex::new(Bucket::new(rate)));
     let down = Arc::new(Mutex::new(Bucket::new(rate)));
     let counts = Arc::new(Counts::default());
@@ -130,37 +127,34 @@ pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    // Upstream connections open in the order their clients were accepted: QEMU 7.2
-    // tells a migration's channels apart only by accept order (main first, then the
-    // multifd channels), and concurrent connects can complete in any order (a
-    // destination once took the main channel for multifd channel 0: "received packet
-    // magic 5145564d expected 11223344", and the migration hung).
-    let mut previous: Option<tokio::sync::oneshot::Receiver<()>> = None;
+    let link = Link {
+        up,
+        down,
+        counts,
+        delay,
+        queue_bytes,
+    };
+    let mut lanes = tokio::task::JoinSet::new();
+    for (&listen, &to) in args.listen.iter().zip(&args.to) {
+        // A small receive buffer on the link's entry (inherited by accepted sockets): a
+        // loopback socket would otherwise autotune to tens of MiB and hide the link's
+        // rate from the sender, which a real WAN path does not do.
+        let socket = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if rate > 0.0 {
+            socket.set_recv_buffer_size(256 * 1024)?;
+        }
+        socket.bind(listen)?;
+        lanes.spawn(lane(socket.listen(1024)?, to, link.clone()));
+    }
     loop {
         tokio::select! {
-            r = listener.accept() => {
-                let (a, _) = r?;
-                let to = args.to;
-                let (up, down, counts) = (up.clone(), down.clone(), counts.clone());
-                let (connected, next) = tokio::sync::oneshot::channel();
-                let before = previous.replace(next);
-                tokio::spawn(async move {
-                    if let Some(before) = before {
-                        // Err: that connect failed or its task ended; go on either way.
-                        let _ = before.await;
-                    }
-                    let b = TcpStream::connect(to).await;
-                    let _ = connected.send(());
-                    let Ok(b) = b else { return };
-                    let _ = a.set_nodelay(true);
-                    let _ = b.set_nodelay(true);
-                    let (ar, aw) = a.into_split();
-                    let (br, bw) = b.into_split();
-                    let c1 = counts.clone();
-                    let f = tokio::spawn(pipe(ar, bw, up, delay, queue_bytes, move |n| { c1.forward.fetch_add(n, Relaxed); }));
-                    let r = tokio::spawn(pipe(br, aw, down, delay, queue_bytes, move |n| { counts.reverse.fetch_add(n, Relaxed); }));
-                    let _ = tokio::join!(f, r);
-                });
+            Some(r) = lanes.join_next() => {
+                r??;
             }
             _ = tick.tick() => write_stats(),
             _ = term.recv() => break,
@@ -169,6 +163,60 @@ pub async fn run(args: ShaperArgs) -> anyhow::Result<()> {
     }
     write_stats();
     Ok(())
+}
+
+/// What every lane shares: the link's two buckets, its counters, delay and queue size.
+#[derive(Clone)]
+struct Link {
+    up: Arc<Mutex<Bucket>>,
+    down: Arc<Mutex<Bucket>>,
+    counts: Arc<Counts>,
+    delay: Duration,
+    queue_bytes: usize,
+}
+
+/// Serves one lane: every connection accepted on `listener` goes to `to` over `link`.
+async fn lane(listener: tokio::net::TcpListener, to: SocketAddr, link: Link) -> anyhow::Result<()> {
+    // Upstream connections open in the order their clients were accepted: QEMU 7.2
+    // tells a migration's channels apart only by accept order (main first, then the
+    // multifd channels), and concurrent connects can complete in any order (a
+    // destination once took the main channel for multifd channel 0: "received packet
+    // magic 5145564d expected 11223344", and the migration hung).
+    let mut previous: Option<tokio::sync::oneshot::Receiver<()>> = None;
+    loop {
+        let (a, _) = listener.accept().await?;
+        let link = link.clone();
+        let (connected, next) = tokio::sync::oneshot::channel();
+        let before = previous.replace(next);
+        tokio::spawn(async move {
+            if let Some(before) = before {
+                // Err: that connect failed or its task ended; go on either way.
+                let _ = before.await;
+            }
+            let b = TcpStream::connect(to).await;
+            let _ = connected.send(());
+            let Ok(b) = b else { return };
+            let _ = a.set_nodelay(true);
+            let _ = b.set_nodelay(true);
+            let (ar, aw) = a.into_split();
+            let (br, bw) = b.into_split();
+            let Link {
+                up,
+                down,
+                counts,
+                delay,
+                queue_bytes,
+            } = link;
+            let c1 = counts.clone();
+            let f = tokio::spawn(pipe(ar, bw, up, delay, queue_bytes, move |n| {
+                c1.forward.fetch_add(n, Relaxed);
+            }));
+            let r = tokio::spawn(pipe(br, aw, down, delay, queue_bytes, move |n| {
+                counts.reverse.fetch_add(n, Relaxed);
+            }));
+            let _ = tokio::join!(f, r);
+        });
+    }
 }
 
 /// One direction: read, stamp, hold for `delay`, pace through the bucket, write.
@@ -232,6 +280,58 @@ async fn pipe<R, W>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn lanes_reach_their_own_targets_and_share_the_counters() {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let targets = [
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        ];
+        let listen = vec![free(), free()];
+        let stats = std::env::temp_dir().join(format!("shaper-lanes-{}.json", std::process::id()));
+        tokio::spawn(run(ShaperArgs {
+            listen: listen.clone(),
+            to: targets.iter().map(|t| t.local_addr().unwrap()).collect(),
+            rate_mbit: 0.0,
+            delay_ms: 0.0,
+            stats: Some(stats.clone()),
+        }));
+        for (i, (l, t)) in listen.iter().zip(&targets).enumerate() {
+            let mut c = loop {
+                if let Ok(c) = TcpStream::connect(l).await {
+                    break c;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let msg = format!("lane {i}");
+            c.write_all(msg.as_bytes()).await.unwrap();
+            c.shutdown().await.unwrap();
+            let (mut s, _) = t.accept().await.unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).await.unwrap();
+            assert_eq!(got, msg);
+        }
+        // Both lanes count on the one link (written every 200 ms).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v: serde_json::Value = std::fs::read_to_string(&stats)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            if v["forward_bytes"] == 12 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "counters: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = std::fs::remove_file(stats);
+    }
 
     #[test]
     fn bucket_paces_to_its_rate() {
