@@ -99,6 +99,8 @@ pub struct ScenarioFigures {
     pub migrate_secs: f64,
     /// The whole scenario by the wall clock, VM start-up and RAM checks included.
     pub total_secs: f64,
+    /// The sending edge's counters at the end (scenario `edge`).
+    pub edge_counters: Option<Value>,
 }
 
 struct Procs(Vec<Child>);
@@ -369,6 +371,17 @@ fn start_path(
                 ]
             };
             let common = ["--cache-mem", "4GiB", "--compress", &args.compress];
+            let stats_of = |n: &str| {
+                let path = env.dir.join(format!("edge-{n}.json"));
+                let _ = std::fs::remove_file(&path);
+                let path = path.display().to_string();
+                [
+                    "--stats-json".to_string(),
+                    path,
+                    "--stats-interval".into(),
+                    "0.2".into(),
+                ]
+            };
             procs.0.push(spawn(
                 Command::new(&env.shrinker)
                     .args([
@@ -379,6 +392,7 @@ fn start_path(
                         &tunnel.to_string(),
                     ])
                     .args(common)
+                    .args(stats_of("b"))
                     .args(tls("b")),
                 env.dir.join("edge-b.log"),
             )?);
@@ -393,6 +407,7 @@ fn start_path(
                     .args(["edge", "--name", "a"])
                     .args(forwards)
                     .args(common)
+                    .args(stats_of("a"))
                     .args(tls("a")),
                 env.dir.join("edge-a.log"),
             )?);
@@ -502,6 +517,30 @@ fn run_scenario(
     }
     std::thread::sleep(Duration::from_millis(500));
     let (f1, r1) = shaper_bytes(&stats);
+    // Where the sending edge's bytes went (its snapshot is at most 200 ms old).
+    let edge_counters = (scenario == "edge")
+        .then(|| std::fs::read_to_string(env.dir.join("edge-a.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .map(|v| v["counters"].clone());
+    if let Some(c) = &edge_counters {
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        eprintln!(
+            "  edge A sent: {} new chunks ({} B), {} refs ({} recent), {} deltas ({} B of patches, {} zstd), {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed",
+            n("chunks_sent"),
+            n("chunk_bytes"),
+            n("refs_sent"),
+            n("refs_recent_sent"),
+            n("deltas_sent"),
+            n("delta_patch_bytes"),
+            n("zstd_deltas_sent"),
+            n("literal_bytes"),
+            n("batches_raw"),
+            n("batches_compressed"),
+            n("batch_level_sum") as f64 / n("batches_compressed").max(1) as f64,
+            n("batches_streamed"),
+        );
+    }
     drop(procs);
     let times: Vec<f64> = done
         .iter()
@@ -526,6 +565,7 @@ fn run_scenario(
         migration_secs: times,
         migrate_secs,
         total_secs: total,
+        edge_counters,
     })
 }
 

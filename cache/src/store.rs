@@ -171,6 +171,10 @@ impl ContentStore for ChunkStore {
             }
         }
     }
+
+    fn inserted(&self) -> u64 {
+        self.inner.inserts.load(Relaxed)
+    }
 }
 
 impl fmt::Debug for ChunkStore {

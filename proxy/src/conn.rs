@@ -34,7 +34,9 @@ use wire::{
 };
 
 use crate::budget::{StreamBudget, StreamGrant};
-use crate::governor::{CompressGovernor, Encoding, LinkHistory, FAST_LEVEL, STRONG_LEVEL};
+use crate::governor::{
+    CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
+};
 use crate::stats::EdgeStats;
 
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
@@ -62,11 +64,17 @@ const RESET_LINGER: Duration = Duration::from_secs(1);
 /// How often deferred references (REF_RECENT the store lacked) look in the store again
 /// for a chunk arriving on a sibling connection.
 const DEFER_RECHECK: Duration = Duration::from_millis(1);
-/// Deferred references give up and send MISS once none of them has resolved for this
-/// long. The full copy they wait for left the peer within the last 2 s
-/// (`cache::RECENT_MARK`) and usually arrives within milliseconds; a longer silence
-/// means it is not coming (evicted, or its connection failed).
+/// Deferred references give up and send MISS once none of them has resolved, and the
+/// store has taken no new chunk, for this long. The full copy they wait for left the
+/// peer within the last 2 s (`cache::RECENT_MARK`) and usually arrives within
+/// milliseconds; a longer silence means it is not coming (evicted, or its connection
+/// failed).
 const DEFER_LIMIT: Duration = Duration::from_millis(500);
+/// ... and after this long in any case. While sibling connections keep delivering, the
+/// copy may be queued behind seconds of their data on a slow shared link (four
+/// concurrent migrations at 100 Mbit/s: with only `DEFER_LIMIT`, 8,143 pages came
+/// twice, as the copy and as a fill: 33 MB, 40% of the WAN bytes).
+const DEFER_MAX: Duration = Duration::from_secs(10);
 /// Extra pending allowance over the peer's window: one read burst plus frame slack.
 const PENDING_SLACK: u64 = 16 << 20;
 
@@ -157,6 +165,9 @@ struct Shared {
     /// Every connection to the same peer records its writes here: the governor reads
     /// the link's pace from all of them together.
     peer_link: Arc<LinkHistory>,
+    /// This connection's own writes to the tunnel: against `peer_link`'s, its share
+    /// of the link.
+    own_link: LinkMeter,
 }
 
 impl Shared {
@@ -207,6 +218,7 @@ where
         lan_out: AtomicU64::new(0),
         fills_sent: AtomicU64::new(0),
         peer_link: ctx.link_history.clone(),
+        own_link: LinkMeter::default(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
@@ -354,7 +366,8 @@ async fn uplink(
         if !flush && enc.batch_len() < BATCH_TARGET {
             continue;
         }
-        let encoding = governor.encoding(Instant::now(), shared.peer_link.meter());
+        let encoding =
+            governor.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
         let limited = encoding != Encoding::Raw;
         // `auto` picks the level by the link's pace; `always` asks for few bytes
         // whatever the CPU cost (at least the strong level, the deep one when the link
@@ -427,6 +440,10 @@ async fn downlink<T: AsyncRead>(
     // Deferred references: when to give up waiting, and progress seen so far.
     let mut defer_deadline: Option<Instant> = None;
     let mut deferred_arrived = 0u64;
+    // When the oldest deferred reference began waiting, and the store's insert count
+    // when progress was last seen.
+    let mut defer_started: Option<Instant> = None;
+    let mut store_inserted = 0u64;
     let mut tunnel_eof = false;
     loop {
         // A protocol error is acted on after delivering what preceded it.
@@ -480,14 +497,22 @@ async fn downlink<T: AsyncRead>(
             let _ = ctrl_tx.send(c);
         }
         if dec.has_deferred() {
-            // Wait as long as deferred references keep resolving; give up after
-            // DEFER_LIMIT without progress.
-            if defer_deadline.is_none() || dec.stats().deferred_arrived > deferred_arrived {
+            // Wait as long as deferred references keep resolving or chunks keep
+            // arriving (the copy may be queued behind them); give up after DEFER_LIMIT
+            // without progress, or DEFER_MAX in all.
+            let now = Instant::now();
+            let started = *defer_started.get_or_insert(now);
+            let inserted = ctx.store.inserted();
+            let progress =
+                dec.stats().deferred_arrived > deferred_arrived || inserted > store_inserted;
+            if defer_deadline.is_none() || (progress && now < started + DEFER_MAX) {
                 deferred_arrived = dec.stats().deferred_arrived;
-                defer_deadline = Some(Instant::now() + DEFER_LIMIT);
+                store_inserted = inserted;
+                defer_deadline = Some(now + DEFER_LIMIT);
             }
         } else {
             defer_deadline = None;
+            defer_started = None;
         }
         if dec.is_finished() && !local_shut {
             local_shut = true;
@@ -573,6 +598,7 @@ async fn writer<T: AsyncWrite>(
                     Some(b) => {
                         write_or_abort(tw, &b, shared).await?;
                         shared.peer_link.meter().record(b.len());
+                        shared.own_link.record(b.len());
                     }
                     None => data_open = false,
                 },

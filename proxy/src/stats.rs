@@ -81,6 +81,11 @@ counters! {
     /// Of those, batches sent as pieces of a context-keeping stream (matches reach back
     /// into earlier batches of the connection).
     batches_streamed,
+    /// Sum of the zstd levels of `batches_compressed` (over that count: the mean level
+    /// the governor chose).
+    batch_level_sum,
+    /// Batches sent raw because the link was not the bottleneck.
+    batches_raw,
     /// MISS requests this edge sent (a reference it could not resolve).
     misses_sent,
     /// FILLs this edge sent in answer to a peer's MISS.
@@ -129,6 +134,8 @@ impl EdgeStats {
         self.batches_compressed
             .fetch_add(s.batches_compressed, Relaxed);
         self.batches_streamed.fetch_add(s.batches_streamed, Relaxed);
+        self.batch_level_sum.fetch_add(s.batch_level_sum, Relaxed);
+        self.batches_raw.fetch_add(s.batches_raw, Relaxed);
     }
 
     /// Adds one finished direction's segmenter report.

@@ -15,6 +15,12 @@ pub trait ContentStore: Send + Sync {
     fn get(&self, id: &ChunkId) -> Option<Bytes>;
     /// Adds a verified chunk; the store may evict others to stay within its budget.
     fn insert(&self, chunk: VerifiedChunk);
+    /// How many chunks have been newly stored so far (never decreases): a reference
+    /// waiting for a chunk from a sibling connection keeps waiting while this moves.
+    /// 0 where the store does not count.
+    fn inserted(&self) -> u64 {
+        0
+    }
 }
 
 /// What [`PeerHoldings::check_and_mark`] believes about a chunk.
