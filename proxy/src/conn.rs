@@ -281,6 +281,9 @@ async fn uplink(
     let mut governor = CompressGovernor::new(Instant::now(), ctx.link_history.clone());
     let (mut batches, mut limited_batches) = (0u64, 0u64);
     let always = ctx.encoder.compress == wire::session::CompressMode::Always;
+    // `off`: no zstd on the WAN at all, so neither zstd deltas nor a compression
+    // stream (its memory would be reserved for nothing).
+    let off = ctx.encoder.compress == wire::session::CompressMode::Off;
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     if let Some(similar) = &ctx.similar {
         enc = enc.with_deltas(similar.clone());
@@ -383,11 +386,11 @@ async fn uplink(
             level
         };
         enc.set_level(level);
-        enc.set_thorough(level >= STRONG_LEVEL);
+        enc.set_thorough(!off && level >= STRONG_LEVEL);
         // On a fast link the CPU is the limit: no delta search at all.
         enc.set_deltas(always || limited);
         // Compressing with history needs a stream: ask once the link limits.
-        if (always || limited) && stream_grant.is_none() {
+        if (always || limited) && !off && stream_grant.is_none() {
             stream_grant = ctx.streams.take();
             enc.set_stream(stream_grant.as_ref().map(StreamGrant::window_log));
         }
