@@ -509,12 +509,6 @@ fn run_scenario(
         }
     }
     let total = started.elapsed().as_secs_f64();
-    for (vm, m) in done.iter().enumerate() {
-        eprintln!(
-            "  {scenario:<13} VM {vm}: {:.2} s",
-            m.end.duration_since(m.start).as_secs_f64()
-        );
-    }
     std::thread::sleep(Duration::from_millis(500));
     let (f1, r1) = shaper_bytes(&stats);
     // Where the sending edge's bytes went (its snapshot is at most 200 ms old).
@@ -739,9 +733,14 @@ fn migrate_vm(args: &ClusterArgs, scenario: &str, v: &mut VmRun) -> anyhow::Resu
         }
     }
     lan_bytes += info["ram"]["transferred"].as_u64().unwrap_or(0);
+    let end = Instant::now();
+    eprintln!(
+        "  {scenario:<13} VM {vm}: {:.2} s",
+        end.duration_since(start).as_secs_f64()
+    );
     Ok(Migrated {
         start,
-        end: Instant::now(),
+        end,
         lan_bytes,
     })
 }
