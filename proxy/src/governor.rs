@@ -17,17 +17,13 @@
 //! within [`HISTORY_TTL`] (or, knowing nothing, compresses), and corrects it after its
 //! own first window.
 //!
-//! Connections to one peer share its link: each fills only its part of it (its share
-//! of the bytes written to that peer lately), so whether the link is slow enough for
-//! the *deep* level compares that part, not the whole link, with the connection's zstd
-//! speed: four concurrent migrations over 100 Mbit/s compress as deep as one alone
-//! would. With more connections than cores they share the CPU too (each compression,
-//! timed alone on its worker thread, runs at full speed), so the share is taken as
-//! 1/cores at least. Every other comparison uses the whole link: at 1 Gbit/s the
-//! pipeline, not the link, is often what the uplinks wait for (the measured capacity
-//! is then the pipeline's), and the share there made four multifd channels compress
-//! more and finish later (per-VM sums 5.3-5.7 s against 3.9 s; 16 concurrent channels,
-//! 5.2 s against QEMU multifd-zstd's 4.6 s).
+//! Concurrent connections to one peer each fill only part of the link, but the level
+//! still compares the whole link with one connection's zstd speed. Choosing levels by
+//! the connection's share of the link was tried (2026-12-01): the capacity measured
+//! while the pipeline, not the link, holds the uplinks back drops as compression gets
+//! stronger, and the share pushed four concurrent migrations at 1 Gbit/s into the deep
+//! level (2.54 s against 2.15 s without; deciding the strong level too, it took 16
+//! multifd channels 5.2 s against 4.4 s); at 100 Mbit/s it saved 4% of the bytes.
 //!
 //! When the link drains far slower than the fast level compresses, batches use the
 //! strong level ([`STRONG_LEVEL`]): it costs about twice the CPU and saves a few
@@ -58,21 +54,6 @@ const WAIT_SHARE: f64 = 0.25;
 /// uplink waiting) before that capacity is dropped as stale: 0.4 s, longer than kernel
 /// buffers can fake a fast link.
 const STALE_WINDOWS: u32 = 8;
-/// How fast a connection's share of the link follows its writes: a 2 s time
-/// constant, longer than the gap between two full batches on a shared slow link
-/// (writes are counted whole batches at a time).
-const SHARE_MEMORY: Duration = Duration::from_secs(2);
-/// A connection's share of the link is never taken below this (a connection that
-/// just started has written little, and a tiny share would pick levels too slow
-/// once it gets going).
-const MIN_SHARE: f64 = 0.1;
-
-/// Cores the edge's compressions can run on at once: connections beyond that share
-/// the CPU, not only the link (each compression, timed alone, runs at full speed on
-/// its worker thread, so its measured rate does not show the queue).
-fn cores() -> f64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
-}
 /// What kernel socket buffers and a router queue take from a new connection before
 /// the link can make it wait: until a connection has written this much, a window in
 /// which it did not wait says nothing about the link, and a decision to compress
@@ -189,14 +170,6 @@ pub(crate) struct CompressGovernor {
     capacity: Option<f64>,
     /// Consecutive unsaturated windows that drained more than twice `capacity`.
     faster_windows: u32,
-    /// This connection's own writes when the window started.
-    own_at_start: u64,
-    /// Decayed sums of this connection's writes and of all writes to the peer: their
-    /// ratio is the connection's share of the link.
-    own_recent: f64,
-    peer_recent: f64,
-    /// See [`cores`].
-    cores: f64,
 }
 
 impl CompressGovernor {
@@ -215,10 +188,6 @@ impl CompressGovernor {
             limited: recalled.is_none_or(|r| r.0),
             capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
             faster_windows: 0,
-            own_at_start: 0,
-            own_recent: 0.0,
-            peer_recent: 0.0,
-            cores: cores(),
         }
     }
 
@@ -228,23 +197,11 @@ impl CompressGovernor {
         if !self.link_limited(now, link, own) {
             return Encoding::Raw;
         }
-        let share = self.share();
         match self.capacity {
-            Some(rate) if rate * share < self.zstd_rate * DEEP_SHARE => Encoding::Zstd(DEEP_LEVEL),
+            Some(rate) if rate < self.zstd_rate * DEEP_SHARE => Encoding::Zstd(DEEP_LEVEL),
             Some(rate) if rate < self.zstd_rate * STRONG_SHARE => Encoding::Zstd(STRONG_LEVEL),
             _ => Encoding::Zstd(FAST_LEVEL),
         }
-    }
-
-    /// This connection's share of the link's bytes lately (1 while it is alone), as
-    /// far as it matters: with more connections than cores, they also share the CPU,
-    /// and each compresses at 1/cores of the link's pace at least.
-    fn share(&self) -> f64 {
-        if self.peer_recent <= 0.0 {
-            return 1.0;
-        }
-        let floor = (1.0 / self.cores).max(MIN_SHARE);
-        (self.own_recent / self.peer_recent).clamp(floor, 1.0)
     }
 
     /// Adds time the uplink spent waiting for the link (send queue full, window shut).
@@ -260,7 +217,6 @@ impl CompressGovernor {
             // connections wrote to the peer (a bogus, huge rate that sent a new
             // migration's first batches raw).
             self.written_at_start = Some(link.written());
-            self.own_at_start = own.written();
             self.window_start = now;
             self.waited = Duration::ZERO;
             return self.limited;
@@ -269,10 +225,6 @@ impl CompressGovernor {
         if elapsed >= WINDOW {
             let written = link.written();
             let own_written = own.written();
-            let keep = (-elapsed.as_secs_f64() / SHARE_MEMORY.as_secs_f64()).exp();
-            self.own_recent =
-                self.own_recent * keep + own_written.saturating_sub(self.own_at_start) as f64;
-            self.peer_recent = self.peer_recent * keep + written.saturating_sub(start) as f64;
             let rate = written.saturating_sub(start) as f64 / elapsed.as_secs_f64();
             let waited_share = self.waited.as_secs_f64() / elapsed.as_secs_f64();
             let saturated = waited_share >= WAIT_SHARE;
@@ -306,7 +258,6 @@ impl CompressGovernor {
                 .store(self.limited, self.capacity.unwrap_or(0.0), now);
             self.window_start = now;
             self.written_at_start = Some(written);
-            self.own_at_start = own_written;
             self.waited = Duration::ZERO;
         }
         self.limited
@@ -427,57 +378,6 @@ mod tests {
         // 100 Mbit/s, waiting: the first window measures 12.5 MB/s, not 1 GB/s.
         assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
-    }
-
-    #[test]
-    fn a_connection_sharing_the_link_compresses_for_its_share() {
-        // Four migrations at once over 300 Mbit/s: alone, one would use the strong
-        // level; each fills a quarter of the link, so each can afford the deep one.
-        let mut t = Instant::now();
-        let (link, own) = (LinkMeter::default(), LinkMeter::default());
-        let mut alone = CompressGovernor::new(t, Default::default());
-        let mut shared = CompressGovernor::new(t, Default::default());
-        // (On an edge with 4 cores; with fewer, the CPU is shared too: below.)
-        shared.cores = 4.0;
-        alone.link_limited(t, &link, &link);
-        shared.link_limited(t, &link, &own);
-        for _ in 0..20 {
-            alone.waited(Duration::from_millis(80));
-            shared.waited(Duration::from_millis(80));
-            link.record(3_750_000);
-            own.record(3_750_000 / 4);
-            t += Duration::from_millis(100);
-            alone.link_limited(t, &link, &link);
-            shared.link_limited(t, &link, &own);
-        }
-        assert!((shared.share() - 0.25).abs() < 0.01, "{}", shared.share());
-        assert_eq!(
-            alone.encoding(t, &link, &link),
-            Encoding::Zstd(STRONG_LEVEL)
-        );
-        assert_eq!(shared.encoding(t, &link, &own), Encoding::Zstd(DEEP_LEVEL));
-        // On 2 cores, four compressions take turns: each can afford only what half
-        // the link asks.
-        shared.cores = 2.0;
-        assert!((shared.share() - 0.5).abs() < 0.01, "{}", shared.share());
-        assert_eq!(
-            shared.encoding(t, &link, &own),
-            Encoding::Zstd(STRONG_LEVEL)
-        );
-        // At 1 Gbit/s a quarter of the link is still too fast for the strong level:
-        // the share only decides the deep one (what the uplinks wait for there is
-        // often the pipeline, not the link).
-        let mut fast = CompressGovernor::new(t, Default::default());
-        fast.cores = 4.0;
-        fast.link_limited(t, &link, &own);
-        for _ in 0..20 {
-            fast.waited(Duration::from_millis(80));
-            link.record(12_500_000);
-            own.record(12_500_000 / 4);
-            t += Duration::from_millis(100);
-            fast.link_limited(t, &link, &own);
-        }
-        assert_eq!(fast.encoding(t, &link, &own), Encoding::Zstd(FAST_LEVEL));
     }
 
     #[test]
