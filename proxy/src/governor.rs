@@ -56,10 +56,15 @@ const WAIT_SHARE: f64 = 0.25;
 const STALE_WINDOWS: u32 = 8;
 /// What kernel socket buffers and a router queue take from a new connection before
 /// the link can make it wait: until a connection has written this much, a window in
-/// which it did not wait says nothing about the link, and a decision to compress
-/// stands (at 100 Mbit/s each of four concurrent migrations sent ~4 MB raw before its
-/// first wait; compressing 8 MiB at the fast level costs ~25 ms of CPU on a fast link).
+/// which it did not wait says nothing about the link, and while no connection to the
+/// peer has measured it either, a decision to compress stands (at 100 Mbit/s each of
+/// four concurrent migrations sent ~4 MB raw before its first wait; compressing 8 MiB
+/// at the fast level costs ~25 ms of CPU on a fast link).
 const BUFFER_ALLOWANCE: u64 = 8 << 20;
+/// ... and while all connections to the peer together have written less than this
+/// since this one started: many connections at once on a fast LAN pass it within a
+/// fraction of a second, four migrations filling buffers on a slow link do not.
+const PEER_ALLOWANCE: u64 = 32 << 20;
 /// How long a decision seen on one connection guides new connections to that peer.
 pub(crate) const HISTORY_TTL: Duration = Duration::from_secs(60);
 /// zstd level while the link is limited.
@@ -170,6 +175,8 @@ pub(crate) struct CompressGovernor {
     capacity: Option<f64>,
     /// Consecutive unsaturated windows that drained more than twice `capacity`.
     faster_windows: u32,
+    /// The peer meter's reading at this connection's first batch.
+    peer_at_first: u64,
 }
 
 impl CompressGovernor {
@@ -188,6 +195,7 @@ impl CompressGovernor {
             limited: recalled.is_none_or(|r| r.0),
             capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
             faster_windows: 0,
+            peer_at_first: 0,
         }
     }
 
@@ -217,6 +225,7 @@ impl CompressGovernor {
             // connections wrote to the peer (a bogus, huge rate that sent a new
             // migration's first batches raw).
             self.written_at_start = Some(link.written());
+            self.peer_at_first = link.written();
             self.window_start = now;
             self.waited = Duration::ZERO;
             return self.limited;
@@ -241,21 +250,36 @@ impl CompressGovernor {
             } else {
                 self.faster_windows = 0;
             }
+            // Still inside what buffers take, with no wait seen, and nothing known
+            // of this peer's link from any connection: no evidence either way, keep
+            // compressing and tell siblings nothing. Once any connection has measured
+            // the link, its finding decides (256 short connections on a LAN would
+            // otherwise compress all their bytes: edge/relay ~0.45 against ~0.65).
+            let recalled = self.history.recall(now);
+            let buffering = !saturated
+                && self.limited
+                && own_written < BUFFER_ALLOWANCE
+                && written.saturating_sub(self.peer_at_first) < PEER_ALLOWANCE
+                && recalled.is_none();
             self.limited = if saturated {
                 rate < self.zstd_rate * MARGIN
-            } else if self.limited && own_written < BUFFER_ALLOWANCE {
+            } else if buffering {
                 true
             } else {
-                // The uplink did not wait this window (the source paused, or the CPU
-                // is busy). A link known to be far slower than compression is still
-                // the bottleneck: raw bytes would only pile up in front of it, and
+                // The uplink did not wait this window (the source paused, the CPU is
+                // busy, or buffers are still filling). A link known (here or by a
+                // sibling connection) to be far slower than compression is still the
+                // bottleneck: raw bytes would only pile up in front of it, and
                 // compressing costs a small share of the CPU. Otherwise go raw.
-                self.capacity.is_some_and(|c| {
+                let known = self.capacity.or(recalled.map(|r| r.1).filter(|&c| c > 0.0));
+                known.is_some_and(|c| {
                     c < self.zstd_rate * STRONG_SHARE && rate < self.zstd_rate * MARGIN
                 })
             };
-            self.history
-                .store(self.limited, self.capacity.unwrap_or(0.0), now);
+            if !buffering {
+                self.history
+                    .store(self.limited, self.capacity.unwrap_or(0.0), now);
+            }
             self.window_start = now;
             self.written_at_start = Some(written);
             self.waited = Duration::ZERO;
@@ -392,6 +416,45 @@ mod tests {
         }
         // Past what buffers hold, a link that never makes the uplink wait is fast.
         assert!(!window(&mut g, &mut t, &link, 40_000_000, 0));
+    }
+
+    #[test]
+    fn many_connections_at_once_end_the_buffer_allowance() {
+        let mut t = Instant::now();
+        let (link, own) = (LinkMeter::default(), LinkMeter::default());
+        let mut g = CompressGovernor::new(t, Default::default());
+        assert!(g.link_limited(t, &link, &own));
+        // This connection wrote little, but all of them together 40 MB without a
+        // wait: a fast link, not buffers filling.
+        own.record(500_000);
+        link.record(40_000_000);
+        t += Duration::from_millis(100);
+        assert!(!g.link_limited(t, &link, &own));
+    }
+
+    #[test]
+    fn a_sibling_that_found_the_link_fast_ends_the_buffer_allowance() {
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let (link, own) = (LinkMeter::default(), LinkMeter::default());
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert!(g.link_limited(t, &link, &own));
+        // This connection's first megabyte leaves without a wait: no evidence.
+        own.record(1_000_000);
+        link.record(1_000_000);
+        t += Duration::from_millis(100);
+        assert!(g.link_limited(t, &link, &own), "no evidence yet");
+        // Windows inside the allowance tell the siblings nothing.
+        assert!(history.recall(t).is_none());
+        // A sibling waited for a link draining 400 MB/s: faster than zstd.
+        let mut sibling = CompressGovernor::new(t, history.clone());
+        sibling.link_limited(t, &link, &link);
+        assert!(!window(&mut sibling, &mut t, &link, 40_000_000, 90));
+        // Still inside the allowance, this connection now sends raw.
+        own.record(1_000_000);
+        link.record(1_000_000);
+        t += Duration::from_millis(100);
+        assert!(!g.link_limited(t, &link, &own));
     }
 
     #[test]
