@@ -333,9 +333,8 @@ impl Encoder {
             // tried: a batch that did not pay cost CPU the link leaves idle anyway, and
             // skipping the next would send it raw over the slow link (8-9 MB of raw
             // batches on four Linux guests at 100 Mbit/s).
-            let try_it = if self.thorough && link_limited && self.policy.mode() != CompressMode::Off
-            {
-                true
+            let try_it = if self.thorough && link_limited {
+                self.policy.should_try_persistently(link_limited)
             } else {
                 self.policy.should_try(link_limited)
             };
