@@ -535,6 +535,20 @@ fn run_scenario(
             n("batches_streamed"),
         );
     }
+    if scenario == "edge" {
+        let b = std::fs::read_to_string(env.dir.join("edge-b.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .map(|v| v["counters"].clone())
+            .unwrap_or_default();
+        let n = |k: &str| b[k].as_u64().unwrap_or(0);
+        eprintln!(
+            "  edge B: {} references waited for a chunk on a sibling connection ({} arrived in time), {} misses sent",
+            n("refs_deferred"),
+            n("refs_deferred_arrived"),
+            n("misses_sent"),
+        );
+    }
     drop(procs);
     let times: Vec<f64> = done
         .iter()
