@@ -513,10 +513,8 @@ fn run_scenario(
     let (f1, r1) = shaper_bytes(&stats);
     // Where the sending edge's bytes went (its snapshot is at most 200 ms old).
     let edge_counters = (scenario == "edge")
-        .then(|| std::fs::read_to_string(env.dir.join("edge-a.json")).ok())
-        .flatten()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .map(|v| v["counters"].clone());
+        .then(|| counters_of(&env.dir, "a"))
+        .flatten();
     if let Some(c) = &edge_counters {
         let n = |k: &str| c[k].as_u64().unwrap_or(0);
         eprintln!(
@@ -536,11 +534,7 @@ fn run_scenario(
         );
     }
     if scenario == "edge" {
-        let b = std::fs::read_to_string(env.dir.join("edge-b.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .map(|v| v["counters"].clone())
-            .unwrap_or_default();
+        let b = counters_of(&env.dir, "b").unwrap_or_default();
         let n = |k: &str| b[k].as_u64().unwrap_or(0);
         eprintln!(
             "  edge B: {} references waited for a chunk on a sibling connection ({} arrived in time), {} misses sent",
@@ -575,6 +569,13 @@ fn run_scenario(
         total_secs: total,
         edge_counters,
     })
+}
+
+/// The counters of edge `name` from its last stats snapshot in `dir`.
+fn counters_of(dir: &Path, name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(format!("edge-{name}.json"))).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    Some(v["counters"].clone())
 }
 
 /// A VM pair ready to migrate: source running its RAM image, destination waiting.

@@ -165,8 +165,8 @@ struct Shared {
     /// Every connection to the same peer records its writes here: the governor reads
     /// the link's pace from all of them together.
     peer_link: Arc<LinkHistory>,
-    /// This connection's own writes to the tunnel: against `peer_link`'s, its share
-    /// of the link.
+    /// This connection's own writes to the tunnel (the governor's kernel-buffer
+    /// allowance counts them).
     own_link: LinkMeter,
 }
 

@@ -513,18 +513,15 @@ async fn forward_one(
         let _ = timeout(cfg.connect_timeout, prev).await;
     }
     let _release_next = turn.release;
+    let secured = in_time(secured, || {
+        format!(
+            "no TCP and TLS connection to peer edge {} within {:?}",
+            fwd.peer, cfg.connect_timeout
+        )
+    });
     let mut tunnel = match secured {
-        Ok(Ok(t)) => t,
-        Ok(Err(msg)) => return Err(reset_local(local, msg)),
-        Err(_) => {
-            return Err(reset_local(
-                local,
-                format!(
-                    "no TCP and TLS connection to peer edge {} within {:?}",
-                    fwd.peer, cfg.connect_timeout
-                ),
-            ))
-        }
+        Ok(t) => t,
+        Err(msg) => return Err(reset_local(local, msg)),
     };
     let opened = timeout(cfg.connect_timeout, async {
         let mut out = BytesMut::new();
@@ -563,18 +560,15 @@ async fn forward_one(
         Ok::<_, String>((tunnel, rbuf, reply))
     })
     .await;
+    let opened = in_time(opened, || {
+        format!(
+            "peer edge {} did not complete the handshake within {:?}",
+            fwd.peer, cfg.connect_timeout
+        )
+    });
     let (tunnel, rbuf, reply) = match opened {
-        Ok(Ok(x)) => x,
-        Ok(Err(msg)) => return Err(reset_local(local, msg)),
-        Err(_) => {
-            return Err(reset_local(
-                local,
-                format!(
-                    "peer edge {} did not complete the handshake within {:?}",
-                    fwd.peer, cfg.connect_timeout
-                ),
-            ))
-        }
+        Ok(x) => x,
+        Err(msg) => return Err(reset_local(local, msg)),
     };
     if let Err(reason) = reply.result {
         return Err(reset_local(
@@ -589,6 +583,15 @@ async fn forward_one(
     debug!(peer_edge = %reply.edge, "tunnel open");
     let ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
     pump(local, tunnel, rbuf, ctx).await
+}
+
+/// A step run under a timeout: its value, or the message saying why it failed (its
+/// own, or `late()` when time ran out).
+fn in_time<T>(
+    r: Result<Result<T, String>, tokio::time::error::Elapsed>,
+    late: impl FnOnce() -> String,
+) -> Result<T, String> {
+    r.unwrap_or_else(|_| Err(late()))
 }
 
 fn reset_local(local: TcpStream, msg: String) -> ConnError {

@@ -311,6 +311,7 @@ impl CompressGovernor {
 mod tests {
     use super::*;
 
+    /// A 100 ms window of a connection alone on its link.
     fn window(
         g: &mut CompressGovernor,
         t: &mut Instant,
@@ -322,6 +323,21 @@ mod tests {
         link.record(bytes);
         *t += Duration::from_millis(100);
         g.link_limited(*t, link, link)
+    }
+
+    /// A 100 ms window without waiting in which this connection wrote `own_bytes` and
+    /// all connections to the peer `link_bytes` (this connection's included).
+    fn shared_window(
+        g: &mut CompressGovernor,
+        t: &mut Instant,
+        (link, own): (&LinkMeter, &LinkMeter),
+        own_bytes: usize,
+        link_bytes: usize,
+    ) -> bool {
+        own.record(own_bytes);
+        link.record(link_bytes);
+        *t += Duration::from_millis(100);
+        g.link_limited(*t, link, own)
     }
 
     #[test]
@@ -426,10 +442,13 @@ mod tests {
         assert!(g.link_limited(t, &link, &own));
         // This connection wrote little, but all of them together 40 MB without a
         // wait: a fast link, not buffers filling.
-        own.record(500_000);
-        link.record(40_000_000);
-        t += Duration::from_millis(100);
-        assert!(!g.link_limited(t, &link, &own));
+        assert!(!shared_window(
+            &mut g,
+            &mut t,
+            (&link, &own),
+            500_000,
+            40_000_000
+        ));
     }
 
     #[test]
@@ -440,10 +459,10 @@ mod tests {
         let mut g = CompressGovernor::new(t, history.clone());
         assert!(g.link_limited(t, &link, &own));
         // This connection's first megabyte leaves without a wait: no evidence.
-        own.record(1_000_000);
-        link.record(1_000_000);
-        t += Duration::from_millis(100);
-        assert!(g.link_limited(t, &link, &own), "no evidence yet");
+        assert!(
+            shared_window(&mut g, &mut t, (&link, &own), 1_000_000, 1_000_000),
+            "no evidence yet"
+        );
         // Windows inside the allowance tell the siblings nothing.
         assert!(history.recall(t).is_none());
         // A sibling waited for a link draining 400 MB/s: faster than zstd.
@@ -451,10 +470,13 @@ mod tests {
         sibling.link_limited(t, &link, &link);
         assert!(!window(&mut sibling, &mut t, &link, 40_000_000, 90));
         // Still inside the allowance, this connection now sends raw.
-        own.record(1_000_000);
-        link.record(1_000_000);
-        t += Duration::from_millis(100);
-        assert!(!g.link_limited(t, &link, &own));
+        assert!(!shared_window(
+            &mut g,
+            &mut t,
+            (&link, &own),
+            1_000_000,
+            1_000_000
+        ));
     }
 
     #[test]

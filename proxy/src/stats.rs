@@ -84,7 +84,8 @@ counters! {
     /// Sum of the zstd levels of `batches_compressed` (over that count: the mean level
     /// the governor chose).
     batch_level_sum,
-    /// Batches sent raw because the link was not the bottleneck.
+    /// Batches sent without trying compression: the link was not the bottleneck, or
+    /// compression was backing off after batches that did not pay.
     batches_raw,
     /// MISS requests this edge sent (a reference it could not resolve).
     misses_sent,

@@ -30,6 +30,47 @@ fn request_for(id: u64) -> Vec<u8> {
     with_id(id, &payload(id, 768 * 1024 + id * 4099))
 }
 
+/// Awaits each client task's `(id, reply)` and checks the reply against `want(id)`.
+async fn expect_replies(
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<u8>)>>,
+    want: impl Fn(u64) -> Vec<u8>,
+) {
+    for t in tasks {
+        let (id, back) = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("in time")
+            .unwrap();
+        let want = want(id);
+        assert_eq!(back.len(), want.len(), "conn {id}: reply length");
+        assert!(back == want, "conn {id}: reply bytes differ");
+    }
+}
+
+/// Receives the target's report of every request in `ids` (in any order) and checks
+/// each against `want(id)`: the length and BLAKE3 of what the target read.
+async fn expect_requests(
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, u64, blake3::Hash)>,
+    ids: std::ops::Range<u64>,
+    want: impl Fn(u64) -> Vec<u8>,
+) {
+    let mut got = HashMap::new();
+    for _ in ids.clone() {
+        let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.insert(id, (n, h));
+    }
+    for id in ids {
+        let want = want(id);
+        assert_eq!(
+            got.get(&id).copied(),
+            Some((want.len() as u64, blake3::hash(&want))),
+            "conn {id}: request differs at the target"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_connections_both_directions_byte_exact() {
     let dir = Scratch::new("concurrent");
@@ -52,31 +93,8 @@ async fn sixty_four_concurrent_connections_both_directions_byte_exact() {
             (id, back)
         }));
     }
-    for t in tasks {
-        let (id, back) = tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .expect("in time")
-            .unwrap();
-        let want = reply_for(id);
-        assert_eq!(back.len(), want.len(), "conn {id}: reply length");
-        assert!(back == want, "conn {id}: reply bytes differ");
-    }
-    let mut got = HashMap::new();
-    for _ in 0..64 {
-        let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        got.insert(id, (n, h));
-    }
-    for id in 0..64u64 {
-        let want = request_for(id);
-        assert_eq!(
-            got[&id],
-            (want.len() as u64, blake3::hash(&want)),
-            "conn {id}: request differs at the target"
-        );
-    }
+    expect_replies(tasks, reply_for).await;
+    expect_requests(&mut received, 0..64, request_for).await;
     let sa = a.wait_for("64 completed connections", |c| {
         c["connections_completed"] == 64
     });
@@ -644,28 +662,11 @@ async fn compression_streams_for_some_connections_stay_exact() {
                 (id, back)
             }));
         }
-        for t in tasks {
-            let (id, back) = tokio::time::timeout(Duration::from_secs(120), t)
-                .await
-                .expect("in time")
-                .unwrap();
-            assert!(
-                back == text_for(id + 1_000_000),
-                "conn {id}: reply bytes differ"
-            );
-        }
-        for _ in 0..12 {
-            let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            let want = with_id(id, &text_for(id));
-            assert_eq!(
-                (n, h),
-                (want.len() as u64, blake3::hash(&want)),
-                "conn {id}: request differs at the target"
-            );
-        }
+        expect_replies(tasks, |id| text_for(id + 1_000_000)).await;
+        expect_requests(&mut received, wave * 100..wave * 100 + 12, |id| {
+            with_id(id, &text_for(id))
+        })
+        .await;
         let done = 12 * (wave + 1);
         let sa = a.wait_for("a wave of completed connections", |c| {
             c["connections_completed"] == done

@@ -65,12 +65,7 @@ impl CompressPolicy {
     /// Whether to try compressing the next batch; `link_limited` says the link, not the
     /// CPU, is what limits throughput now.
     pub fn should_try(&mut self, link_limited: bool) -> bool {
-        let wanted = match self.mode {
-            CompressMode::Off => false,
-            CompressMode::Auto => link_limited,
-            CompressMode::Always => true,
-        };
-        if !wanted {
+        if !self.wanted(link_limited) {
             return false;
         }
         if self.skip > 0 {
@@ -88,6 +83,11 @@ impl CompressPolicy {
     pub fn should_try_persistently(&mut self, link_limited: bool) -> bool {
         self.skip = 0;
         self.next_skip = 1;
+        self.wanted(link_limited)
+    }
+
+    /// Whether the mode asks for compression at all, back-off aside.
+    fn wanted(&self, link_limited: bool) -> bool {
         match self.mode {
             CompressMode::Off => false,
             CompressMode::Auto => link_limited,

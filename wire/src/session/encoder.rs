@@ -64,8 +64,8 @@ pub struct EncoderStats {
     pub batches_streamed: u64,
     /// Sum of the zstd levels of `batches_compressed` (over that count: the mean level).
     pub batch_level_sum: u64,
-    /// Batches sent without trying compression (the policy said the link does not
-    /// need it).
+    /// Batches sent without trying compression: the link does not need it, or the
+    /// policy is backing off after batches that did not pay.
     pub batches_raw: u64,
 }
 
