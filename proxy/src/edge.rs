@@ -25,19 +25,20 @@ use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
 use crate::governor::LinkHistory;
 use crate::io::{ConnWan, WanCountingIo};
+use crate::spare::{secure, Spares};
 use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
 /// How long open connections may take to finish after a shutdown request.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A boxed tunnel stream (TLS or plaintext), so both paths share one driver.
-trait TunnelIo: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait TunnelIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> TunnelIo for T {}
-type Tunnel = Box<dyn TunnelIo>;
+pub(crate) type Tunnel = Box<dyn TunnelIo>;
 
 /// State shared by every connection of the edge.
 pub(crate) struct EdgeShared {
-    config: EdgeConfig,
+    pub(crate) config: EdgeConfig,
     epoch: u64,
     store: ChunkStore,
     /// Chunks sent, as delta bases (`None` when `--delta-mem 0`).
@@ -45,9 +46,9 @@ pub(crate) struct EdgeShared {
     /// Memory for context-keeping compression streams.
     streams: Arc<StreamBudget>,
     peers: PeerRegistry,
-    stats: Arc<EdgeStats>,
+    pub(crate) stats: Arc<EdgeStats>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
-    tls_connector: Option<tokio_rustls::TlsConnector>,
+    pub(crate) tls_connector: Option<tokio_rustls::TlsConnector>,
     conn_ids: AtomicU64,
     limit: Arc<Semaphore>,
     started: Instant,
@@ -176,11 +177,23 @@ impl Edge {
                 tracker.clone(),
             ));
         }
+        // One keeper of a warm connection per peer edge, shared by its forwards.
+        let mut spares: std::collections::HashMap<String, Spares> = Default::default();
         for (fwd, listener) in forwards {
             info!(listen = %fwd.listen, peer = %fwd.peer, target = %fwd.target, "forwarding");
+            let spare = spares
+                .entry(fwd.peer.clone())
+                .or_insert_with(|| {
+                    let (handle, keeper) =
+                        Spares::start(shared.clone(), fwd.peer.clone(), stop.clone());
+                    tracker.spawn(keeper);
+                    handle
+                })
+                .clone();
             tracker.spawn(accept_forward(
                 shared.clone(),
                 fwd,
+                spare,
                 listener,
                 stop.clone(),
                 tracker.clone(),
@@ -409,6 +422,7 @@ impl EdgeShared {
 async fn accept_forward(
     shared: Arc<EdgeShared>,
     fwd: Forward,
+    spare: Spares,
     listener: TcpListener,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -443,12 +457,12 @@ async fn accept_forward(
         shared.stats.connections_accepted.fetch_add(1, Relaxed);
         shared.stats.active_connections.fetch_add(1, Relaxed);
         let span = info_span!("conn", id, from = %addr, peer = %fwd.peer, target = %fwd.target);
-        let (shared, fwd) = (shared.clone(), fwd.clone());
+        let (shared, fwd, spare) = (shared.clone(), fwd.clone(), spare.clone());
         tracker.spawn(
             async move {
                 let _permit = permit;
-                let wan = Arc::new(ConnWan::default());
-                let result = forward_one(&shared, local, &fwd, seq, wan.clone(), turn).await;
+                let mut wan = Arc::new(ConnWan::default());
+                let result = forward_one(&shared, local, &fwd, &spare, seq, &mut wan, turn).await;
                 shared.finish(id, "forward", result, &wan);
             }
             .instrument(span),
@@ -464,13 +478,15 @@ struct OpenTurn {
     release: oneshot::Sender<()>,
 }
 
-/// Client side: open a tunnel to the peer for one accepted local connection.
+/// Client side: open a tunnel to the peer for one accepted local connection. `wan`
+/// ends up counting the tunnel connection actually used.
 async fn forward_one(
     shared: &Arc<EdgeShared>,
     local: TcpStream,
     fwd: &Forward,
+    spare: &Spares,
     seq: u64,
-    wan: Arc<ConnWan>,
+    wan: &mut Arc<ConnWan>,
     turn: OpenTurn,
 ) -> Result<Outcome, ConnError> {
     let _ = local.set_nodelay(true);
@@ -479,96 +495,44 @@ async fn forward_one(
     // migration's main channel from its multifd channels only by accept order. The
     // peer connects to the target when our Hello arrives, so each connection's Hello
     // waits for the previous one's reply (bounded by the connect timeout). TCP and TLS
-    // come first, in parallel: N channels cost 2 + N round trips, not 3 N. Data
-    // flows in parallel.
-    let secured = timeout(cfg.connect_timeout, async {
-        let tcp = TcpStream::connect(&fwd.peer)
-            .await
-            .map_err(|e| format!("cannot connect to peer edge {}: {e}", fwd.peer))?;
-        let _ = tcp.set_nodelay(true);
-        let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
-        let tunnel: Tunnel = match &shared.tls_connector {
-            Some(c) => {
-                let host = fwd
-                    .peer
-                    .rsplit_once(':')
-                    .map_or(fwd.peer.as_str(), |(h, _)| h);
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                Box::new(
-                    c.connect(tls::server_name_for(host), io)
-                        .await
-                        .map_err(|e| {
-                            format!("TLS handshake with peer edge {} failed: {e}", fwd.peer)
-                        })?,
-                )
-            }
-            None => Box::new(io),
-        };
-        Ok::<_, String>(tunnel)
-    })
-    .await;
+    // come first, in parallel (or come ready-made: a spare): N channels cost 2 + N
+    // round trips at most, not 3 N. Data flows in parallel.
+    let (secured, from_spare) = match spare.take().await {
+        Some(s) => (Ok(s), true),
+        None => (secure(shared, &fwd.peer).await, false),
+    };
     // Our turn comes whatever happened above: a connection that failed must not let
     // the next one overtake the one before it.
     if let Some(prev) = turn.wait {
         let _ = timeout(cfg.connect_timeout, prev).await;
     }
     let _release_next = turn.release;
-    let secured = in_time(secured, || {
-        format!(
-            "no TCP and TLS connection to peer edge {} within {:?}",
-            fwd.peer, cfg.connect_timeout
-        )
-    });
-    let mut tunnel = match secured {
-        Ok(t) => t,
+    let secured = match secured {
+        Ok(s) => s,
         Err(msg) => return Err(reset_local(local, msg)),
     };
-    let opened = timeout(cfg.connect_timeout, async {
-        let mut out = BytesMut::new();
-        Hello {
-            edge: cfg.name.clone(),
-            epoch: shared.epoch,
-            cache_bytes: cfg.cache_bytes,
-            window: cfg.window,
-            target: fwd.target.clone(),
-            open_seq: seq,
+    *wan = secured.wan.clone();
+    let opened = match open(shared, fwd, seq, secured.tunnel).await {
+        // A spare the peer dropped since the keeper last looked (a restarted peer):
+        // nothing was read from the local side yet, so connect afresh.
+        Err(Failed::Connection(msg)) if from_spare => {
+            shared.stats.spares_stale.fetch_add(1, Relaxed);
+            debug!("spare tunnel connection was dead ({msg}); connecting afresh");
+            match secure(shared, &fwd.peer).await {
+                Ok(fresh) => {
+                    *wan = fresh.wan.clone();
+                    open(shared, fwd, seq, fresh.tunnel).await
+                }
+                Err(msg) => Err(Failed::Connection(msg)),
+            }
         }
-        .encode(&mut out);
-        tunnel
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("sending handshake to peer edge {}: {e}", fwd.peer))?;
-        tunnel.flush().await.map_err(|e| format!("sending handshake: {e}"))?;
-        let mut rbuf = BytesMut::with_capacity(8192);
-        let reply = loop {
-            match HelloReply::decode(&mut rbuf) {
-                Ok(Some(r)) => break r,
-                Ok(None) => {}
-                Err(e) => return Err(format!("bad handshake reply from {}: {e}", fwd.peer)),
-            }
-            let n = tunnel
-                .read_buf(&mut rbuf)
-                .await
-                .map_err(|e| format!("reading handshake reply from {}: {e}", fwd.peer))?;
-            if n == 0 {
-                return Err(format!(
-                    "peer edge {} closed the connection during the handshake (is it a Shrinker edge with a certificate from the same CA?)",
-                    fwd.peer
-                ));
-            }
-        };
-        Ok::<_, String>((tunnel, rbuf, reply))
-    })
-    .await;
-    let opened = in_time(opened, || {
-        format!(
-            "peer edge {} did not complete the handshake within {:?}",
-            fwd.peer, cfg.connect_timeout
-        )
-    });
+        other => other,
+    };
     let (tunnel, rbuf, reply) = match opened {
         Ok(x) => x,
-        Err(msg) => return Err(reset_local(local, msg)),
+        Err(Failed::Connection(msg) | Failed::Handshake(msg)) => {
+            return Err(reset_local(local, msg))
+        }
     };
     if let Err(reason) = reply.result {
         return Err(reset_local(
@@ -585,13 +549,75 @@ async fn forward_one(
     pump(local, tunnel, rbuf, ctx).await
 }
 
-/// A step run under a timeout: its value, or the message saying why it failed (its
-/// own, or `late()` when time ran out).
-fn in_time<T>(
-    r: Result<Result<T, String>, tokio::time::error::Elapsed>,
-    late: impl FnOnce() -> String,
-) -> Result<T, String> {
-    r.unwrap_or_else(|_| Err(late()))
+/// Why opening a tunnel failed.
+enum Failed {
+    /// The connection broke before the peer answered (worth one fresh try when it
+    /// was a spare).
+    Connection(String),
+    /// The peer answered something that is not a handshake reply, or too late.
+    Handshake(String),
+}
+
+/// Sends our Hello on a secured tunnel connection and reads the peer's reply.
+async fn open(
+    shared: &EdgeShared,
+    fwd: &Forward,
+    seq: u64,
+    mut tunnel: Tunnel,
+) -> Result<(Tunnel, BytesMut, HelloReply), Failed> {
+    let cfg = &shared.config;
+    let opened = timeout(cfg.connect_timeout, async {
+        let mut out = BytesMut::new();
+        Hello {
+            edge: cfg.name.clone(),
+            epoch: shared.epoch,
+            cache_bytes: cfg.cache_bytes,
+            window: cfg.window,
+            target: fwd.target.clone(),
+            open_seq: seq,
+        }
+        .encode(&mut out);
+        let sent = async {
+            tunnel.write_all(&out).await?;
+            tunnel.flush().await
+        };
+        sent.await.map_err(|e| {
+            Failed::Connection(format!("sending handshake to peer edge {}: {e}", fwd.peer))
+        })?;
+        let mut rbuf = BytesMut::with_capacity(8192);
+        let reply = loop {
+            match HelloReply::decode(&mut rbuf) {
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failed::Handshake(format!(
+                        "bad handshake reply from {}: {e}",
+                        fwd.peer
+                    )))
+                }
+            }
+            let n = tunnel.read_buf(&mut rbuf).await.map_err(|e| {
+                Failed::Connection(format!(
+                    "reading handshake reply from {}: {e}",
+                    fwd.peer
+                ))
+            })?;
+            if n == 0 {
+                return Err(Failed::Connection(format!(
+                    "peer edge {} closed the connection during the handshake (is it a Shrinker edge with a certificate from the same CA?)",
+                    fwd.peer
+                )));
+            }
+        };
+        Ok((tunnel, rbuf, reply))
+    })
+    .await;
+    opened.unwrap_or_else(|_| {
+        Err(Failed::Handshake(format!(
+            "peer edge {} did not complete the handshake within {:?}",
+            fwd.peer, cfg.connect_timeout
+        )))
+    })
 }
 
 fn reset_local(local: TcpStream, msg: String) -> ConnError {
@@ -671,8 +697,9 @@ async fn accept_one(
     };
     // The peer sends its Hello when its connection's turn comes (after the previous
     // connection of its forward got a reply, itself bounded by the connect timeout),
-    // so the Hello may come up to one connect timeout after TLS, plus a round trip.
-    let hello_within = cfg.connect_timeout * 2;
+    // so the Hello may come up to one connect timeout after TLS, plus a round trip;
+    // or the connection is the peer's warm spare, kept up to `spare::MAX_AGE`.
+    let hello_within = (cfg.connect_timeout * 2).max(crate::spare::HELLO_WAIT_MIN);
     let opened = timeout(hello_within, async {
         let mut rbuf = BytesMut::with_capacity(8192);
         let hello = loop {
@@ -681,19 +708,31 @@ async fn accept_one(
                 Ok(None) => {}
                 Err(e) => return Err(format!("bad handshake: {e}")),
             }
-            let n = tunnel
-                .read_buf(&mut rbuf)
-                .await
-                .map_err(|e| format!("reading handshake: {e}"))?;
+            let read = tunnel.read_buf(&mut rbuf).await;
+            // A peer's warm spare that it closed unused (expired, or the peer shut
+            // down): the connection ends before any handshake byte. Not a rejection.
+            let unused = rbuf.is_empty()
+                && match &read {
+                    Ok(n) => *n == 0,
+                    Err(e) => e.kind() == std::io::ErrorKind::UnexpectedEof,
+                };
+            if unused {
+                return Ok(None);
+            }
+            let n = read.map_err(|e| format!("reading handshake: {e}"))?;
             if n == 0 {
                 return Err("closed during the handshake".to_string());
             }
         };
-        Ok((rbuf, hello))
+        Ok(Some((rbuf, hello)))
     })
     .await;
     let (rbuf, hello) = match opened {
-        Ok(Ok(x)) => x,
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => {
+            debug!("peer edge closed a warm connection it did not need");
+            return Ok(None);
+        }
         Ok(Err(msg)) => return Err(msg),
         Err(_) => return Err(format!("no handshake within {hello_within:?}")),
     };

@@ -20,6 +20,7 @@ mod governor;
 pub mod inspect;
 pub mod io;
 pub mod size;
+mod spare;
 pub mod stats;
 
 pub use edge::Edge;

@@ -45,6 +45,14 @@ counters! {
     connections_completed,
     /// Proxied connections that ended in a reset or error.
     connections_failed,
+    /// Warm tunnel connections (TCP + TLS, made ahead of need) opened to peer edges.
+    spares_made,
+    /// Local connections that started on a warm tunnel connection (two round trips
+    /// saved).
+    spares_used,
+    /// Warm connections found dead when used (peer restarted); the connection then
+    /// connected afresh.
+    spares_stale,
     /// Bytes read from local sockets (hypervisor side).
     lan_bytes_in,
     /// Bytes written to local sockets.

@@ -763,3 +763,107 @@ async fn target_sees_connections_in_accept_order() {
         });
     }
 }
+
+/// A new local connection starts on the warm tunnel connection the edge keeps to its
+/// peer (TCP and TLS already done), bytes stay exact, and the peer neither counts nor
+/// logs the warm connections as rejected, not even the one left unused at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_tunnel_connections_carry_new_connections() {
+    let dir = Scratch::new("warm");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(22, 17000), addr(22, 14000), addr(22, 15000));
+    let mut received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    for id in 1..=3u64 {
+        a.wait_for("a warm connection", |c| {
+            c["spares_made"].as_u64().unwrap() >= id
+        });
+        let back = exchange(fwd, request_for(id)).await.unwrap();
+        assert!(back == reply_for(id), "conn {id}: reply bytes differ");
+        expect_requests(&mut received, id..id + 1, request_for).await;
+    }
+    let sa = a.wait_for("three connections on warm ones", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 3
+    });
+    assert_eq!(sa["counters"]["spares_used"], 3, "{sa}");
+    assert_eq!(sa["counters"]["spares_stale"], 0, "{sa}");
+    let a_log = a.stop();
+    assert!(!a_log.contains("WARN"), "{a_log}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.counter("tunnels_rejected"), 0, "{}", b.log());
+    assert_eq!(b.counter("tunnels_accepted"), 3);
+    assert!(!b.log().contains("WARN"), "{}", b.log());
+}
+
+/// A warm connection that died without its keeper noticing (a middlebox dropped the
+/// peer's side; the peer restarted behind it): the connection that takes it finds it
+/// dead at the handshake, connects afresh and still delivers every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_warm_connection_is_replaced_without_losing_bytes() {
+    let dir = Scratch::new("warm-dead");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, cutter, fwd, target) = (
+        addr(23, 17000),
+        addr(23, 17500),
+        addr(23, 14000),
+        addr(23, 15000),
+    );
+    let mut received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
+    let _b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let cut = cutting_relay(TcpListener::bind(cutter).await.unwrap(), tunnel);
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, cutter, target), fwd);
+    a.wait_for("a warm connection", |c| {
+        c["spares_made"].as_u64().unwrap() >= 1
+    });
+    cut.send_replace(true);
+    let back = exchange(fwd, request_for(5)).await.unwrap();
+    assert!(back == reply_for(5), "reply bytes differ");
+    expect_requests(&mut received, 5..6, request_for).await;
+    let sa = a.wait_for("the connection completed", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(sa["counters"]["spares_used"], 1, "{sa}");
+    assert_eq!(sa["counters"]["spares_stale"], 1, "{sa}");
+    assert_eq!(sa["counters"]["connections_failed"], 0, "{sa}");
+}
+
+/// A TCP relay to `to`. Once `true` is sent on the returned channel, every connection
+/// it carries loses its far side at once, while the near side stays open, silent,
+/// until it sends something, then is reset: a connection that looks alive to an idle
+/// holder and dies on first use. Connections accepted afterwards relay normally.
+fn cutting_relay(
+    listener: TcpListener,
+    to: std::net::SocketAddr,
+) -> tokio::sync::watch::Sender<bool> {
+    let (cut, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut near, _)) = listener.accept().await {
+            let mut watch = watch.clone();
+            let cut_before = *watch.borrow_and_update();
+            tokio::spawn(async move {
+                let mut far = TcpStream::connect(to).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut near, &mut far) => {}
+                    _ = async { watch.wait_for(|c| *c && !cut_before).await.map(|_| ()) } => {
+                        drop(far);
+                        let mut b = [0u8; 1];
+                        let _ = near.read(&mut b).await;
+                        let _ = near.set_zero_linger();
+                    }
+                }
+            });
+        }
+    });
+    cut
+}
