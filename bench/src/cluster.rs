@@ -101,9 +101,39 @@ pub struct ScenarioFigures {
     pub total_secs: f64,
     /// The sending edge's counters at the end (scenario `edge`).
     pub edge_counters: Option<Value>,
+    /// CPU seconds (user + system) used by the scenario's hops on either side of the
+    /// link (edges, relays, zstd tunnels; not the link emulator), over the scenario.
+    pub path_cpu_secs: f64,
+    /// CPU seconds used by the source and destination QEMUs during the migrations.
+    pub qemu_cpu_secs: f64,
 }
 
 struct Procs(Vec<Child>);
+
+impl Procs {
+    /// CPU seconds used so far by these processes (those still running).
+    fn cpu_secs(&self) -> f64 {
+        self.0.iter().map(|c| cpu_secs(c.id())).sum()
+    }
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc (0 when gone).
+/// /proc counts in clock ticks of 1/100 s (USER_HZ, 100 on Linux's usual targets).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, inside parentheses):
+    // state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(14) + ticks(15)) as f64 / 100.0
+}
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -322,9 +352,10 @@ fn start_path(
     lanes: &[Lane],
     stats: &Path,
     procs: &mut Procs,
+    link: &mut Procs,
 ) -> anyhow::Result<Vec<SocketAddr>> {
     let mut shaper = |to: &dyn Fn(&Lane) -> SocketAddr| -> anyhow::Result<()> {
-        procs.0.push(spawn(
+        link.0.push(spawn(
             Command::new(&env.me)
                 .arg("shaper")
                 .args(lane_args(lanes.iter().map(|l| (l.shaper, to(l)))))
@@ -465,14 +496,17 @@ fn run_scenario(
     }
     let lanes = lanes(index, if args.concurrent { args.vms } else { 1 });
     let stats = env.dir.join(format!("shaper-{scenario}.json"));
+    // The hops (their CPU time is the path's cost) and the link emulator, apart.
     let mut procs = Procs(Vec::new());
-    let entries = start_path(args, env, scenario, &lanes, &stats, &mut procs)?;
+    let mut link = Procs(Vec::new());
+    let entries = start_path(args, env, scenario, &lanes, &stats, &mut procs, &mut link)?;
     for (lane, entry) in lanes.iter().zip(&entries) {
         wait_port(lane.shaper)?;
         wait_port(*entry)?;
     }
     std::thread::sleep(Duration::from_millis(300));
     let (f0, r0) = shaper_bytes(&stats);
+    let path_cpu_at_start = procs.cpu_secs();
     let started = Instant::now();
     let mut done = Vec::new();
     if args.concurrent {
@@ -543,7 +577,9 @@ fn run_scenario(
             n("misses_sent"),
         );
     }
+    let path_cpu_secs = procs.cpu_secs() - path_cpu_at_start;
     drop(procs);
+    drop(link);
     let times: Vec<f64> = done
         .iter()
         .map(|m| m.end.duration_since(m.start).as_secs_f64())
@@ -568,6 +604,8 @@ fn run_scenario(
         migrate_secs,
         total_secs: total,
         edge_counters,
+        path_cpu_secs,
+        qemu_cpu_secs: done.iter().map(|m| m.qemu_cpu_secs).sum(),
     })
 }
 
@@ -598,6 +636,8 @@ struct Migrated {
     start: Instant,
     end: Instant,
     lan_bytes: u64,
+    /// CPU seconds both QEMUs used from start to end.
+    qemu_cpu_secs: f64,
 }
 
 fn prepare_vm(
@@ -691,6 +731,7 @@ fn migrate_vm(args: &ClusterArgs, scenario: &str, v: &mut VmRun) -> anyhow::Resu
         "migrate-set-parameters",
         json!({"max-bandwidth": 10u64 << 30}),
     )?;
+    let qemu_cpu_at_start = v.procs.cpu_secs();
     let start = Instant::now();
     let mut lan_bytes = 0;
     if v.disks.is_some() {
@@ -749,6 +790,7 @@ fn migrate_vm(args: &ClusterArgs, scenario: &str, v: &mut VmRun) -> anyhow::Resu
     }
     lan_bytes += info["ram"]["transferred"].as_u64().unwrap_or(0);
     let end = Instant::now();
+    let qemu_cpu_secs = v.procs.cpu_secs() - qemu_cpu_at_start;
     eprintln!(
         "  {scenario:<13} VM {vm}: {:.2} s",
         end.duration_since(start).as_secs_f64()
@@ -757,6 +799,7 @@ fn migrate_vm(args: &ClusterArgs, scenario: &str, v: &mut VmRun) -> anyhow::Resu
         start,
         end,
         lan_bytes,
+        qemu_cpu_secs,
     })
 }
 
@@ -911,8 +954,16 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         if args.multifd > 0 { format!(", multifd x{}", args.multifd) } else { String::new() }
     );
     println!(
-        "{:<20} {:>14} {:>14} {:>9} {:>10} {:>9} {:>8}",
-        "scenario", "QEMU bytes", "WAN bytes", "WAN/QEMU", "migrate s", "vs direct", "wall s"
+        "{:<20} {:>14} {:>14} {:>9} {:>10} {:>9} {:>8} {:>10} {:>10}",
+        "scenario",
+        "QEMU bytes",
+        "WAN bytes",
+        "WAN/QEMU",
+        "migrate s",
+        "vs direct",
+        "wall s",
+        "path cpu s",
+        "QEMU cpu s"
     );
     let direct = figures
         .iter()
@@ -921,14 +972,16 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     for f in &figures {
         let wan = f.wan_forward_bytes + f.wan_reverse_bytes;
         println!(
-            "{:<20} {:>14} {:>14} {:>8.1}% {:>10.2} {:>9} {:>8.2}",
+            "{:<20} {:>14} {:>14} {:>8.1}% {:>10.2} {:>9} {:>8.2} {:>10.2} {:>10.2}",
             f.scenario,
             f.lan_bytes,
             wan,
             100.0 * wan as f64 / f.lan_bytes.max(1) as f64,
             f.migrate_secs,
             direct.map_or("-".into(), |d| format!("{:.3}", f.migrate_secs / d)),
-            f.total_secs
+            f.total_secs,
+            f.path_cpu_secs,
+            f.qemu_cpu_secs
         );
     }
     if let Some(p) = &args.svg {
