@@ -106,6 +106,9 @@ pub struct ScenarioFigures {
     pub path_cpu_secs: f64,
     /// CPU seconds used by the source and destination QEMUs during the migrations.
     pub qemu_cpu_secs: f64,
+    /// CPU seconds used by the link emulator over the scenario (it shares the
+    /// machine's cores with everything else).
+    pub link_cpu_secs: f64,
 }
 
 struct Procs(Vec<Child>);
@@ -507,6 +510,7 @@ fn run_scenario(
     std::thread::sleep(Duration::from_millis(300));
     let (f0, r0) = shaper_bytes(&stats);
     let path_cpu_at_start = procs.cpu_secs();
+    let link_cpu_at_start = link.cpu_secs();
     let started = Instant::now();
     let mut done = Vec::new();
     if args.concurrent {
@@ -578,6 +582,7 @@ fn run_scenario(
         );
     }
     let path_cpu_secs = procs.cpu_secs() - path_cpu_at_start;
+    let link_cpu_secs = link.cpu_secs() - link_cpu_at_start;
     drop(procs);
     drop(link);
     let times: Vec<f64> = done
@@ -606,6 +611,7 @@ fn run_scenario(
         edge_counters,
         path_cpu_secs,
         qemu_cpu_secs: done.iter().map(|m| m.qemu_cpu_secs).sum(),
+        link_cpu_secs,
     })
 }
 
@@ -954,7 +960,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         if args.multifd > 0 { format!(", multifd x{}", args.multifd) } else { String::new() }
     );
     println!(
-        "{:<20} {:>14} {:>14} {:>9} {:>10} {:>9} {:>8} {:>10} {:>10}",
+        "{:<20} {:>14} {:>14} {:>9} {:>10} {:>9} {:>8} {:>10} {:>10} {:>10}",
         "scenario",
         "QEMU bytes",
         "WAN bytes",
@@ -963,7 +969,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         "vs direct",
         "wall s",
         "path cpu s",
-        "QEMU cpu s"
+        "QEMU cpu s",
+        "link cpu s"
     );
     let direct = figures
         .iter()
@@ -972,7 +979,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     for f in &figures {
         let wan = f.wan_forward_bytes + f.wan_reverse_bytes;
         println!(
-            "{:<20} {:>14} {:>14} {:>8.1}% {:>10.2} {:>9} {:>8.2} {:>10.2} {:>10.2}",
+            "{:<20} {:>14} {:>14} {:>8.1}% {:>10.2} {:>9} {:>8.2} {:>10.2} {:>10.2} {:>10.2}",
             f.scenario,
             f.lan_bytes,
             wan,
@@ -981,7 +988,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             direct.map_or("-".into(), |d| format!("{:.3}", f.migrate_secs / d)),
             f.total_secs,
             f.path_cpu_secs,
-            f.qemu_cpu_secs
+            f.qemu_cpu_secs,
+            f.link_cpu_secs
         );
     }
     if let Some(p) = &args.svg {
