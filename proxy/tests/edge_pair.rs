@@ -71,20 +71,55 @@ async fn expect_requests(
     }
 }
 
+/// Edge B accepting tunnels on port 17000 of loopback net `net`, edge A forwarding its
+/// port 14000 through B to a `serve_exchange(reply)` target on port 15000. `_dir`
+/// holds the certificates, logs and stats files: bind it first when destructuring, so
+/// it goes last, after the edges are killed.
+struct ExchangePair {
+    a: EdgeProc,
+    b: EdgeProc,
+    fwd: std::net::SocketAddr,
+    tunnel: std::net::SocketAddr,
+    received: tokio::sync::mpsc::UnboundedReceiver<(u64, u64, blake3::Hash)>,
+    _dir: Scratch,
+}
+
+/// Starts an [`ExchangePair`]; `a_extra` and `b_extra` are more options for each edge.
+async fn exchange_pair(
+    name: &str,
+    net: u8,
+    reply: impl Fn(u64) -> Vec<u8> + Send + Sync + 'static,
+    a_extra: &[String],
+    b_extra: &[String],
+) -> ExchangePair {
+    let dir = Scratch::new(name);
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(net, 17000), addr(net, 14000), addr(net, 15000));
+    let received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply).await;
+    let b_args = [&[s("--tunnel-listen"), tunnel.to_string()], b_extra].concat();
+    let b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
+    let a_args = [forward(fwd, tunnel, target), a_extra.to_vec()].concat();
+    let a = EdgeProc::start(dir.path(), "a", &a_args, fwd);
+    ExchangePair {
+        a,
+        b,
+        fwd,
+        tunnel,
+        received,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_connections_both_directions_byte_exact() {
-    let dir = Scratch::new("concurrent");
-    certs(dir.path(), &["a", "b"]);
-    let (tunnel, fwd, target) = (addr(11, 17000), addr(11, 14000), addr(11, 15000));
-    let listener = TcpListener::bind(target).await.unwrap();
-    let mut received = serve_exchange(listener, reply_for).await;
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
-        tunnel,
-    );
-    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    let ExchangePair {
+        _dir,
+        a,
+        b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair("concurrent", 11, reply_for, &[], &[]).await;
 
     let mut tasks = Vec::new();
     for id in 0..64u64 {
@@ -254,18 +289,14 @@ async fn peer_without_a_valid_certificate_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_tunnel_port_closes_only_that_connection() {
-    let dir = Scratch::new("garbage");
-    certs(dir.path(), &["a", "b"]);
-    let (tunnel, fwd, target) = (addr(14, 17000), addr(14, 14000), addr(14, 15000));
-    let listener = TcpListener::bind(target).await.unwrap();
-    let _received = serve_exchange(listener, reply_for).await;
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
+    let ExchangePair {
+        _dir,
+        a: _a,
+        b,
+        fwd,
         tunnel,
-    );
-    let _a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+        received: _received,
+    } = exchange_pair("garbage", 14, reply_for, &[], &[]).await;
     // A proxied connection in flight while garbage arrives.
     let good = tokio::spawn(exchange(fwd, request_for(3)));
     for junk in [
@@ -616,25 +647,17 @@ fn text_for(id: u64) -> Vec<u8> {
 /// connections end (a second wave gets streams again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compression_streams_for_some_connections_stay_exact() {
-    let dir = Scratch::new("streams");
-    certs(dir.path(), &["a", "b"]);
-    let (tunnel, fwd, target) = (addr(19, 17000), addr(19, 14000), addr(19, 15000));
-    let listener = TcpListener::bind(target).await.unwrap();
-    let mut received = serve_exchange(listener, |id| text_for(id + 1_000_000)).await;
     // Room for 3 streams of 8 MiB history (each counted as 10 MiB) per edge.
     let budget = [s("--compress"), s("always"), s("--stream-mem"), s("31MiB")];
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[&[s("--tunnel-listen"), tunnel.to_string()], &budget[..]].concat(),
-        tunnel,
-    );
-    let a = EdgeProc::start(
-        dir.path(),
-        "a",
-        &[forward(fwd, tunnel, target), budget.to_vec()].concat(),
+    let reply = |id| text_for(id + 1_000_000);
+    let ExchangePair {
+        _dir,
+        a,
+        b,
         fwd,
-    );
+        mut received,
+        ..
+    } = exchange_pair("streams", 19, reply, &budget, &budget).await;
     let mut streamed_before = 0;
     for wave in 0..2u64 {
         // Every connection sends half its data, then waits until all 12 are relayed
@@ -769,17 +792,14 @@ async fn target_sees_connections_in_accept_order() {
 /// logs the warm connections as rejected, not even the one left unused at shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_tunnel_connections_carry_new_connections() {
-    let dir = Scratch::new("warm");
-    certs(dir.path(), &["a", "b"]);
-    let (tunnel, fwd, target) = (addr(22, 17000), addr(22, 14000), addr(22, 15000));
-    let mut received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
-        tunnel,
-    );
-    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    let ExchangePair {
+        _dir,
+        a,
+        b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair("warm", 22, reply_for, &[], &[]).await;
     for id in 1..=3u64 {
         a.wait_for("a warm connection", |c| {
             c["spares_made"].as_u64().unwrap() >= id
