@@ -73,7 +73,8 @@ const DEFER_LIMIT: Duration = Duration::from_millis(500);
 /// ... and after this long in any case. While sibling connections keep delivering, the
 /// copy may be queued behind seconds of their data on a slow shared link (four
 /// concurrent migrations at 100 Mbit/s: with only `DEFER_LIMIT`, 8,143 pages came
-/// twice, as the copy and as a fill: 33 MB, 40% of the WAN bytes).
+/// twice, as the copy and as a fill: 33 MB, 40% of the WAN bytes). A failed
+/// connection with the same peer ends the wait at once (the copy may have been on it).
 const DEFER_MAX: Duration = Duration::from_secs(10);
 /// Extra pending allowance over the peer's window: one read burst plus frame slack.
 const PENDING_SLACK: u64 = 16 << 20;
@@ -96,6 +97,9 @@ pub(crate) struct PumpCtx {
     /// The compression decisions of every connection to this peer.
     pub(crate) link_history: Arc<LinkHistory>,
     pub(crate) stats: Arc<EdgeStats>,
+    /// Connections with this peer edge that failed, counted by all of them: a chunk
+    /// a deferred reference here waits for may have been on one of them.
+    pub(crate) peer_failures: Arc<AtomicU64>,
 }
 
 /// What a finished connection did.
@@ -168,6 +172,8 @@ struct Shared {
     /// This connection's own writes to the tunnel (the governor's kernel-buffer
     /// allowance counts them).
     own_link: LinkMeter,
+    /// See [`PumpCtx::peer_failures`].
+    peer_failures: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -188,6 +194,8 @@ impl Shared {
                 let _ = ctrl.send(Frame::Reset(err.to_string()));
             }
             *slot = Some(err);
+            // Sibling connections stop waiting for chunks this one may have carried.
+            self.peer_failures.fetch_add(1, Relaxed);
         }
         drop(slot);
         self.abort.cancel();
@@ -219,6 +227,7 @@ where
         fills_sent: AtomicU64::new(0),
         peer_link: ctx.link_history.clone(),
         own_link: LinkMeter::default(),
+        peer_failures: ctx.peer_failures.clone(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
@@ -447,6 +456,8 @@ async fn downlink<T: AsyncRead>(
     // when progress was last seen.
     let mut defer_started: Option<Instant> = None;
     let mut store_inserted = 0u64;
+    // Failed connections with the peer when the oldest deferred reference began.
+    let mut defer_failures: Option<u64> = None;
     let mut tunnel_eof = false;
     let mut outq: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     loop {
@@ -511,13 +522,20 @@ async fn downlink<T: AsyncRead>(
         if dec.has_deferred() {
             // Wait as long as deferred references keep resolving or chunks keep
             // arriving (the copy may be queued behind them); give up after DEFER_LIMIT
-            // without progress, or DEFER_MAX in all.
+            // without progress, or DEFER_MAX in all; at once when a connection with
+            // the peer failed meanwhile (the copy may have been on it, and sibling
+            // connections delivering other chunks would keep us waiting for nothing).
             let now = Instant::now();
             let started = *defer_started.get_or_insert(now);
+            let failures = ctx.peer_failures.load(Relaxed);
+            let failures_then = *defer_failures.get_or_insert(failures);
             let inserted = ctx.store.inserted();
             let progress =
                 dec.stats().deferred_arrived > deferred_arrived || inserted > store_inserted;
-            if defer_deadline.is_none() || (progress && now < started + DEFER_MAX) {
+            if failures > failures_then {
+                defer_deadline = Some(now);
+                defer_failures = Some(failures);
+            } else if defer_deadline.is_none() || (progress && now < started + DEFER_MAX) {
                 deferred_arrived = dec.stats().deferred_arrived;
                 store_inserted = inserted;
                 defer_deadline = Some(now + DEFER_LIMIT);
@@ -525,6 +543,7 @@ async fn downlink<T: AsyncRead>(
         } else {
             defer_deadline = None;
             defer_started = None;
+            defer_failures = None;
         }
         if dec.is_finished() && !local_shut {
             local_shut = true;

@@ -55,6 +55,8 @@ pub(crate) struct EdgeShared {
     recent: std::sync::Mutex<std::collections::VecDeque<ConnSummary>>,
     /// Per peer edge: the compression decisions its connections share.
     links: std::sync::Mutex<std::collections::HashMap<String, Arc<LinkHistory>>>,
+    /// Per peer edge: how many of its connections failed.
+    failures: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
 }
 
 /// Finished connections kept in the stats snapshot.
@@ -115,6 +117,7 @@ impl Edge {
             started: Instant::now(),
             recent: Default::default(),
             links: Default::default(),
+            failures: Default::default(),
             config,
         });
         Ok(Edge {
@@ -305,6 +308,13 @@ impl EdgeShared {
                 .or_default()
                 .clone(),
             stats: self.stats.clone(),
+            peer_failures: self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(peer_edge.to_owned())
+                .or_default()
+                .clone(),
         }
     }
 

@@ -887,3 +887,127 @@ fn cutting_relay(
     });
     cut
 }
+
+/// `len` bytes that no other seed gives: every chunk new to any store.
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut v);
+    v
+}
+
+/// A connection fails while a sibling's references wait for chunks it was carrying
+/// (REF_RECENT the receiving store lacks), and a third connection keeps the store
+/// busy with new chunks. The waiting references must give up at once and be filled,
+/// not wait out the 10 s a busy store otherwise buys them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
+    let dir = Scratch::new("defer-fail");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(24, 17000), addr(24, 14000), addr(24, 15000));
+    // The target: connection 2 is never read, and reset on `reset_2`; the others are
+    // read to the end and reported like `serve_exchange`.
+    let listener = TcpListener::bind(target).await.unwrap();
+    let (report, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let reset_2 = std::sync::Arc::new(tokio::sync::Notify::new());
+    let reset = reset_2.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let (report, reset) = (report.clone(), reset.clone());
+            tokio::spawn(async move {
+                let mut idb = [0u8; 8];
+                c.read_exact(&mut idb).await.unwrap();
+                let id = u64::from_le_bytes(idb);
+                if id == 2 {
+                    reset.notified().await;
+                    let _ = c.set_zero_linger();
+                    return;
+                }
+                let mut h = blake3::Hasher::new();
+                h.update(&idb);
+                let (mut buf, mut n) = (vec![0u8; 64 * 1024], 8u64);
+                while let Ok(k) = c.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    h.update(&buf[..k]);
+                    n += k as u64;
+                }
+                let _ = c.shutdown().await;
+                let _ = report.send((id, n, h.finalize()));
+            });
+        }
+    });
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    let body = random_bytes(1, 48 << 20);
+    // Connection 2 sends `body`: its chunks leave A, and stall in the tunnel and in
+    // A's queue once B cannot hand them to the target.
+    let mut c2 = TcpStream::connect(fwd).await.unwrap();
+    let sent_2 = with_id(2, &body);
+    let c2_task = tokio::spawn(async move {
+        let _ = c2.write_all(&sent_2).await;
+        let mut rest = Vec::new();
+        let _ = c2.read_to_end(&mut rest).await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Connection 3 keeps the store taking new chunks (~8 MB/s) until told to stop.
+    let stop_3 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = stop_3.clone();
+    let c3_task = tokio::spawn(async move {
+        let mut c3 = TcpStream::connect(fwd).await.unwrap();
+        c3.write_all(&3u64.to_le_bytes()).await.unwrap();
+        let mut seed = 100;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && seed < 100 + 400 {
+            c3.write_all(&random_bytes(seed, 256 << 10)).await.unwrap();
+            seed += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        c3.shutdown().await.unwrap();
+    });
+    // Connection 1 sends `body` too: A refers to the chunks connection 2 carried.
+    let sent_1 = with_id(1, &body);
+    let c1_task = tokio::spawn(exchange(fwd, sent_1.clone()));
+    // By now connection 1's references to the stalled chunks wait at B (its
+    // counters show them only once they resolve).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reset_at = std::time::Instant::now();
+    reset_2.notify_one();
+    let back = tokio::time::timeout(Duration::from_secs(60), c1_task)
+        .await
+        .expect("connection 1 in time")
+        .unwrap()
+        .unwrap();
+    let waited = reset_at.elapsed();
+    stop_3.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(back.is_empty());
+    // 10 s is what the busy store would have bought the references; the fill itself
+    // takes a round trip on loopback.
+    assert!(
+        waited < Duration::from_secs(5),
+        "connection 1 finished {waited:?} after connection 2 failed: {}",
+        b.log()
+    );
+    let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (id, n, h),
+        (1, sent_1.len() as u64, blake3::hash(&sent_1)),
+        "connection 1 differs at the target"
+    );
+    b.wait_for("references that waited, then were filled", |c| {
+        c["refs_deferred"].as_u64().unwrap() > 0 && c["misses_sent"].as_u64().unwrap() > 0
+    });
+    c3_task.await.unwrap();
+    let _ = c2_task.await;
+    drop(a);
+}
