@@ -175,6 +175,8 @@ pub(crate) struct CompressGovernor {
     capacity: Option<f64>,
     /// Consecutive unsaturated windows that drained more than twice `capacity`.
     faster_windows: u32,
+    /// Bytes drained beyond `capacity` in consecutive windows without a wait.
+    excess: f64,
     /// The peer meter's reading at this connection's first batch.
     peer_at_first: u64,
 }
@@ -195,6 +197,7 @@ impl CompressGovernor {
             limited: recalled.is_none_or(|r| r.0),
             capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
             faster_windows: 0,
+            excess: 0.0,
             peer_at_first: 0,
         }
     }
@@ -236,31 +239,54 @@ impl CompressGovernor {
             let own_written = own.written();
             let rate = written.saturating_sub(start) as f64 / elapsed.as_secs_f64();
             let waited_share = self.waited.as_secs_f64() / elapsed.as_secs_f64();
-            let saturated = waited_share >= WAIT_SHARE;
-            if saturated {
-                self.capacity = Some(rate);
-            } else if self.capacity.is_some_and(|c| rate > 2.0 * c) {
-                // More left than the capacity we believed. Kernel buffers swallow a few
-                // megabytes at any speed (at the start of every connection), so only a
-                // sustained excess says the capacity is stale.
-                self.faster_windows += 1;
-                if self.faster_windows >= STALE_WINDOWS {
-                    self.capacity = None;
-                }
-            } else {
-                self.faster_windows = 0;
-            }
-            // Still inside what buffers take, with no wait seen, and nothing known
-            // of this peer's link from any connection: no evidence either way, keep
-            // compressing and tell siblings nothing. Once any connection has measured
-            // the link, its finding decides (256 short connections on a LAN would
-            // otherwise compress all their bytes: edge/relay ~0.45 against ~0.65).
             let recalled = self.history.recall(now);
-            let buffering = !saturated
-                && self.limited
-                && own_written < BUFFER_ALLOWANCE
+            // Still inside what kernel buffers take, and nothing known of this peer's
+            // link from any connection.
+            let early = own_written < BUFFER_ALLOWANCE
                 && written.saturating_sub(self.peer_at_first) < PEER_ALLOWANCE
                 && recalled.is_none();
+            // A window in which the uplink waited measures the link, except early on
+            // at a rate that would keep compression going: then the wait is as likely
+            // the CPU, shared by every connection starting at once (four concurrent
+            // migrations at 100 Mbit/s "measured" 62-64 MB/s while buffers filled; a
+            // sibling took that for a link too fast to compress for and sent 18
+            // batches raw). Such a window decides nothing and tells siblings nothing.
+            let saturated =
+                waited_share >= WAIT_SHARE && !(early && rate < self.zstd_rate * MARGIN);
+            if saturated {
+                self.capacity = Some(rate);
+                self.excess = 0.0;
+            } else if let Some(c) = self.capacity {
+                // More left than the capacity we believed. Kernel buffers swallow a few
+                // megabytes at any speed (at the start of every connection), so only a
+                // sustained excess says the capacity is stale: twice the capacity for
+                // STALE_WINDOWS, or more bytes beyond it, without a wait, than the
+                // buffers of every connection to the peer can hold. (One window at 1
+                // Gbit/s that waited while the CPU was busy "measured" 17 MB/s; the
+                // deep level it chose then kept the uplinks CPU-bound at ~30 MB/s,
+                // never waiting again, for the rest of a cluster migration: 5.7 s
+                // against 3.2 s.)
+                self.faster_windows = if rate > 2.0 * c {
+                    self.faster_windows + 1
+                } else {
+                    0
+                };
+                self.excess = if rate > c {
+                    self.excess + (rate - c) * elapsed.as_secs_f64()
+                } else {
+                    0.0
+                };
+                if self.faster_windows >= STALE_WINDOWS || self.excess > PEER_ALLOWANCE as f64 {
+                    self.capacity = None;
+                    self.faster_windows = 0;
+                    self.excess = 0.0;
+                }
+            }
+            // Early, with no trusted wait: no evidence either way, keep compressing
+            // and tell siblings nothing. Once any connection has measured the link,
+            // its finding decides (256 short connections on a LAN would otherwise
+            // compress all their bytes: edge/relay ~0.45 against ~0.65).
+            let buffering = !saturated && self.limited && early;
             self.limited = if saturated {
                 rate < self.zstd_rate * MARGIN
             } else if buffering {
@@ -276,6 +302,17 @@ impl CompressGovernor {
                     c < self.zstd_rate * STRONG_SHARE && rate < self.zstd_rate * MARGIN
                 })
             };
+            tracing::trace!(
+                rate_mbs = rate / 1e6,
+                waited_share,
+                saturated,
+                buffering,
+                capacity_mbs = self.capacity.map(|c| c / 1e6),
+                recalled_mbs = recalled.map(|r| r.1 / 1e6),
+                own_mib = own_written >> 20,
+                limited = self.limited,
+                "governor window"
+            );
             if !buffering {
                 self.history
                     .store(self.limited, self.capacity.unwrap_or(0.0), now);
@@ -367,6 +404,8 @@ mod tests {
     fn kernel_buffers_do_not_erase_a_known_slow_link() {
         let mut t = Instant::now();
         let link = LinkMeter::default();
+        // Past the buffer allowance (earlier windows).
+        link.record(BUFFER_ALLOWANCE as usize);
         let mut g = CompressGovernor::new(t, Default::default());
         g.link_limited(t, &link, &link); // starts the first window
         assert!(
@@ -477,6 +516,70 @@ mod tests {
             1_000_000,
             1_000_000
         ));
+    }
+
+    #[test]
+    fn an_early_wait_at_a_middling_rate_is_not_taken_for_the_link() {
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let (link, own) = (LinkMeter::default(), LinkMeter::default());
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert!(g.link_limited(t, &link, &own));
+        // Four connections starting at once on a busy CPU: this one waited most of
+        // the window while all of them wrote 6.3 MB (63 MB/s) into fresh buffers.
+        own.record(1_500_000);
+        link.record(6_300_000);
+        g.waited(Duration::from_millis(80));
+        t += Duration::from_millis(100);
+        assert!(g.link_limited(t, &link, &own), "keeps compressing");
+        assert_eq!(g.capacity, None, "no capacity from an early wait");
+        assert!(history.recall(t).is_none(), "siblings are told nothing");
+        // A sibling starting now is not sent raw by a capacity nobody measured.
+        let mut sibling = CompressGovernor::new(t, history.clone());
+        let sibling_own = LinkMeter::default();
+        assert!(sibling.link_limited(t, &link, &sibling_own));
+        assert!(shared_window(
+            &mut sibling,
+            &mut t,
+            (&link, &sibling_own),
+            1_000_000,
+            3_000_000
+        ));
+        // An early wait at a rate faster than compression still decides: raw.
+        let mut fast = CompressGovernor::new(t, Default::default());
+        let fast_own = LinkMeter::default();
+        assert!(fast.link_limited(t, &link, &fast_own));
+        fast_own.record(2_000_000);
+        link.record(40_000_000);
+        fast.waited(Duration::from_millis(80));
+        t += Duration::from_millis(100);
+        assert!(!fast.link_limited(t, &link, &fast_own));
+    }
+
+    #[test]
+    fn a_capacity_the_link_keeps_exceeding_without_a_wait_is_dropped() {
+        let mut t = Instant::now();
+        let link = LinkMeter::default();
+        link.record(BUFFER_ALLOWANCE as usize);
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let mut g = CompressGovernor::new(t, history.clone());
+        g.link_limited(t, &link, &link); // starts the first window
+                                         // One window that waited while 1.7 MB left: "17 MB/s", the deep level.
+        assert!(window(&mut g, &mut t, &link, 1_700_000, 30));
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+        // Then 30 MB/s without a wait, window after window (less than twice the
+        // capacity): what buffers can hide runs out, and the capacity with it.
+        let mut windows = 0;
+        while g.capacity.is_some() {
+            window(&mut g, &mut t, &link, 3_000_000, 1);
+            windows += 1;
+            assert!(windows < 40, "the capacity never went stale");
+        }
+        assert!(
+            windows > 8,
+            "{windows} windows: buffers could have hidden that"
+        );
+        assert_ne!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
     }
 
     #[test]
