@@ -53,10 +53,17 @@ pub(crate) struct EdgeShared {
     limit: Arc<Semaphore>,
     started: Instant,
     recent: std::sync::Mutex<std::collections::VecDeque<ConnSummary>>,
-    /// Per peer edge: the compression decisions its connections share.
-    links: std::sync::Mutex<std::collections::HashMap<String, Arc<LinkHistory>>>,
-    /// Per peer edge: how many of its connections failed.
-    failures: std::sync::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
+    /// Per peer edge: what its connections share.
+    peer_state: std::sync::Mutex<std::collections::HashMap<String, PeerState>>,
+}
+
+/// What the connections with one peer edge share.
+#[derive(Clone, Default)]
+struct PeerState {
+    /// The compression decisions and the link's pace.
+    link: Arc<LinkHistory>,
+    /// How many of them failed.
+    failures: Arc<AtomicU64>,
 }
 
 /// Finished connections kept in the stats snapshot.
@@ -116,8 +123,7 @@ impl Edge {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             started: Instant::now(),
             recent: Default::default(),
-            links: Default::default(),
-            failures: Default::default(),
+            peer_state: Default::default(),
             config,
         });
         Ok(Edge {
@@ -288,6 +294,13 @@ impl EdgeShared {
     }
 
     fn ctx(&self, peer_edge: &str, peer_epoch: u64, peer_cache: u64, peer_window: u64) -> PumpCtx {
+        let peer = self
+            .peer_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer_edge.to_owned())
+            .or_default()
+            .clone();
         PumpCtx {
             store: Arc::new(self.store.clone()),
             peer: self.peers.index_for(peer_edge, peer_epoch, peer_cache),
@@ -300,21 +313,9 @@ impl EdgeShared {
             chunk: ChunkParams::DEFAULT,
             window: self.config.window,
             peer_window,
-            link_history: self
-                .links
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(peer_edge.to_owned())
-                .or_default()
-                .clone(),
+            link_history: peer.link,
             stats: self.stats.clone(),
-            peer_failures: self
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(peer_edge.to_owned())
-                .or_default()
-                .clone(),
+            peer_failures: peer.failures,
         }
     }
 
