@@ -25,7 +25,7 @@ use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
 use crate::governor::LinkHistory;
 use crate::io::{ConnWan, WanCountingIo};
-use crate::spare::{secure, Spares};
+use crate::spare::{secure, Secured, Spares};
 use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
 /// How long open connections may take to finish after a shutdown request.
@@ -522,18 +522,14 @@ async fn forward_one(
         Ok(s) => s,
         Err(msg) => return Err(reset_local(local, msg)),
     };
-    *wan = secured.wan.clone();
-    let opened = match open(shared, fwd, seq, secured.tunnel).await {
+    let opened = match open(shared, fwd, seq, secured, wan).await {
         // A spare the peer dropped since the keeper last looked (a restarted peer):
         // nothing was read from the local side yet, so connect afresh.
         Err(Failed::Connection(msg)) if from_spare => {
             shared.stats.spares_stale.fetch_add(1, Relaxed);
             debug!("spare tunnel connection was dead ({msg}); connecting afresh");
             match secure(shared, &fwd.peer).await {
-                Ok(fresh) => {
-                    *wan = fresh.wan.clone();
-                    open(shared, fwd, seq, fresh.tunnel).await
-                }
+                Ok(fresh) => open(shared, fwd, seq, fresh, wan).await,
                 Err(msg) => Err(Failed::Connection(msg)),
             }
         }
@@ -569,14 +565,18 @@ enum Failed {
     Handshake(String),
 }
 
-/// Sends our Hello on a secured tunnel connection and reads the peer's reply.
+/// Sends our Hello on a secured tunnel connection and reads the peer's reply; `wan`
+/// takes over that connection's byte counts.
 async fn open(
     shared: &EdgeShared,
     fwd: &Forward,
     seq: u64,
-    mut tunnel: Tunnel,
+    secured: Secured,
+    wan: &mut Arc<ConnWan>,
 ) -> Result<(Tunnel, BytesMut, HelloReply), Failed> {
     let cfg = &shared.config;
+    *wan = secured.wan;
+    let mut tunnel = secured.tunnel;
     let opened = timeout(cfg.connect_timeout, async {
         let mut out = BytesMut::new();
         Hello {

@@ -369,17 +369,19 @@ mod tests {
         g.link_limited(*t, link, link)
     }
 
-    /// A 100 ms window without waiting in which this connection wrote `own_bytes` and
-    /// all connections to the peer `link_bytes` (this connection's included).
+    /// A 100 ms window in which this connection wrote `own_bytes`, all connections to
+    /// the peer `link_bytes` (this connection's included), and this one waited
+    /// `waited_ms`.
     fn shared_window(
         g: &mut CompressGovernor,
         t: &mut Instant,
         (link, own): (&LinkMeter, &LinkMeter),
-        own_bytes: usize,
-        link_bytes: usize,
+        (own_bytes, link_bytes): (usize, usize),
+        waited_ms: u64,
     ) -> bool {
         own.record(own_bytes);
         link.record(link_bytes);
+        g.waited(Duration::from_millis(waited_ms));
         *t += Duration::from_millis(100);
         g.link_limited(*t, link, own)
     }
@@ -438,8 +440,9 @@ mod tests {
         let mut t = Instant::now();
         let link = LinkMeter::default();
         let mut g = CompressGovernor::new(t, Default::default());
-        g.link_limited(t, &link, &link); // starts the first window
-                                         // `bytes` per 100 ms with the uplink waiting; the level afterwards.
+        // Starts the first window.
+        g.link_limited(t, &link, &link);
+        // `bytes` per 100 ms with the uplink waiting; the level afterwards.
         let mut waiting = |g: &mut CompressGovernor, bytes: usize| {
             g.waited(Duration::from_millis(80));
             link.record(bytes);
@@ -514,8 +517,8 @@ mod tests {
             &mut g,
             &mut t,
             (&link, &own),
-            500_000,
-            40_000_000
+            (500_000, 40_000_000),
+            0
         ));
     }
 
@@ -528,7 +531,7 @@ mod tests {
         assert!(g.link_limited(t, &link, &own));
         // This connection's first megabyte leaves without a wait: no evidence.
         assert!(
-            shared_window(&mut g, &mut t, (&link, &own), 1_000_000, 1_000_000),
+            shared_window(&mut g, &mut t, (&link, &own), (1_000_000, 1_000_000), 0),
             "no evidence yet"
         );
         // Windows inside the allowance tell the siblings nothing.
@@ -542,8 +545,8 @@ mod tests {
             &mut g,
             &mut t,
             (&link, &own),
-            1_000_000,
-            1_000_000
+            (1_000_000, 1_000_000),
+            0
         ));
     }
 
@@ -556,11 +559,10 @@ mod tests {
         assert!(g.link_limited(t, &link, &own));
         // Four connections starting at once on a busy CPU: this one waited most of
         // the window while all of them wrote 6.3 MB (63 MB/s) into fresh buffers.
-        own.record(1_500_000);
-        link.record(6_300_000);
-        g.waited(Duration::from_millis(80));
-        t += Duration::from_millis(100);
-        assert!(g.link_limited(t, &link, &own), "keeps compressing");
+        assert!(
+            shared_window(&mut g, &mut t, (&link, &own), (1_500_000, 6_300_000), 80),
+            "keeps compressing"
+        );
         assert_eq!(g.capacity, None, "no capacity from an early wait");
         assert!(history.recall(t).is_none(), "siblings are told nothing");
         // A sibling starting now is not sent raw by a capacity nobody measured.
@@ -571,18 +573,20 @@ mod tests {
             &mut sibling,
             &mut t,
             (&link, &sibling_own),
-            1_000_000,
-            3_000_000
+            (1_000_000, 3_000_000),
+            0
         ));
         // An early wait at a rate faster than compression still decides: raw.
         let mut fast = CompressGovernor::new(t, Default::default());
         let fast_own = LinkMeter::default();
         assert!(fast.link_limited(t, &link, &fast_own));
-        fast_own.record(2_000_000);
-        link.record(40_000_000);
-        fast.waited(Duration::from_millis(80));
-        t += Duration::from_millis(100);
-        assert!(!fast.link_limited(t, &link, &fast_own));
+        assert!(!shared_window(
+            &mut fast,
+            &mut t,
+            (&link, &fast_own),
+            (2_000_000, 40_000_000),
+            80
+        ));
     }
 
     #[test]
