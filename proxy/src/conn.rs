@@ -1,12 +1,15 @@
 //! The driver of one proxied connection over its tunnel connection: three futures that
 //! only move bytes between sockets and the sans-IO state machines of `wire::session`.
 //!
-//! - **uplink**: local socket → segmenter → encoder → data queue;
+//! - **uplink**: local socket → segmenter → encoder → batch queue;
+//! - **compressor**: batch queue → compression (on a blocking-pool thread for bulk
+//!   batches, so it runs beside the uplink's hashing) → data queue;
 //! - **downlink**: tunnel → frame decoder → decoder → local socket; MISS/ACK from the
 //!   peer go to the ledger (a MISS is answered with a FILL on the control queue);
 //! - **writer**: control queue (first) and data queue → tunnel.
 //!
-//! Both edges run the same driver; only the handshake differs (see `edge.rs`).
+//! All but the compression run in one task. Both edges run the same driver; only the
+//! handshake differs (see `edge.rs`).
 //! Shutdown rule: a tunnel end closes once its decoder delivered the peer's END, its own
 //! END is sent, and the peer acknowledged every byte it sent (no MISS can come any
 //! more). Any error aborts all three futures, tells the peer (RESET) when the fault is
@@ -26,8 +29,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wire::segment::SegmenterReport;
 use wire::session::{
-    Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig, EncoderStats, SendLedger,
-    SessionError,
+    BatchCompressor, CompressStats, Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig,
+    EncoderStats, RawBatch, SendLedger, SessionError,
 };
 use wire::{
     ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings, SimilarChunks,
@@ -55,6 +58,10 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 /// Batches queued for the tunnel writer. A non-empty queue means the link is the
 /// bottleneck, which is when compression is worth its CPU.
 const DATA_QUEUE: usize = 8;
+/// Batches at least this large that compression will be tried on are compressed on a
+/// blocking-pool thread, beside the uplink; smaller ones (interactive messages) inline,
+/// where a thread hand-off would add latency for little CPU.
+const OFFLOAD_MIN: usize = 64 * 1024;
 /// Frames smaller than this are gathered into one write.
 const COALESCE: usize = 64 * 1024;
 /// How long a finished tunnel waits for the peer's close before closing anyway.
@@ -132,6 +139,8 @@ pub(crate) enum ConnError {
     Session(#[from] SessionError),
     #[error("the peer edge reset the connection: {0}")]
     PeerReset(String),
+    #[error("compressing a batch for the tunnel failed: {0}")]
+    Compressor(String),
     #[error("aborted")]
     Aborted,
 }
@@ -145,6 +154,7 @@ impl ConnError {
                 | ConnError::LocalWrite(_)
                 | ConnError::Frame(_)
                 | ConnError::Session(_)
+                | ConnError::Compressor(_)
         )
     }
 
@@ -158,7 +168,7 @@ struct Shared {
     ledger: Mutex<SendLedger>,
     /// Signalled by the downlink on every ACK (the uplink may be waiting for window).
     acked: Notify,
-    /// Signalled by the uplink when END is queued.
+    /// Signalled by the compressor when END is queued for the writer.
     uplink_finished: Notify,
     uplink_done: AtomicBool,
     abort: CancellationToken,
@@ -231,12 +241,26 @@ where
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
+    // One batch waits while the previous one is compressed.
+    let (batch_tx, batch_rx) = mpsc::channel::<TakenBatch>(1);
+    let governor = Mutex::new(CompressGovernor::new(
+        Instant::now(),
+        ctx.link_history.clone(),
+    ));
     let (enc, dec) = {
         let (mut lr, mut lw) = local.split();
-        let up = uplink(&mut lr, data_tx, ctrl_tx.clone(), &shared, &ctx);
+        let up = uplink(&mut lr, batch_tx, ctrl_tx.clone(), &shared, &ctx, &governor);
+        let squeeze = compressor(batch_rx, data_tx, ctrl_tx.clone(), &shared, &ctx, &governor);
         let down = downlink(&mut tr, &mut lw, leftover, ctrl_tx, &shared, &ctx);
         let write = writer(&mut tw, ctrl_rx, data_rx, &shared);
-        let (up, down, _) = tokio::join!(up, down, write);
+        let (up, squeezed, down, _) = tokio::join!(up, squeeze, down, write);
+        let up = match (up, squeezed) {
+            (Ok((mut enc, seg)), Ok(c)) => {
+                enc.add_compression(&c);
+                Ok((enc, seg))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
         (up, down)
     };
     let error = shared
@@ -279,15 +303,32 @@ where
     })
 }
 
+/// A batch the uplink took, with how to compress it (decided when it was taken).
+struct TakenBatch {
+    batch: RawBatch,
+    level: i32,
+    /// The link limits: compression is wanted (`auto`).
+    limited: bool,
+    /// Try it even while compression is backing off.
+    persistent: bool,
+    /// A stream granted with this batch: compress it and the following ones as pieces
+    /// of one stream.
+    grant: Option<StreamGrant>,
+}
+
+fn lock_governor(g: &Mutex<CompressGovernor>) -> MutexGuard<'_, CompressGovernor> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 async fn uplink(
     lr: &mut LocalRead<'_>,
-    data_tx: mpsc::Sender<Bytes>,
+    batch_tx: mpsc::Sender<TakenBatch>,
     ctrl_tx: mpsc::UnboundedSender<Frame>,
     shared: &Shared,
     ctx: &PumpCtx,
+    governor: &Mutex<CompressGovernor>,
 ) -> Result<(EncoderStats, SegmenterReport), ConnError> {
     let mut seg = wire::segment::detecting_segmenter(ctx.chunk);
-    let mut governor = CompressGovernor::new(Instant::now(), ctx.link_history.clone());
     let (mut batches, mut limited_batches) = (0u64, 0u64);
     let always = ctx.encoder.compress == wire::session::CompressMode::Always;
     // `off`: no zstd on the WAN at all, so neither zstd deltas nor a compression
@@ -297,9 +338,8 @@ async fn uplink(
     if let Some(similar) = &ctx.similar {
         enc = enc.with_deltas(similar.clone());
     }
-    // Held while the encoder keeps a compression stream (returned when the
-    // connection ends).
-    let mut stream_grant: Option<StreamGrant> = None;
+    // Whether the compressor holds a stream grant (returned when the connection ends).
+    let mut stream_granted = false;
     let mut buf = BytesMut::with_capacity(READ_CAP);
     let mut segs = Vec::new();
     let fail = |e| shared.fail(e, &ctrl_tx);
@@ -316,7 +356,7 @@ async fn uplink(
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
         }
-        governor.waited(wait_start.elapsed());
+        lock_governor(governor).waited(wait_start.elapsed());
         if buf.capacity() - buf.len() < READ_CAP / 4 {
             buf.reserve(READ_CAP);
         }
@@ -378,8 +418,11 @@ async fn uplink(
         if !flush && enc.batch_len() < BATCH_TARGET {
             continue;
         }
-        let encoding =
-            governor.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
+        let encoding = lock_governor(governor).encoding(
+            Instant::now(),
+            shared.peer_link.meter(),
+            &shared.own_link,
+        );
         let limited = encoding != Encoding::Raw;
         // `auto` picks the level by the link's pace; `always` asks for few bytes
         // whatever the CPU cost (at least the strong level, the deep one when the link
@@ -395,39 +438,113 @@ async fn uplink(
             level
         };
         enc.set_level(level);
-        enc.set_thorough(!off && level >= STRONG_LEVEL);
+        let thorough = !off && level >= STRONG_LEVEL;
+        enc.set_thorough(thorough);
         // On a fast link the CPU is the limit: no delta search at all.
         enc.set_deltas(always || limited);
         // Compressing with history needs a stream: ask once the link limits.
-        if (always || limited) && !off && stream_grant.is_none() {
-            stream_grant = ctx.streams.take();
-            enc.set_stream(stream_grant.as_ref().map(StreamGrant::window_log));
-        }
+        let grant = if (always || limited) && !off && !stream_granted {
+            ctx.streams.take()
+        } else {
+            None
+        };
+        stream_granted |= grant.is_some();
         batches += 1;
         limited_batches += u64::from(limited);
-        let (raw, attempts, started) = (enc.batch_len(), compress_attempts(&enc), Instant::now());
-        let batch = enc.take_batch(limited);
-        if compress_attempts(&enc) > attempts {
-            governor.record(raw, enc.level(), started.elapsed());
-        }
-        if let Some(batch) = batch {
-            let send_start = Instant::now();
+        if let Some(batch) = enc.take_raw_batch() {
+            let taken = TakenBatch {
+                batch,
+                level,
+                limited,
+                persistent: thorough,
+                grant,
+            };
+            // A wait here is for the compressor (the CPU) or, behind it, the link:
+            // the compressor measures the link's part itself.
             tokio::select! {
-                r = data_tx.send(batch) => if r.is_err() { return Err(ConnError::Aborted) },
+                r = batch_tx.send(taken) => if r.is_err() { return Err(ConnError::Aborted) },
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
-            governor.waited(send_start.elapsed());
         }
     }
     tracing::debug!(
-        governor = ?governor,
+        governor = ?*lock_governor(governor),
         limited_batches,
         batches,
         "uplink finished"
     );
-    shared.uplink_done.store(true, Relaxed);
-    shared.uplink_finished.notify_one();
-    Ok((enc.stats().clone(), seg.report()))
+    Ok((enc.stats(), seg.report()))
+}
+
+/// Compresses the uplink's batches one at a time, in order (a stream's pieces chain),
+/// and queues them for the writer. Bulk batches are compressed on a blocking-pool
+/// thread, so compression runs on another core while the uplink hashes and encodes the
+/// next batch: on a link-limited connection compression is about half of the sender's
+/// CPU, and the uplink alone kept one core busy while the other idled.
+async fn compressor(
+    mut batch_rx: mpsc::Receiver<TakenBatch>,
+    data_tx: mpsc::Sender<Bytes>,
+    ctrl_tx: mpsc::UnboundedSender<Frame>,
+    shared: &Shared,
+    ctx: &PumpCtx,
+    governor: &Mutex<CompressGovernor>,
+) -> Result<CompressStats, ConnError> {
+    let mut comp = BatchCompressor::new(ctx.encoder.compress, ctx.encoder.level);
+    // Held while the compressor keeps a stream (returned when the connection ends).
+    let mut _grant: Option<StreamGrant> = None;
+    let mut end_sent = false;
+    loop {
+        let taken = tokio::select! {
+            t = batch_rx.recv() => t,
+            _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+        };
+        let Some(taken) = taken else { break };
+        comp.set_level(taken.level);
+        comp.set_persistent(taken.persistent);
+        if let Some(grant) = taken.grant {
+            comp.set_stream(Some(grant.window_log()));
+            _grant = Some(grant);
+        }
+        let (raw, limited) = (taken.batch.len(), taken.limited);
+        end_sent |= taken.batch.end();
+        let attempts = comp.stats().attempts();
+        let (done, out, took) = if raw >= OFFLOAD_MIN && comp.may_try(limited) {
+            let job = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let out = comp.compress(taken.batch, limited);
+                (comp, out, started.elapsed())
+            });
+            tokio::select! {
+                r = job => match r {
+                    Ok(done) => done,
+                    Err(e) => {
+                        return Err(shared.fail(ConnError::Compressor(e.to_string()), &ctrl_tx))
+                    }
+                },
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
+        } else {
+            let started = Instant::now();
+            let out = comp.compress(taken.batch, limited);
+            (comp, out, started.elapsed())
+        };
+        comp = done;
+        if comp.stats().attempts() > attempts {
+            lock_governor(governor).record(raw, comp.level(), took);
+        }
+        let send_start = Instant::now();
+        tokio::select! {
+            r = data_tx.send(out) => if r.is_err() { return Err(ConnError::Aborted) },
+            _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+        }
+        lock_governor(governor).waited(send_start.elapsed());
+    }
+    // The uplink ended: normally after END, which is now queued for the writer.
+    if end_sent {
+        shared.uplink_done.store(true, Relaxed);
+        shared.uplink_finished.notify_one();
+    }
+    Ok(comp.stats().clone())
 }
 
 async fn downlink<T: AsyncRead>(
@@ -702,10 +819,6 @@ async fn write_all_vectored(
         }
     }
     Ok(())
-}
-
-fn compress_attempts(enc: &Encoder) -> u64 {
-    enc.stats().batches_compressed + enc.stats().batches_incompressible
 }
 
 /// Writes all of `data` unless the connection is aborted meanwhile.

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use wire::session::{
-    CompressMode, Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig, EncoderStats,
-    SendLedger,
+    BatchCompressor, CompressMode, Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig,
+    EncoderStats, SendLedger,
 };
 use wire::{
     segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder, Holding,
@@ -104,6 +104,9 @@ struct Conn {
     read_buf: BytesMut,
     seg: Box<dyn Segmenter>,
     enc: Encoder,
+    /// Compresses the encoder's taken batches when set (as the edge does, on another
+    /// thread), instead of the encoder's own.
+    compressor: Option<BatchCompressor>,
     ledger: SendLedger,
     wire: BytesMut,
     carry: BytesMut,
@@ -138,6 +141,7 @@ impl Conn {
                 },
             )
             .with_deltas(similar),
+            compressor: None,
             ledger: SendLedger::new(),
             wire: BytesMut::new(),
             carry: BytesMut::new(),
@@ -169,9 +173,38 @@ impl Conn {
         if done && !self.enc.is_finished() {
             self.enc.handle_end();
         }
-        if let Some(b) = self.enc.take_batch(backlog) {
+        let batch = match &mut self.compressor {
+            Some(c) => self.enc.take_raw_batch().map(|b| c.compress(b, backlog)),
+            None => self.enc.take_batch(backlog),
+        };
+        if let Some(b) = batch {
             self.wire.extend_from_slice(&b);
         }
+    }
+
+    /// Compresses taken batches with a compressor of the driver's from now on.
+    fn with_own_compressor(mut self, mode: CompressMode) -> Self {
+        self.compressor = Some(BatchCompressor::new(mode, 1));
+        self
+    }
+
+    /// A new stream setting and level, for whichever compressor is in use.
+    fn set_stream(&mut self, window_log: Option<u32>, level: i32) {
+        self.enc.set_stream(window_log);
+        self.enc.set_level(level);
+        if let Some(c) = &mut self.compressor {
+            c.set_stream(window_log);
+            c.set_level(level);
+        }
+    }
+
+    /// The encoder's counters with those of the driver's compressor.
+    fn stats(&self) -> EncoderStats {
+        let mut s = self.enc.stats();
+        if let Some(c) = &self.compressor {
+            s.add_compression(c.stats());
+        }
+        s
     }
 
     /// Receiver reads `n` wire bytes.
@@ -343,9 +376,19 @@ fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>,
     let store = Arc::new(TinyStore::new(store_cap));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), recent));
     let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    // Every other connection compresses as the edge does: batches taken raw and
+    // compressed by a separate compressor.
     let mut conns: Vec<Conn> = inputs
         .into_iter()
-        .map(|i| Conn::new(i, store.clone(), peer.clone(), similar.clone(), mode))
+        .enumerate()
+        .map(|(k, i)| {
+            let c = Conn::new(i, store.clone(), peer.clone(), similar.clone(), mode);
+            if k % 2 == 1 {
+                c.with_own_compressor(mode)
+            } else {
+                c
+            }
+        })
         .collect();
     let n = conns.len();
     for op in ops {
@@ -363,11 +406,7 @@ fn run(inputs: Vec<Vec<u8>>, store_cap: usize, mode: CompressMode, ops: Vec<Op>,
                 conn,
                 window_log,
                 level,
-            } => {
-                let enc = &mut conns[conn % n].enc;
-                enc.set_stream(window_log);
-                enc.set_level(level);
-            }
+            } => conns[conn % n].set_stream(window_log, level),
             Op::EvictAll => store.evict_all(),
         }
     }
@@ -679,25 +718,50 @@ fn send_pages_in_turn(inputs: [Vec<u8>; 2]) -> Vec<(EncoderStats, DecoderStats, 
 /// Sends `input` over one connection with compression always on, in small batches,
 /// with or without a compression stream; returns the wire bytes and encoder counters.
 fn send_compressed(input: &[u8], window_log: Option<u32>) -> (usize, EncoderStats) {
+    let (wire, stats) = send_compressed_by(input, window_log, false);
+    (wire.len(), stats)
+}
+
+/// [`send_compressed`], with the batches compressed by the encoder or (`own`) by a
+/// separate compressor as the edge does; returns the wire bytes themselves.
+fn send_compressed_by(input: &[u8], window_log: Option<u32>, own: bool) -> (Vec<u8>, EncoderStats) {
     let store: Arc<dyn ContentStore> = Arc::new(TinyStore::new(0));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), 0));
     let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
     let mut c = Conn::new(input.to_vec(), store, peer, similar, CompressMode::Always);
+    if own {
+        c = c.with_own_compressor(CompressMode::Always);
+    }
     c.enc.set_deltas(false);
-    c.enc.set_stream(window_log);
-    let mut wire = 0;
+    c.set_stream(window_log, 1);
+    let mut wire = Vec::new();
     for _ in 0..100_000 {
         if c.done() {
             break;
         }
         c.send_step(16 * 1024, true, true);
-        wire += c.wire.len();
+        wire.extend_from_slice(&c.wire);
         c.recv_step(usize::MAX);
         c.control_step();
     }
     assert!(c.done(), "connection did not finish");
     c.check_finished();
-    (wire, c.enc.stats().clone())
+    (wire, c.stats())
+}
+
+#[test]
+fn a_separate_compressor_makes_the_encoders_wire_bytes() {
+    // The edge compresses taken batches on another thread: same batches, same
+    // settings, so the same bytes and counters as the encoder compressing them itself.
+    let p = pool(7);
+    let input = workload(7, 400_000, &p);
+    for window_log in [None, Some(20)] {
+        let (inline, s1) = send_compressed_by(&input, window_log, false);
+        let (separate, s2) = send_compressed_by(&input, window_log, true);
+        assert!(s1.batches_compressed > 5, "{s1:?}");
+        assert_eq!(s1, s2);
+        assert!(inline == separate, "wire bytes differ ({window_log:?})");
+    }
 }
 
 #[test]

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::compress::{CompressMode, CompressPolicy};
+use super::batch::{BatchCompressor, CompressStats, RawBatch};
+use super::compress::CompressMode;
 use super::ledger::SendLedger;
 use crate::delta::{self, Sketch};
 use crate::frame::{self, Frame, MAX_LITERAL};
 use crate::segment::Segment;
 use crate::store::{Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
-use crate::zstream::StreamCompressor;
 
 /// Encoder settings.
 #[derive(Clone, Debug)]
@@ -31,7 +31,8 @@ impl Default for EncoderConfig {
     }
 }
 
-/// Counters of one encoder (logical = bytes of the proxied stream).
+/// Counters of one encoder (logical = bytes of the proxied stream), with those of the
+/// compression of its batches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EncoderStats {
     /// Logical bytes sent as literals.
@@ -69,6 +70,19 @@ pub struct EncoderStats {
     pub batches_raw: u64,
 }
 
+impl EncoderStats {
+    /// Adds the counters of a [`BatchCompressor`] that compressed this encoder's
+    /// batches.
+    pub fn add_compression(&mut self, c: &CompressStats) {
+        self.wire_bytes += c.wire_bytes;
+        self.batches_compressed += c.batches_compressed;
+        self.batches_incompressible += c.batches_incompressible;
+        self.batches_streamed += c.batches_streamed;
+        self.batch_level_sum += c.batch_level_sum;
+        self.batches_raw += c.batches_raw;
+    }
+}
+
 /// Similar chunks tried as a delta's base, best first (in-place edits).
 const DELTA_CANDIDATES: usize = 4;
 /// Of those, the ones also tried as a zstd delta's dictionary (two compressions each).
@@ -98,13 +112,13 @@ pub struct Encoder {
     deltas: bool,
     /// Also try zstd deltas (costs two compressions per candidate chunk).
     thorough: bool,
-    policy: CompressPolicy,
+    /// zstd level (zstd deltas use it, capped).
     level: i32,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
     /// Context for zstd deltas, made on first use.
     delta_zstd: Option<delta::DeltaCompressor>,
-    /// The context-keeping stream, when the driver grants one ([`Encoder::set_stream`]).
-    stream: Option<StreamCompressor>,
+    /// Compresses the batches [`Encoder::take_batch`] hands out (a driver that
+    /// compresses elsewhere takes [`Encoder::take_raw_batch`] and leaves it idle).
+    compressor: BatchCompressor,
     batch: BytesMut,
     /// Capacity to reserve when the next batch starts (sized by the last one).
     next_batch_capacity: usize,
@@ -133,11 +147,9 @@ impl Encoder {
             similar: None,
             deltas: true,
             thorough: true,
-            policy: CompressPolicy::new(config.compress),
             level: config.level,
-            zstd: None,
             delta_zstd: None,
-            stream: None,
+            compressor: BatchCompressor::new(config.compress, config.level),
             batch: BytesMut::new(),
             next_batch_capacity: BATCH_MIN_CAPACITY,
             batch_payload: 0,
@@ -160,6 +172,7 @@ impl Encoder {
     /// default).
     pub fn set_thorough(&mut self, thorough: bool) {
         self.thorough = thorough;
+        self.compressor.set_persistent(thorough);
     }
 
     /// Whether to look for deltas at all: sketching, looking up and remembering every
@@ -174,11 +187,7 @@ impl Encoder {
     /// memory here and at the peer, so the driver grants it from a budget; taking it
     /// away drops the context.
     pub fn set_stream(&mut self, window_log: Option<u32>) {
-        match (window_log, &self.stream) {
-            (None, _) => self.stream = None,
-            (Some(log), Some(s)) if s.window() == 1 << log => {}
-            (Some(log), _) => self.stream = StreamCompressor::new(log),
-        }
+        self.compressor.set_stream(window_log);
     }
 
     /// Encodes one segment into the pending batch. Blocks become references when the
@@ -315,11 +324,19 @@ impl Encoder {
     /// stream, else a ZBATCH when compression pays), followed by END if the stream
     /// ended. `link_limited` feeds the `Auto` compression policy.
     pub fn take_batch(&mut self, link_limited: bool) -> Option<Bytes> {
+        let batch = self.take_raw_batch()?;
+        Some(self.compressor.compress(batch, link_limited))
+    }
+
+    /// Takes the pending frames (and END, if the stream ended) uncompressed, for a
+    /// [`BatchCompressor`] of the driver's; `None` when there is nothing to send.
+    pub fn take_raw_batch(&mut self) -> Option<RawBatch> {
         if self.batch.is_empty() && (!self.end || self.end_sent) {
             return None;
         }
-        let mut out = BytesMut::new();
-        if !self.batch.is_empty() {
+        let frames = if self.batch.is_empty() {
+            BytesMut::new()
+        } else {
             let raw = self.batch.split();
             // Room for the next batch, taken when it starts (so an idle connection
             // holds none): growing a bulk batch from 64 KiB by doubling copied each one
@@ -328,85 +345,22 @@ impl Encoder {
                 (raw.len() * 2).clamp(BATCH_MIN_CAPACITY, BATCH_MAX_CAPACITY);
             // The rest of the old buffer would keep it alive while idle.
             self.batch = BytesMut::new();
-            let payload = std::mem::take(&mut self.batch_payload);
-            // While the link is far slower than compression (thorough), every batch is
-            // tried: a batch that did not pay cost CPU the link leaves idle anyway, and
-            // skipping the next would send it raw over the slow link (8-9 MB of raw
-            // batches on four Linux guests at 100 Mbit/s).
-            let try_it = if self.thorough && link_limited {
-                self.policy.should_try_persistently(link_limited)
-            } else {
-                self.policy.should_try(link_limited)
-            };
-            out = if try_it {
-                // A batch of mostly references still compresses (page headers, and the
-                // same ids recurring: pages repeated within a guest; 4.3% fewer WAN
-                // bytes on Linux guests, `bench encode`); but when it does not pay,
-                // that says nothing about the data to come.
-                let mostly_refs = payload * 4 < raw.len() * 3;
-                self.compressed(raw, mostly_refs)
-            } else {
-                self.stats.batches_raw += 1;
-                raw
-            };
-        }
-        if self.end && !self.end_sent {
-            Frame::End.encode(&mut out);
-            self.end_sent = true;
-        }
-        self.stats.wire_bytes += out.len() as u64;
-        Some(out.freeze())
-    }
-
-    /// `raw` as the stream's next piece, or as a ZBATCH if that pays, or as it is.
-    fn compressed(&mut self, raw: BytesMut, mostly_refs: bool) -> BytesMut {
-        let mut out = BytesMut::new();
-        if let Some(piece) = self.compress_piece(&raw) {
-            // The stream has moved on: this piece must go, paying or not (zstd adds a
-            // few bytes per 128 KiB at worst).
-            let pays = CompressPolicy::pays(raw.len(), piece.bytes.len());
-            if pays || !mostly_refs {
-                self.policy.record(pays);
-            }
-            self.stats.batches_compressed += 1;
-            self.stats.batches_streamed += 1;
-            self.stats.batch_level_sum += self.level.max(0) as u64;
-            out.reserve(24 + piece.bytes.len());
-            frame::encode_zstream_header(&mut out, piece.fresh, raw.len(), piece.bytes.len());
-            out.extend_from_slice(&piece.bytes);
-            return out;
-        }
-        match self.compress(&raw) {
-            Some(z) if CompressPolicy::pays(raw.len(), z.len()) => {
-                self.policy.record(true);
-                self.stats.batches_compressed += 1;
-                self.stats.batch_level_sum += self.level.max(0) as u64;
-                out.reserve(24 + z.len());
-                frame::encode_zbatch_header(&mut out, raw.len(), z.len());
-                out.extend_from_slice(&z);
-                out
-            }
-            _ => {
-                if !mostly_refs {
-                    self.policy.record(false);
-                }
-                self.stats.batches_incompressible += 1;
-                raw
-            }
-        }
+            raw
+        };
+        let end = self.end && !self.end_sent;
+        self.end_sent |= end;
+        Some(RawBatch {
+            frames,
+            payload: std::mem::take(&mut self.batch_payload),
+            end,
+        })
     }
 
     /// Sets the zstd level for the next batches (the driver picks it from the link's
     /// pace: a slow link affords a stronger level).
     pub fn set_level(&mut self, level: i32) {
-        if level != self.level {
-            self.level = level;
-            if let Some(z) = &mut self.zstd {
-                if z.set_compression_level(level).is_err() {
-                    self.zstd = None;
-                }
-            }
-        }
+        self.level = level;
+        self.compressor.set_level(level);
     }
 
     /// The zstd level in use.
@@ -414,29 +368,10 @@ impl Encoder {
         self.level
     }
 
-    /// The batch as the stream's next piece, if there is a stream.
-    fn compress_piece(&mut self, raw: &[u8]) -> Option<crate::zstream::Piece> {
-        if raw.len() > frame::MAX_BATCH_RAW {
-            return None;
-        }
-        let level = self.level;
-        self.stream.as_mut()?.compress(raw, level)
-    }
-
-    fn compress(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
-        if raw.len() > frame::MAX_BATCH_RAW {
-            return None;
-        }
-        let level = self.level;
-        let z = match &mut self.zstd {
-            Some(z) => z,
-            None => self.zstd.insert(zstd::bulk::Compressor::new(level).ok()?),
-        };
-        z.compress(raw).ok()
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> &EncoderStats {
-        &self.stats
+    /// Counters so far, with those of the batches [`Encoder::take_batch`] compressed.
+    pub fn stats(&self) -> EncoderStats {
+        let mut s = self.stats.clone();
+        s.add_compression(self.compressor.stats());
+        s
     }
 }

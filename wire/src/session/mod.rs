@@ -11,11 +11,13 @@
 //!
 //! See `LIFECYCLE.md` beside this file for the states and the shutdown rule.
 
+mod batch;
 mod compress;
 mod decoder;
 mod encoder;
 mod ledger;
 
+pub use batch::{BatchCompressor, CompressStats, RawBatch};
 pub use compress::{CompressMode, CompressPolicy};
 pub use decoder::{Decoder, DecoderConfig, DecoderStats};
 pub use encoder::{Encoder, EncoderConfig, EncoderStats};
