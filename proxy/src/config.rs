@@ -50,6 +50,43 @@ impl FromStr for Forward {
     }
 }
 
+/// One transparent listener: accept connections diverted to `listen` by the kernel
+/// (iptables/nftables TPROXY, or NAT REDIRECT), and carry each through the peer edge at
+/// `peer`, which connects to the connection's original destination.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transparent {
+    /// Local address the TPROXY (or REDIRECT) rule sends intercepted connections to.
+    pub listen: SocketAddr,
+    /// The peer edge's tunnel address (`host:port`).
+    pub peer: String,
+}
+
+impl FromStr for Transparent {
+    type Err = String;
+
+    /// Parses `LISTEN=PEER`, e.g. `0.0.0.0:15001=edge-b.example:7700`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('=').collect();
+        let [listen, peer] = parts[..] else {
+            return Err(format!(
+                "invalid transparent listener {s:?}: expected LISTEN=PEER, e.g. 0.0.0.0:15001=198.51.100.7:7700"
+            ));
+        };
+        let listen = listen.parse().map_err(|_| {
+            format!(
+                "invalid transparent listener {s:?}: LISTEN {listen:?} is not an IP:port address"
+            )
+        })?;
+        check_host_port(peer)
+            .map_err(|e| format!("invalid transparent listener {s:?}: PEER {e}"))?;
+        Ok(Transparent {
+            listen,
+            peer: peer.to_string(),
+        })
+    }
+}
+
 fn check_host_port(v: &str) -> Result<(), String> {
     let Some((host, port)) = v.rsplit_once(':') else {
         return Err(format!("{v:?} has no :port"));
@@ -76,6 +113,12 @@ pub struct EdgeArgs {
     /// connects to TARGET. Repeatable.
     #[arg(long = "forward", value_name = "LISTEN=PEER=TARGET")]
     pub forwards: Vec<Forward>,
+    /// LISTEN=PEER: accept connections that an iptables/nftables TPROXY rule (or a NAT
+    /// REDIRECT) diverts to LISTEN, and carry each through the peer edge at PEER, which
+    /// connects to the connection's original destination. Needs CAP_NET_ADMIN.
+    /// Repeatable.
+    #[arg(long = "transparent", value_name = "LISTEN=PEER")]
+    pub transparent: Vec<Transparent>,
     /// The deployment's private CA certificate (PEM).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
@@ -131,6 +174,8 @@ pub struct EdgeFile {
     tunnel_listen: Option<SocketAddr>,
     #[serde(default)]
     forward: Vec<ForwardEntry>,
+    #[serde(default)]
+    transparent: Vec<TransparentEntry>,
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -154,6 +199,14 @@ enum ForwardEntry {
     Table(Forward),
 }
 
+/// A transparent listener in the file: either `"LISTEN=PEER"` or a table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum TransparentEntry {
+    Short(String),
+    Table(Transparent),
+}
+
 /// TLS file paths.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsPaths {
@@ -174,6 +227,8 @@ pub struct EdgeConfig {
     pub tunnel_listen: Option<SocketAddr>,
     /// Forward rules.
     pub forwards: Vec<Forward>,
+    /// Transparent (TPROXY) listeners.
+    pub transparent: Vec<Transparent>,
     /// TLS files, or `None` for plaintext.
     pub tls: Option<TlsPaths>,
     /// Store size in bytes.
@@ -263,6 +318,19 @@ impl EdgeArgs {
         if !self.forwards.is_empty() {
             forwards = self.forwards.clone();
         }
+        let mut transparent = Vec::new();
+        for t in file.transparent {
+            transparent.push(match t {
+                TransparentEntry::Short(s) => s.parse().map_err(ConfigError::Invalid)?,
+                TransparentEntry::Table(t) => {
+                    Transparent::from_str(&format!("{}={}", t.listen, t.peer))
+                        .map_err(ConfigError::Invalid)?
+                }
+            });
+        }
+        if !self.transparent.is_empty() {
+            transparent = self.transparent.clone();
+        }
         let compress = match (self.compress, file.compress) {
             (Some(c), _) => c,
             (None, Some(s)) => s.parse().map_err(ConfigError::Invalid)?,
@@ -295,6 +363,7 @@ impl EdgeArgs {
             name: self.name.clone().or(file.name).unwrap_or_else(default_name),
             tunnel_listen: self.tunnel_listen.or(file.tunnel_listen),
             forwards,
+            transparent,
             tls,
             cache_bytes: self
                 .cache_mem
@@ -338,8 +407,8 @@ impl EdgeConfig {
     /// [`ConfigError::Invalid`] saying what to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.tunnel_listen.is_none() && self.forwards.is_empty() {
-            return bad("nothing to do: give --tunnel-listen ADDR (accept peer edges) and/or --forward LISTEN=PEER=TARGET".into());
+        if self.tunnel_listen.is_none() && self.forwards.is_empty() && self.transparent.is_empty() {
+            return bad("nothing to do: give --tunnel-listen ADDR (accept peer edges) and/or --forward LISTEN=PEER=TARGET or --transparent LISTEN=PEER".into());
         }
         if self.name.is_empty() || self.name.len() > 255 {
             return bad(format!("--name {:?} must be 1 to 255 bytes", self.name));
@@ -354,14 +423,20 @@ impl EdgeConfig {
             return bad("--max-connections must be at least 1".into());
         }
         let mut seen = std::collections::HashSet::new();
-        for f in &self.forwards {
-            if !seen.insert(f.listen) {
-                return bad(format!("two forwards listen on {}", f.listen));
-            }
-            if Some(f.listen) == self.tunnel_listen {
+        let listens = self.forwards.iter().map(|f| (f.listen, "forward")).chain(
+            self.transparent
+                .iter()
+                .map(|t| (t.listen, "transparent listener")),
+        );
+        for (listen, what) in listens {
+            if !seen.insert(listen) {
                 return bad(format!(
-                    "forward listen address {} is also the tunnel listen address",
-                    f.listen
+                    "two forwards or transparent listeners listen on {listen}"
+                ));
+            }
+            if Some(listen) == self.tunnel_listen {
+                return bad(format!(
+                    "{what} listen address {listen} is also the tunnel listen address"
                 ));
             }
         }
@@ -413,6 +488,33 @@ mod tests {
             .contains("PEER"));
         let v6: Forward = "[::1]:4444=[::1]:7700=[::1]:4445".parse().unwrap();
         assert_eq!(v6.target, "[::1]:4445");
+    }
+
+    #[test]
+    fn transparent_parsing_and_clashes() {
+        let t: Transparent = "0.0.0.0:15001=edge-b:7700".parse().unwrap();
+        assert_eq!(t.listen, "0.0.0.0:15001".parse().unwrap());
+        assert_eq!(t.peer, "edge-b:7700");
+        assert!("0.0.0.0:15001"
+            .parse::<Transparent>()
+            .unwrap_err()
+            .contains("LISTEN=PEER"));
+        assert!("0.0.0.0:15001=edge-b"
+            .parse::<Transparent>()
+            .unwrap_err()
+            .contains("PEER"));
+        let a = EdgeArgs {
+            insecure_plaintext: true,
+            transparent: vec![t.clone()],
+            ..Default::default()
+        };
+        assert_eq!(a.resolve().unwrap().transparent, vec![t.clone()]);
+        let clash = EdgeArgs {
+            forwards: vec!["0.0.0.0:15001=edge-b:7700=10.0.0.2:4444".parse().unwrap()],
+            ..a
+        };
+        let e = clash.resolve().unwrap_err().to_string();
+        assert!(e.contains("two forwards or transparent listeners"), "{e}");
     }
 
     #[test]

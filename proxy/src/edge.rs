@@ -20,7 +20,7 @@ use wire::session::EncoderConfig;
 use wire::{ChunkParams, SimilarChunks};
 
 use crate::budget::StreamBudget;
-use crate::config::{EdgeConfig, Forward};
+use crate::config::{EdgeConfig, Forward, Transparent};
 use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
 use crate::governor::LinkHistory;
@@ -73,7 +73,33 @@ const RECENT_CONNECTIONS: usize = 64;
 pub struct Edge {
     shared: Arc<EdgeShared>,
     tunnel: Option<TcpListener>,
-    forwards: Vec<(Forward, TcpListener)>,
+    forwards: Vec<(Route, TcpListener)>,
+}
+
+/// Where a listener's connections go.
+#[derive(Clone, Debug)]
+enum Route {
+    /// A forward: every connection to one target.
+    Fixed(Arc<Forward>),
+    /// A transparent listener: each connection to where it was going before the
+    /// kernel diverted it here.
+    Transparent(Transparent),
+}
+
+impl Route {
+    fn listen(&self) -> SocketAddr {
+        match self {
+            Route::Fixed(f) => f.listen,
+            Route::Transparent(t) => t.listen,
+        }
+    }
+
+    fn peer(&self) -> &str {
+        match self {
+            Route::Fixed(f) => &f.peer,
+            Route::Transparent(t) => &t.peer,
+        }
+    }
 }
 
 impl Edge {
@@ -107,7 +133,13 @@ impl Edge {
         };
         let mut forwards = Vec::new();
         for f in &config.forwards {
-            forwards.push((f.clone(), bind(f.listen, "forward").await?));
+            forwards.push((
+                Route::Fixed(Arc::new(f.clone())),
+                bind(f.listen, "forward").await?,
+            ));
+        }
+        for t in &config.transparent {
+            forwards.push((Route::Transparent(t.clone()), bind_transparent(t.listen)?));
         }
         let shared = Arc::new(EdgeShared {
             epoch: rand::random(),
@@ -138,7 +170,8 @@ impl Edge {
         self.tunnel.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The bound forward addresses, in configuration order.
+    /// The bound forward addresses, in configuration order (forwards, then transparent
+    /// listeners).
     pub fn forward_addrs(&self) -> Vec<SocketAddr> {
         self.forwards
             .iter()
@@ -188,20 +221,29 @@ impl Edge {
         }
         // One keeper of a warm connection per peer edge, shared by its forwards.
         let mut spares: std::collections::HashMap<String, Spares> = Default::default();
-        for (fwd, listener) in forwards {
-            info!(listen = %fwd.listen, peer = %fwd.peer, target = %fwd.target, "forwarding");
+        for (route, listener) in forwards {
+            match &route {
+                Route::Fixed(f) => {
+                    info!(listen = %f.listen, peer = %f.peer, target = %f.target, "forwarding")
+                }
+                Route::Transparent(t) => info!(
+                    listen = %t.listen,
+                    peer = %t.peer,
+                    "forwarding intercepted connections (TPROXY/REDIRECT) to their original destinations"
+                ),
+            }
+            let peer = route.peer().to_string();
             let spare = spares
-                .entry(fwd.peer.clone())
+                .entry(peer.clone())
                 .or_insert_with(|| {
-                    let (handle, keeper) =
-                        Spares::start(shared.clone(), fwd.peer.clone(), stop.clone());
+                    let (handle, keeper) = Spares::start(shared.clone(), peer, stop.clone());
                     tracker.spawn(keeper);
                     handle
                 })
                 .clone();
             tracker.spawn(accept_forward(
                 shared.clone(),
-                fwd,
+                route,
                 spare,
                 listener,
                 stop.clone(),
@@ -248,6 +290,62 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, EdgeE
     TcpListener::bind(addr)
         .await
         .map_err(|source| EdgeError::Bind { what, addr, source })
+}
+
+/// A listener for connections a TPROXY rule diverts: IP_TRANSPARENT lets it accept
+/// connections addressed to other hosts, which keep that address as their local one.
+fn bind_transparent(addr: SocketAddr) -> Result<TcpListener, EdgeError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| EdgeError::Bind {
+        what: "transparent",
+        addr,
+        source,
+    };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    let transparent = if addr.is_ipv4() {
+        socket.set_ip_transparent_v4(true)
+    } else {
+        socket.set_ip_transparent_v6(true)
+    };
+    transparent.map_err(|source| EdgeError::Transparent { addr, source })?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(1024).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
+}
+
+/// Where a connection accepted on the transparent listener `listen` was going. TPROXY
+/// leaves the original destination as the socket's local address; NAT REDIRECT
+/// rewrites it to the listener's own, and conntrack keeps the original
+/// (SO_ORIGINAL_DST). A connection addressed to the listener itself was not diverted:
+/// sending it on would make the peer connect back here, a loop, so it is refused.
+fn original_destination(local: &TcpStream, listen: SocketAddr) -> Result<SocketAddr, String> {
+    let here = local
+        .local_addr()
+        .map_err(|e| format!("cannot read the connection's local address: {e}"))?;
+    if !is_listener(here, listen) {
+        return Ok(here);
+    }
+    let sock = socket2::SockRef::from(local);
+    let original = if here.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    match original.ok().and_then(|a| a.as_socket()) {
+        Some(o) if !is_listener(o, listen) => Ok(o),
+        _ => Err(format!(
+            "connection to {here} was addressed to the transparent listener itself, not diverted by a TPROXY or REDIRECT rule; refused (the peer would connect back here). Intercept other ports to this one, and give the listener a port no intercepted service uses"
+        )),
+    }
+}
+
+/// Whether `addr` is the transparent listener `listen` (any of its addresses when it
+/// listens on all).
+fn is_listener(addr: SocketAddr, listen: SocketAddr) -> bool {
+    addr.port() == listen.port() && (listen.ip().is_unspecified() || addr.ip() == listen.ip())
 }
 
 impl EdgeShared {
@@ -430,17 +528,23 @@ impl EdgeShared {
     }
 }
 
+/// Handshake turns kept per target before finished ones are dropped.
+const TURNS_KEPT: usize = 256;
+
 async fn accept_forward(
     shared: Arc<EdgeShared>,
-    fwd: Forward,
+    route: Route,
     spare: Spares,
     listener: TcpListener,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let fwd = Arc::new(fwd);
+    let listen = route.listen();
     let mut seq: u64 = 0;
-    let mut prev_turn: Option<oneshot::Receiver<()>> = None;
+    // Per target, the turn the next connection to it waits for: a migration's channels
+    // reach their destination in accept order; connections to other targets (other
+    // VMs behind a transparent listener) do not wait for each other.
+    let mut turns: std::collections::HashMap<String, oneshot::Receiver<()>> = Default::default();
     loop {
         let permit = tokio::select! {
             p = shared.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -451,17 +555,38 @@ async fn accept_forward(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    warn!(listen = %fwd.listen, "accept failed: {e}");
+                    warn!(listen = %listen, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = stop.cancelled() => return,
         };
+        let fwd = match &route {
+            Route::Fixed(f) => f.clone(),
+            Route::Transparent(t) => match original_destination(&local, listen) {
+                Ok(target) => Arc::new(Forward {
+                    listen,
+                    peer: t.peer.clone(),
+                    target: target.to_string(),
+                }),
+                Err(msg) => {
+                    shared.stats.connections_accepted.fetch_add(1, Relaxed);
+                    shared.stats.connections_failed.fetch_add(1, Relaxed);
+                    warn!(from = %addr, listen = %listen, "{msg}");
+                    crate::io::reset_on_close(&local);
+                    continue;
+                }
+            },
+        };
         seq += 1;
+        if turns.len() >= TURNS_KEPT {
+            // A finished turn (released or dropped) no longer holds anyone back.
+            turns.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        }
         let (release, next_wait) = oneshot::channel::<()>();
         let turn = OpenTurn {
-            wait: prev_turn.replace(next_wait),
+            wait: turns.insert(fwd.target.clone(), next_wait),
             release,
         };
         let id = shared.conn_ids.fetch_add(1, Relaxed);
@@ -789,4 +914,41 @@ async fn accept_one(
     debug!(peer_edge = %hello.edge, target = %hello.target, seq = hello.open_seq, "tunnel accepted");
     let ctx = shared.ctx(&hello.edge, hello.epoch, hello.cache_bytes, hello.window);
     Ok(Some(pump(target, tunnel, rbuf, ctx).await))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listener_itself_is_recognised() {
+        let any: SocketAddr = "0.0.0.0:15001".parse().unwrap();
+        let one: SocketAddr = "10.0.0.1:15001".parse().unwrap();
+        for (addr, listen, is) in [
+            ("10.0.0.1:15001", any, true),
+            ("10.9.9.9:15001", any, true),
+            ("10.9.9.9:4444", any, false),
+            ("10.0.0.1:15001", one, true),
+            ("10.0.0.2:15001", one, false),
+        ] {
+            assert_eq!(
+                is_listener(addr.parse().unwrap(), listen),
+                is,
+                "{addr} {listen}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_diverted_is_refused() {
+        // Connected straight to the listener: neither TPROXY (local address = the
+        // listener) nor REDIRECT (no original destination) moved it, so its target
+        // would be this listener again.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(listen).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let e = original_destination(&accepted, listen).unwrap_err();
+        assert!(e.contains("not diverted"), "{e}");
+    }
 }

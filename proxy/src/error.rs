@@ -16,6 +16,14 @@ pub enum EdgeError {
         /// Why.
         source: std::io::Error,
     },
+    /// A transparent listener cannot be set up (IP_TRANSPARENT needs CAP_NET_ADMIN).
+    #[error("cannot make {addr} a transparent listener: {source} (intercepting with TPROXY needs CAP_NET_ADMIN: run the edge as root, grant it with `setcap cap_net_admin+ep`, or start its container with --cap-add NET_ADMIN)")]
+    Transparent {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// TLS material is missing or invalid.
     #[error(transparent)]
     Tls(#[from] tls::Error),
