@@ -65,9 +65,28 @@ impl EdgeProc {
     /// Starts `shrinker edge` with TLS files `dir/{ca,name}.crt` and extra args, and waits
     /// until `ready` accepts connections.
     pub fn start(dir: &Path, name: &str, args: &[String], ready: SocketAddr) -> EdgeProc {
+        EdgeProc::start_in(None, dir, name, args, ready)
+    }
+
+    /// [`EdgeProc::start`] inside network namespace `netns`.
+    pub fn start_in(
+        netns: Option<&str>,
+        dir: &Path,
+        name: &str,
+        args: &[String],
+        ready: SocketAddr,
+    ) -> EdgeProc {
         let log = dir.join(format!("{name}.log"));
         let stats = dir.join(format!("{name}.stats.json"));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the child is the edge itself.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("edge")
             .arg("--name")
             .arg(name)

@@ -82,7 +82,13 @@ impl VmSpec<'_> {
 }
 
 impl Vm {
-    pub async fn start(mut spec: VmSpec<'_>) -> Vm {
+    pub async fn start(spec: VmSpec<'_>) -> Vm {
+        Vm::start_in(None, spec).await
+    }
+
+    /// Starts the VM inside network namespace `netns` (its QMP socket and RAM file
+    /// stay on the shared filesystem).
+    pub async fn start_in(netns: Option<&str>, mut spec: VmSpec<'_>) -> Vm {
         // tmpfs: fast, and postcopy could register it with userfaultfd.
         let ram = PathBuf::from(format!(
             "/dev/shm/shrinker-test-{}-{}.ram",
@@ -99,7 +105,15 @@ impl Vm {
         let qmp_path = spec.dir.join(format!("{}.qmp", spec.name));
         let _ = std::fs::remove_file(&qmp_path);
         let log = spec.dir.join(format!("{}.qemu.log", spec.name));
-        let mut cmd = Command::new(&spec.build.binary);
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the child is QEMU itself.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&spec.build.binary);
+                c
+            }
+            None => Command::new(&spec.build.binary),
+        };
         if let Some(fw) = &spec.build.firmware {
             cmd.arg("-L").arg(fw);
         }
