@@ -92,5 +92,37 @@ fn flags_override_the_file_and_tables_work() {
     };
     assert_eq!(from_file(&[]), (64 << 20, 0));
     assert_eq!(from_file(&["--stream-mem", "0"]), (0, 0));
+    // Transparent listeners: short form, table, and a flag replacing the file's.
+    let transparent = |name: &str, text: &str, extra: &[&str]| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("insecure_plaintext = true\n{text}")).unwrap();
+        let args = [&["x", "--config", path.to_str().unwrap()][..], extra].concat();
+        let c = Cli::parse_from(args).edge.resolve().unwrap();
+        c.transparent
+            .iter()
+            .map(|t| format!("{}={}", t.listen, t.peer))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        transparent(
+            "t1.toml",
+            "transparent = [\"0.0.0.0:15001=edge-b:7700\"]\n",
+            &[]
+        ),
+        ["0.0.0.0:15001=edge-b:7700"]
+    );
+    let table = "[[transparent]]\nlisten = \"[::]:15002\"\npeer = \"edge-c:7700\"\n";
+    assert_eq!(
+        transparent("t2.toml", table, &[]),
+        ["[::]:15002=edge-c:7700"]
+    );
+    assert_eq!(
+        transparent(
+            "t2.toml",
+            table,
+            &["--transparent", "0.0.0.0:15003=edge-d:7700"]
+        ),
+        ["0.0.0.0:15003=edge-d:7700"]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
