@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use wire::session::CompressMode;
 
+use crate::allow::AllowTarget;
 use crate::size::ByteSize;
 
 /// One forward rule: accept on `listen`, carry each connection through the peer edge at
@@ -119,6 +120,10 @@ pub struct EdgeArgs {
     /// Repeatable.
     #[arg(long = "transparent", value_name = "LISTEN=PEER")]
     pub transparent: Vec<Transparent>,
+    /// NET[/LEN][:PORT[-PORT]]: the only destinations peer edges may make this edge
+    /// connect to (e.g. 10.2.0.0/16:4444-4450). Repeatable; none given: any.
+    #[arg(long = "allow-target", value_name = "NET[:PORTS]")]
+    pub allow_targets: Vec<AllowTarget>,
     /// The deployment's private CA certificate (PEM).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
@@ -176,6 +181,8 @@ pub struct EdgeFile {
     forward: Vec<ForwardEntry>,
     #[serde(default)]
     transparent: Vec<TransparentEntry>,
+    #[serde(default)]
+    allow_target: Vec<AllowTarget>,
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -229,6 +236,8 @@ pub struct EdgeConfig {
     pub forwards: Vec<Forward>,
     /// Transparent (TPROXY) listeners.
     pub transparent: Vec<Transparent>,
+    /// Destinations peers may ask for (empty: any).
+    pub allow_targets: Vec<AllowTarget>,
     /// TLS files, or `None` for plaintext.
     pub tls: Option<TlsPaths>,
     /// Store size in bytes.
@@ -331,6 +340,11 @@ impl EdgeArgs {
         if !self.transparent.is_empty() {
             transparent = self.transparent.clone();
         }
+        let allow_targets = if self.allow_targets.is_empty() {
+            file.allow_target
+        } else {
+            self.allow_targets.clone()
+        };
         let compress = match (self.compress, file.compress) {
             (Some(c), _) => c,
             (None, Some(s)) => s.parse().map_err(ConfigError::Invalid)?,
@@ -364,6 +378,7 @@ impl EdgeArgs {
             tunnel_listen: self.tunnel_listen.or(file.tunnel_listen),
             forwards,
             transparent,
+            allow_targets,
             tls,
             cache_bytes: self
                 .cache_mem
@@ -409,6 +424,9 @@ impl EdgeConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.tunnel_listen.is_none() && self.forwards.is_empty() && self.transparent.is_empty() {
             return bad("nothing to do: give --tunnel-listen ADDR (accept peer edges) and/or --forward LISTEN=PEER=TARGET or --transparent LISTEN=PEER".into());
+        }
+        if !self.allow_targets.is_empty() && self.tunnel_listen.is_none() {
+            return bad("--allow-target limits what peer edges may connect to: it needs --tunnel-listen (this edge accepts no peers)".into());
         }
         if self.name.is_empty() || self.name.len() > 255 {
             return bad(format!("--name {:?} must be 1 to 255 bytes", self.name));
@@ -515,6 +533,20 @@ mod tests {
         };
         let e = clash.resolve().unwrap_err().to_string();
         assert!(e.contains("two forwards or transparent listeners"), "{e}");
+    }
+
+    #[test]
+    fn allow_target_needs_a_tunnel_listener() {
+        let mut a = EdgeArgs {
+            insecure_plaintext: true,
+            forwards: vec!["127.0.0.1:4444=edge-b:7700=10.0.0.2:4444".parse().unwrap()],
+            allow_targets: vec!["10.0.0.0/8:4444".parse().unwrap()],
+            ..Default::default()
+        };
+        let e = a.resolve().unwrap_err().to_string();
+        assert!(e.contains("needs --tunnel-listen"), "{e}");
+        a.tunnel_listen = Some("127.0.0.1:7700".parse().unwrap());
+        assert_eq!(a.resolve().unwrap().allow_targets.len(), 1);
     }
 
     #[test]

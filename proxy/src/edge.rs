@@ -131,6 +131,9 @@ impl Edge {
             Some(addr) => Some(bind(addr, "tunnel").await?),
             None => None,
         };
+        if config.tunnel_listen.is_some() && config.allow_targets.is_empty() {
+            info!("peer edges may ask this edge to connect to any host and port; limit them with --allow-target");
+        }
         let mut forwards = Vec::new();
         for f in &config.forwards {
             forwards.push((
@@ -805,6 +808,51 @@ async fn accept_tunnels(
     }
 }
 
+/// Connects to a peer's target (`host:port`, resolved here): to the first of its
+/// addresses that `--allow-target` allows and that answers, within the connect
+/// timeout.
+async fn connect_target(cfg: &EdgeConfig, target: &str) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let timed_out = || {
+        format!(
+            "connecting to {target} timed out after {:?}",
+            cfg.connect_timeout
+        )
+    };
+    let addrs: Vec<SocketAddr> = tokio::time::timeout_at(deadline, tokio::net::lookup_host(target))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| format!("cannot resolve {target}: {e}"))?
+        .collect();
+    let allowed = &cfg.allow_targets;
+    let usable: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| allowed.is_empty() || allowed.iter().any(|r| r.allows(*a)))
+        .collect();
+    if usable.is_empty() {
+        let rules: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "{target} ({}) is not an allowed target here (--allow-target {})",
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            rules.join(" ")
+        ));
+    }
+    let mut last = None;
+    for addr in usable {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => return Ok(t),
+            Ok(Err(e)) => last = Some(format!("cannot connect to {target} ({addr}): {e}")),
+            Err(_) => return Err(timed_out()),
+        }
+    }
+    Err(last.unwrap_or_else(timed_out))
+}
+
 /// Server side: TLS, handshake, connect to the target, then relay.
 /// `Err` = rejected before relaying (counted apart from failed connections).
 async fn accept_one(
@@ -872,15 +920,7 @@ async fn accept_one(
         Ok(Err(msg)) => return Err(msg),
         Err(_) => return Err(format!("no handshake within {hello_within:?}")),
     };
-    let target = timeout(cfg.connect_timeout, TcpStream::connect(&hello.target)).await;
-    let target = match target {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", hello.target)),
-        Err(_) => Err(format!(
-            "connecting to {} timed out after {:?}",
-            hello.target, cfg.connect_timeout
-        )),
-    };
+    let target = connect_target(cfg, &hello.target).await;
     let mut out = BytesMut::new();
     HelloReply {
         edge: cfg.name.clone(),
@@ -900,7 +940,7 @@ async fn accept_one(
         Err(msg) => {
             let _ = tunnel.shutdown().await;
             return Err(format!(
-                "peer edge {} asked for an unreachable target: {msg}",
+                "peer edge {} asked for a target this edge cannot serve: {msg}",
                 hello.edge
             ));
         }

@@ -1011,3 +1011,69 @@ async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
     let _ = c2_task.await;
     drop(a);
 }
+
+/// `--allow-target` at the accepting edge: a forward to an allowed destination works;
+/// one to a port outside the rule is refused before anything is relayed (the client
+/// sees a reset, the accepting edge says why), and the target never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_outside_allow_target_are_refused() {
+    let dir = Scratch::new("allow");
+    certs(dir.path(), &["a", "b"]);
+    let net = 25;
+    let tunnel = addr(net, 17000);
+    let (ok_fwd, ok_target) = (addr(net, 14000), addr(net, 15000));
+    let (no_fwd, no_target) = (addr(net, 14001), addr(net, 15001));
+    let ok_listener = TcpListener::bind(ok_target).await.unwrap();
+    let no_listener = TcpListener::bind(no_target).await.unwrap();
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--allow-target"),
+            format!("127.0.{net}.0/24:15000"),
+        ],
+        tunnel,
+    );
+    let a_args = [
+        forward(ok_fwd, tunnel, ok_target),
+        forward(no_fwd, tunnel, no_target),
+    ]
+    .concat();
+    let _a = EdgeProc::start(dir.path(), "a", &a_args, ok_fwd);
+    let server = tokio::spawn(async move {
+        let (mut c, _) = ok_listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        c.read_to_end(&mut req).await.unwrap();
+        c.write_all(&req).await.unwrap();
+    });
+    let req = payload(7, 200_000);
+    let mut c = TcpStream::connect(ok_fwd).await.unwrap();
+    c.write_all(&req).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).await.unwrap();
+    assert!(back == req, "allowed target: bytes differ");
+    server.await.unwrap();
+
+    let mut c = TcpStream::connect(no_fwd).await.unwrap();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut sink))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err() && sink.is_empty(),
+        "a refused target must reach the client as a reset: {read:?}"
+    );
+    b.wait_for("the refused tunnel", |c| {
+        c["tunnels_rejected"].as_u64().unwrap() >= 1
+    });
+    assert!(
+        b.log().contains("is not an allowed target here"),
+        "edge B should say why:\n{}",
+        b.log()
+    );
+    let unseen = tokio::time::timeout(Duration::from_millis(300), no_listener.accept()).await;
+    assert!(unseen.is_err(), "the refused target was connected to");
+}
