@@ -65,8 +65,8 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
             s.zstd_deltas,
             s.chunks,
             s.chunk_bytes,
-            s.batches_streamed,
-            s.batches_compressed,
+            s.compression.batches_streamed,
+            s.compression.batches_compressed,
         );
         if a.baseline {
             images.push(image);

@@ -504,8 +504,8 @@ impl EdgeShared {
                     ref_bytes = o.enc.ref_bytes,
                     chunks = o.enc.chunks,
                     literal_bytes = o.enc.literal_bytes,
-                    compressed = o.enc.batches_compressed,
-                    incompressible = o.enc.batches_incompressible,
+                    compressed = o.enc.compression.batches_compressed,
+                    incompressible = o.enc.compression.batches_incompressible,
                     misses = o.dec.misses,
                     fills_sent = o.fills_sent,
                     ratio = format_args!(

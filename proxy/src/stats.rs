@@ -140,11 +140,12 @@ impl EdgeStats {
         self.delta_patch_bytes
             .fetch_add(s.delta_patch_bytes, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);
+        let c = &s.compression;
         self.batches_compressed
-            .fetch_add(s.batches_compressed, Relaxed);
-        self.batches_streamed.fetch_add(s.batches_streamed, Relaxed);
-        self.batch_level_sum.fetch_add(s.batch_level_sum, Relaxed);
-        self.batches_raw.fetch_add(s.batches_raw, Relaxed);
+            .fetch_add(c.batches_compressed, Relaxed);
+        self.batches_streamed.fetch_add(c.batches_streamed, Relaxed);
+        self.batch_level_sum.fetch_add(c.batch_level_sum, Relaxed);
+        self.batches_raw.fetch_add(c.batches_raw, Relaxed);
     }
 
     /// Adds one finished direction's segmenter report.

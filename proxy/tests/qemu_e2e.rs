@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::qemu::{
-    assert_same_file, builds, dirtying_kernel, write_then_read_kernel, QemuBuild, RamFill, Vm,
-    VmSpec,
+    assert_same_file, builds, dirtying_kernel, workload_ram, write_then_read_kernel, QemuBuild,
+    RamFill, Vm, VmSpec,
 };
 use common::*;
 use serde_json::json;
@@ -26,29 +26,14 @@ fn s(v: &str) -> String {
 /// Guest RAM of VM `vm` in a cluster: shared OS-like pages in a VM-specific order,
 /// unique pages and zero pages.
 fn cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
-    move |f: &mut std::fs::File| {
-        let mut stream = testkit::Workload::cluster(2026, 48 << 20).stream(vm, RAM_MIB << 20);
-        let mut w = std::io::BufWriter::new(f);
-        while let Some(p) = stream.next_piece(1 << 20) {
-            w.write_all(&p).unwrap();
-        }
-        w.flush().unwrap();
-    }
+    workload_ram(testkit::Workload::cluster(2026, 48 << 20), vm, RAM_MIB)
 }
 
 /// Guest RAM of VM `vm` in a cluster whose shared pages are often near-duplicates
 /// (a few words differ per VM: relocated pointers, counters).
 fn near_cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
-    move |f: &mut std::fs::File| {
-        let mut stream = testkit::Workload::cluster(2027, 48 << 20)
-            .with_near_duplicates(400)
-            .stream(vm, RAM_MIB << 20);
-        let mut w = std::io::BufWriter::new(f);
-        while let Some(p) = stream.next_piece(1 << 20) {
-            w.write_all(&p).unwrap();
-        }
-        w.flush().unwrap();
-    }
+    let workload = testkit::Workload::cluster(2027, 48 << 20).with_near_duplicates(400);
+    workload_ram(workload, vm, RAM_MIB)
 }
 
 fn nonzero_pages(path: &Path) -> u64 {

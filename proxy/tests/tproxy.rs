@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::qemu::{assert_same_file, builds, Vm, VmSpec};
+use common::qemu::{assert_same_file, builds, workload_ram, Vm, VmSpec};
 use common::*;
 use serde_json::json;
 
@@ -213,19 +213,6 @@ impl Drop for Sites {
     }
 }
 
-/// Guest RAM of VM `vm`: shared OS-like pages in a VM-specific order, unique pages and
-/// zero pages.
-fn cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
-    move |f: &mut std::fs::File| {
-        let mut stream = testkit::Workload::cluster(2026, 48 << 20).stream(vm, RAM_MIB << 20);
-        let mut w = std::io::BufWriter::new(f);
-        while let Some(p) = stream.next_piece(1 << 20) {
-            w.write_all(&p).unwrap();
-        }
-        w.flush().unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
     if !must_run() {
@@ -270,7 +257,13 @@ async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
             dir: dir.path(),
             name,
             ram_mib: RAM_MIB,
-            ram_content: (!incoming).then(|| Box::new(cluster_ram(vm)) as _),
+            ram_content: (!incoming).then(|| {
+                Box::new(workload_ram(
+                    testkit::Workload::cluster(2026, 48 << 20),
+                    vm,
+                    RAM_MIB,
+                )) as _
+            }),
             incoming,
             kernel: None,
             disk: None,

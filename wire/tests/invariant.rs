@@ -489,7 +489,7 @@ fn repeated_content_becomes_references() {
         "second copy mostly references: {s2:?}"
     );
     assert!(
-        s2.wire_bytes < 30_000,
+        s2.compression.wire_bytes < 30_000,
         "second copy is small on the wire: {s2:?}"
     );
     assert_eq!(c2.dec.stats().misses, 0);
@@ -758,7 +758,7 @@ fn a_separate_compressor_makes_the_encoders_wire_bytes() {
     for window_log in [None, Some(20)] {
         let (inline, s1) = send_compressed_by(&input, window_log, false);
         let (separate, s2) = send_compressed_by(&input, window_log, true);
-        assert!(s1.batches_compressed > 5, "{s1:?}");
+        assert!(s1.compression.batches_compressed > 5, "{s1:?}");
         assert_eq!(s1, s2);
         assert!(inline == separate, "wire bytes differ ({window_log:?})");
     }
@@ -778,8 +778,8 @@ fn a_compression_stream_reaches_back_across_batches() {
     }
     let (alone, s1) = send_compressed(&input, None);
     let (streamed, s2) = send_compressed(&input, Some(20));
-    assert_eq!(s1.batches_streamed, 0);
-    assert!(s2.batches_streamed > 10, "{s2:?}");
+    assert_eq!(s1.compression.batches_streamed, 0);
+    assert!(s2.compression.batches_streamed > 10, "{s2:?}");
     assert!(
         streamed * 3 < alone,
         "stream {streamed} B vs batches alone {alone} B"

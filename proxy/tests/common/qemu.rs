@@ -51,6 +51,24 @@ pub fn builds() -> Vec<QemuBuild> {
     chosen
 }
 
+/// Guest RAM of `ram_mib` MiB from stream `vm` of `workload` (shared OS-like pages in a
+/// VM-specific order, unique pages, zero pages; see `testkit::Workload`).
+pub fn workload_ram(
+    workload: testkit::Workload,
+    vm: u64,
+    ram_mib: u64,
+) -> impl FnMut(&mut std::fs::File) {
+    move |f: &mut std::fs::File| {
+        use std::io::Write;
+        let mut stream = workload.stream(vm, ram_mib << 20);
+        let mut w = std::io::BufWriter::new(f);
+        while let Some(p) = stream.next_piece(1 << 20) {
+            w.write_all(&p).unwrap();
+        }
+        w.flush().unwrap();
+    }
+}
+
 /// Writes a guest's initial RAM into its backing file.
 pub type RamFill<'a> = Box<dyn FnMut(&mut std::fs::File) + 'a>;
 

@@ -61,6 +61,16 @@ pub struct CompressStats {
 }
 
 impl CompressStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &CompressStats) {
+        self.wire_bytes += other.wire_bytes;
+        self.batches_compressed += other.batches_compressed;
+        self.batches_incompressible += other.batches_incompressible;
+        self.batches_streamed += other.batches_streamed;
+        self.batch_level_sum += other.batch_level_sum;
+        self.batches_raw += other.batches_raw;
+    }
+
     /// Batches on which compression was tried (paying or not).
     pub fn attempts(&self) -> u64 {
         self.batches_compressed + self.batches_incompressible

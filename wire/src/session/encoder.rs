@@ -55,31 +55,15 @@ pub struct EncoderStats {
     pub delta_patch_bytes: u64,
     /// Of `deltas`, those sent as zstd frames with the base as dictionary.
     pub zstd_deltas: u64,
-    /// Frame bytes produced (after compression).
-    pub wire_bytes: u64,
-    /// Batches sent compressed.
-    pub batches_compressed: u64,
-    /// Batches where compression was tried and did not pay.
-    pub batches_incompressible: u64,
-    /// Of `batches_compressed`, those sent as pieces of the context-keeping stream.
-    pub batches_streamed: u64,
-    /// Sum of the zstd levels of `batches_compressed` (over that count: the mean level).
-    pub batch_level_sum: u64,
-    /// Batches sent without trying compression: the link does not need it, or the
-    /// policy is backing off after batches that did not pay.
-    pub batches_raw: u64,
+    /// What compressing its batches did.
+    pub compression: CompressStats,
 }
 
 impl EncoderStats {
     /// Adds the counters of a [`BatchCompressor`] that compressed this encoder's
     /// batches.
     pub fn add_compression(&mut self, c: &CompressStats) {
-        self.wire_bytes += c.wire_bytes;
-        self.batches_compressed += c.batches_compressed;
-        self.batches_incompressible += c.batches_incompressible;
-        self.batches_streamed += c.batches_streamed;
-        self.batch_level_sum += c.batch_level_sum;
-        self.batches_raw += c.batches_raw;
+        self.compression.add(c);
     }
 }
 
