@@ -160,6 +160,9 @@ pub struct EdgeArgs {
     /// Write a JSON counters snapshot here, periodically and at exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Seconds between stats snapshots.
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<f64>,
@@ -193,6 +196,7 @@ pub struct EdgeFile {
     window: Option<ByteSize>,
     compress: Option<String>,
     stats_json: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
     stats_interval: Option<f64>,
     connect_timeout: Option<f64>,
     max_connections: Option<usize>,
@@ -252,6 +256,8 @@ pub struct EdgeConfig {
     pub compress: CompressMode,
     /// Stats snapshot file.
     pub stats_json: Option<PathBuf>,
+    /// Prometheus metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
     /// Stats period.
     pub stats_interval: Duration,
     /// Connect timeout.
@@ -395,6 +401,7 @@ impl EdgeArgs {
             window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
             compress,
             stats_json: self.stats_json.clone().or(file.stats_json),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             stats_interval: secs(
                 self.stats_interval.or(file.stats_interval),
                 "stats-interval",
@@ -446,10 +453,11 @@ impl EdgeConfig {
                 .iter()
                 .map(|t| (t.listen, "transparent listener")),
         );
+        let listens = listens.chain(self.metrics_listen.map(|m| (m, "metrics listener")));
         for (listen, what) in listens {
             if !seen.insert(listen) {
                 return bad(format!(
-                    "two forwards or transparent listeners listen on {listen}"
+                    "two listeners (forwards, transparent, metrics) on {listen}"
                 ));
             }
             if Some(listen) == self.tunnel_listen {
@@ -532,7 +540,7 @@ mod tests {
             ..a
         };
         let e = clash.resolve().unwrap_err().to_string();
-        assert!(e.contains("two forwards or transparent listeners"), "{e}");
+        assert!(e.contains("two listeners"), "{e}");
     }
 
     #[test]

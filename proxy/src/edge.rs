@@ -74,6 +74,7 @@ pub struct Edge {
     shared: Arc<EdgeShared>,
     tunnel: Option<TcpListener>,
     forwards: Vec<(Route, TcpListener)>,
+    metrics: Option<TcpListener>,
 }
 
 /// Where a listener's connections go.
@@ -144,6 +145,10 @@ impl Edge {
         for t in &config.transparent {
             forwards.push((Route::Transparent(t.clone()), bind_transparent(t.listen)?));
         }
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(bind(addr, "metrics").await?),
+            None => None,
+        };
         let shared = Arc::new(EdgeShared {
             epoch: rand::random(),
             store: ChunkStore::new(config.cache_bytes),
@@ -165,6 +170,7 @@ impl Edge {
             shared,
             tunnel,
             forwards,
+            metrics,
         })
     }
 
@@ -203,6 +209,7 @@ impl Edge {
             shared,
             tunnel,
             forwards,
+            metrics,
         } = self;
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -220,6 +227,15 @@ impl Edge {
                 listener,
                 stop.clone(),
                 tracker.clone(),
+            ));
+        }
+        if let Some(listener) = metrics {
+            info!(addr = %listener.local_addr().map_err(EdgeError::Io)?, "serving Prometheus metrics at /metrics");
+            let shared = shared.clone();
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                move || shared.snapshot(),
+                stop.clone(),
             ));
         }
         // One keeper of a warm connection per peer edge, shared by its forwards.

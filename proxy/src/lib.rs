@@ -20,6 +20,7 @@ pub mod error;
 mod governor;
 pub mod inspect;
 pub mod io;
+pub mod metrics;
 pub mod size;
 mod spare;
 pub mod stats;

@@ -10,23 +10,30 @@ use serde::Serialize;
 use wire::session::{DecoderStats, EncoderStats};
 
 macro_rules! counters {
-    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// Edge-wide counters, updated lock-free by every connection task.
         #[derive(Debug, Default)]
         pub struct EdgeStats {
-            $($(#[$m])* pub $name: AtomicU64,)*
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
         }
 
         /// A point-in-time copy of [`EdgeStats`].
         #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
         pub struct CountersSnapshot {
-            $($(#[$m])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
         }
 
         impl EdgeStats {
             /// Copies every counter.
             pub fn snapshot(&self) -> CountersSnapshot {
                 CountersSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl CountersSnapshot {
+            /// Every counter as (name, description, value), in declaration order.
+            pub fn entries(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), concat!($($doc),*), self.$name),)*]
             }
         }
     };
@@ -243,7 +250,7 @@ pub struct ConnSummary {
 }
 
 /// Store part of the snapshot.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct StoreSnapshot {
     /// Entries held.
     pub entries: usize,

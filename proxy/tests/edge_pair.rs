@@ -1077,3 +1077,69 @@ async fn targets_outside_allow_target_are_refused() {
     let unseen = tokio::time::timeout(Duration::from_millis(300), no_listener.accept()).await;
     assert!(unseen.is_err(), "the refused target was connected to");
 }
+
+/// Sends one HTTP/1.1 request line to `addr` and returns the whole response.
+async fn http(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// `--metrics-listen`: Prometheus text at /metrics with the same counters as the JSON
+/// snapshot, and nothing else served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_are_served() {
+    let metrics = addr(26, 19000);
+    let ExchangePair {
+        _dir,
+        a,
+        b: _b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair(
+        "metrics",
+        26,
+        reply_for,
+        &[s("--metrics-listen"), metrics.to_string()],
+        &[],
+    )
+    .await;
+    let back = exchange(fwd, request_for(1)).await.unwrap();
+    assert!(back == reply_for(1), "reply bytes differ");
+    expect_requests(&mut received, 1..2, request_for).await;
+    let st = a.wait_for("the connection", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 1
+    });
+    let lan_in = st["counters"]["lan_bytes_in"].as_u64().unwrap();
+    assert!(lan_in > 0);
+    let reply = http(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(
+        reply.contains("# TYPE shrinker_lan_bytes_in_total counter\n"),
+        "{reply}"
+    );
+    assert!(
+        reply.contains(&format!(
+            "shrinker_lan_bytes_in_total{{edge=\"a\"}} {lan_in}\n"
+        )),
+        "{reply}"
+    );
+    assert!(
+        reply.contains("shrinker_connections_completed_total{edge=\"a\"} 1\n"),
+        "{reply}"
+    );
+    assert!(
+        reply.contains("shrinker_peer_modelled_entries{edge=\"a\",peer=\"b\"} "),
+        "{reply}"
+    );
+    let other = http(metrics, "GET / HTTP/1.1\r\n\r\n").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    let post = http(metrics, "POST /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+}
