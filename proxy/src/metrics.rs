@@ -155,15 +155,9 @@ async fn answer(mut conn: TcpStream, snapshot: impl Fn() -> Snapshot) -> std::io
     })
     .await
     .unwrap_or(Ok(false))?;
-    let line = String::from_utf8_lossy(&head);
-    let mut words = line.lines().next().unwrap_or("").split(' ');
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, body) = match (complete, method, path) {
-        (false, _, _) => ("400 Bad Request", "incomplete request\n".to_string()),
-        (true, "GET", "/metrics") => ("200 OK", render(&snapshot())),
-        (true, "GET", _) => ("404 Not Found", "metrics are at /metrics\n".to_string()),
-        (true, _, _) => ("405 Method Not Allowed", "only GET /metrics\n".to_string()),
+    let (status, body) = match route(complete.then_some(&head[..])) {
+        Route::Metrics => ("200 OK", render(&snapshot())),
+        Route::Reject(status, body) => (status, body.to_string()),
     };
     let reply = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -173,10 +167,62 @@ async fn answer(mut conn: TcpStream, snapshot: impl Fn() -> Snapshot) -> std::io
     conn.shutdown().await
 }
 
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    /// Status line and body of a refusal.
+    Reject(&'static str, &'static str),
+}
+
+/// Routes a request head (`None`: it never completed). Any bytes are handled: the
+/// head comes from whoever can reach the metrics port.
+fn route(head: Option<&[u8]>) -> Route {
+    let Some(head) = head else {
+        return Route::Reject("400 Bad Request", "incomplete request\n");
+    };
+    let line = String::from_utf8_lossy(head);
+    let mut words = line.lines().next().unwrap_or("").split(' ');
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => Route::Metrics,
+        ("GET", _) => Route::Reject("404 Not Found", "metrics are at /metrics\n"),
+        _ => Route::Reject("405 Method Not Allowed", "only GET /metrics\n"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::stats::{CountersSnapshot, PeerSnapshot, StoreSnapshot};
+
+    #[test]
+    fn requests_are_routed() {
+        assert_eq!(
+            route(Some(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n")),
+            Route::Metrics
+        );
+        assert!(matches!(
+            route(Some(b"GET / HTTP/1.1\r\n\r\n")),
+            Route::Reject("404 Not Found", _)
+        ));
+        assert!(matches!(
+            route(Some(b"DELETE /metrics HTTP/1.1\r\n\r\n")),
+            Route::Reject("405 Method Not Allowed", _)
+        ));
+        assert!(matches!(route(None), Route::Reject("400 Bad Request", _)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_request_head_gets_an_answer(head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            // Never a panic; the metrics only for a GET of /metrics.
+            if route(Some(&head)) == Route::Metrics {
+                proptest::prop_assert!(head.starts_with(b"GET /metrics"));
+            }
+        }
+    }
 
     #[test]
     fn text_format_with_help_types_and_labels() {
