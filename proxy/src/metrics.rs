@@ -40,49 +40,52 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
     let st = &s.store;
-    let one = |v: f64| [(edge.clone(), v)];
-    metric(
-        "uptime_seconds",
-        "gauge",
-        "Seconds since the edge started.",
-        &one(s.uptime_secs),
-    );
-    metric(
-        "store_entries",
-        "gauge",
-        "Chunks held in the shared store.",
-        &one(st.entries as f64),
-    );
-    metric(
-        "store_bytes",
-        "gauge",
-        "Bytes held in the shared store (weighted, with per-entry overhead).",
-        &one(st.bytes as f64),
-    );
-    metric(
-        "store_capacity_bytes",
-        "gauge",
-        "The shared store's budget (--cache-mem).",
-        &one(st.capacity_bytes as f64),
-    );
-    metric(
-        "store_hits_total",
-        "counter",
-        "Store lookups that found the chunk.",
-        &one(st.hits as f64),
-    );
-    metric(
-        "store_misses_total",
-        "counter",
-        "Store lookups that did not.",
-        &one(st.misses as f64),
-    );
-    metric(
-        "store_evictions_total",
-        "counter",
-        "Chunks evicted from the store.",
-        &one(st.evictions as f64),
-    );
+    for (name, kind, help, value) in [
+        (
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the edge started.",
+            s.uptime_secs,
+        ),
+        (
+            "store_entries",
+            "gauge",
+            "Chunks held in the shared store.",
+            st.entries as f64,
+        ),
+        (
+            "store_bytes",
+            "gauge",
+            "Bytes held in the shared store (weighted, with per-entry overhead).",
+            st.bytes as f64,
+        ),
+        (
+            "store_capacity_bytes",
+            "gauge",
+            "The shared store's budget (--cache-mem).",
+            st.capacity_bytes as f64,
+        ),
+        (
+            "store_hits_total",
+            "counter",
+            "Store lookups that found the chunk.",
+            st.hits as f64,
+        ),
+        (
+            "store_misses_total",
+            "counter",
+            "Store lookups that did not.",
+            st.misses as f64,
+        ),
+        (
+            "store_evictions_total",
+            "counter",
+            "Chunks evicted from the store.",
+            st.evictions as f64,
+        ),
+    ] {
+        metric(name, kind, help, &[(edge.clone(), value)]);
+    }
     let peers: Vec<(String, f64)> = s
         .peers
         .iter()

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::qemu::{
-    assert_same_file, builds, dirtying_kernel, workload_ram, write_then_read_kernel, QemuBuild,
-    RamFill, Vm, VmSpec,
+    assert_same_file, builds, dirtying_kernel, migrate_with_mode, nonzero_pages, workload_ram,
+    write_then_read_kernel, Mode, QemuBuild, RamFill, Vm, VmSpec,
 };
 use common::*;
 use serde_json::json;
@@ -34,13 +34,6 @@ fn cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
 fn near_cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
     let workload = testkit::Workload::cluster(2027, 48 << 20).with_near_duplicates(400);
     workload_ram(workload, vm, RAM_MIB)
-}
-
-fn nonzero_pages(path: &Path) -> u64 {
-    let data = std::fs::read(path).unwrap();
-    data.chunks(4096)
-        .filter(|p| p.iter().any(|&b| b != 0))
-        .count() as u64
 }
 
 struct Pair {
@@ -663,79 +656,6 @@ impl Drop for FileToVec<'_> {
     }
 }
 
-/// Capabilities and parameters set on both source and destination before migrating.
-#[derive(Clone, Default)]
-struct Mode {
-    caps: Vec<&'static str>,
-    params: serde_json::Value,
-}
-
-async fn migrate_with_mode(
-    build: &QemuBuild,
-    dir: &Path,
-    name: &str,
-    via: SocketAddr,
-    dst: SocketAddr,
-    fill: RamFill<'_>,
-    mode: &Mode,
-) -> u64 {
-    let mut src = Vm::start(VmSpec {
-        build,
-        dir,
-        name: format!("{name}-src"),
-        ram_mib: RAM_MIB,
-        ram_content: Some(fill),
-        incoming: false,
-        kernel: None,
-        disk: None,
-    })
-    .await;
-    let mut dstvm = Vm::start(VmSpec {
-        build,
-        dir,
-        name: format!("{name}-dst"),
-        ram_mib: RAM_MIB,
-        ram_content: None,
-        incoming: true,
-        kernel: None,
-        disk: None,
-    })
-    .await;
-    let caps: Vec<_> = mode
-        .caps
-        .iter()
-        .map(|c| json!({"capability": c, "state": true}))
-        .collect();
-    for vm in [&mut src, &mut dstvm] {
-        vm.qmp
-            .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
-            .await;
-        if mode.params.is_object() {
-            vm.qmp
-                .cmd("migrate-set-parameters", mode.params.clone())
-                .await;
-        }
-    }
-    dstvm
-        .qmp
-        .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
-        .await;
-    src.qmp
-        .cmd(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": 8u64 << 30}),
-        )
-        .await;
-    src.qmp
-        .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
-        .await;
-    src.qmp.wait_migration(Duration::from_secs(300)).await;
-    let pages = nonzero_pages(&src.ram);
-    dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-    assert_same_file(&src.ram, &dstvm.ram);
-    pages
-}
-
 /// multifd with 4 channels: the channels reach the destination in the order the
 /// source opened them (7.2 tells main from multifd by accept order only), every page
 /// on a multifd channel is found, and a cluster deduplicates across channels and VMs.
@@ -752,11 +672,12 @@ async fn multifd_four_channels_one_vm_and_cluster() {
         for vm in 0..4u64 {
             let v = vm as usize;
             pages += migrate_with_mode(
+                (None, None),
                 build,
                 dir.path(),
                 &format!("mf{vm}"),
-                fwd[v],
-                dst[v],
+                (fwd[v], dst[v]),
+                RAM_MIB,
                 Box::new(cluster_ram(vm)),
                 &mode,
             )
@@ -1409,11 +1330,12 @@ async fn multifd_cluster_wan_bytes_near_ideal() {
         for vm in 0..4u64 {
             let v = vm as usize;
             pages += migrate_with_mode(
+                (None, None),
                 build,
                 dir.path(),
                 &format!("mfi{vm}"),
-                fwd[v],
-                dst[v],
+                (fwd[v], dst[v]),
+                RAM_MIB,
                 Box::new(cluster_ram(vm)),
                 &mode,
             )

@@ -14,9 +14,8 @@ mod common;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::qemu::{assert_same_file, builds, workload_ram, Vm, VmSpec};
+use common::qemu::{builds, migrate_with_mode, workload_ram, Mode};
 use common::*;
 use serde_json::json;
 
@@ -247,58 +246,35 @@ async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
         ],
         tunnel,
     );
-    let target = format!("tcp:{DST_HOST}:{MIGRATION_PORT}");
+    let target: SocketAddr = format!("{DST_HOST}:{MIGRATION_PORT}").parse().unwrap();
     // VM 0 migrates plainly; VM 1 with four multifd channels, which must reach the
-    // destination in the order the source opened them.
+    // destination in the order the source opened them. The source migrates to the
+    // destination's own address: only the gateway's rule brings the edges into the path.
     let mut completed = 0;
     for (vm, channels) in [(0u64, 0u64), (1, 4)] {
-        let spec = |name: String, incoming: bool| VmSpec {
-            build,
-            dir: dir.path(),
-            name,
-            ram_mib: RAM_MIB,
-            ram_content: (!incoming).then(|| {
-                Box::new(workload_ram(
-                    testkit::Workload::cluster(2026, 48 << 20),
-                    vm,
-                    RAM_MIB,
-                )) as _
-            }),
-            incoming,
-            kernel: None,
-            disk: None,
-        };
-        let mut src = Vm::start_in(Some(&sites.src), spec(format!("tp{vm}-src"), false)).await;
-        let mut dst = Vm::start_in(Some(&sites.dst), spec(format!("tp{vm}-dst"), true)).await;
-        if channels > 0 {
-            for q in [&mut src.qmp, &mut dst.qmp] {
-                q.cmd(
-                    "migrate-set-capabilities",
-                    json!({"capabilities": [{"capability": "multifd", "state": true}]}),
-                )
-                .await;
-                q.cmd(
-                    "migrate-set-parameters",
-                    json!({"multifd-channels": channels}),
-                )
-                .await;
+        let mode = if channels > 0 {
+            Mode {
+                caps: vec!["multifd"],
+                params: json!({"multifd-channels": channels}),
             }
-        }
-        dst.qmp
-            .cmd("migrate-incoming", json!({"uri": target}))
-            .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
-            )
-            .await;
-        // The source migrates to the destination's own address: only the gateway's
-        // rule brings the edges into the path.
-        src.qmp.cmd("migrate", json!({"uri": target})).await;
-        src.qmp.wait_migration(Duration::from_secs(300)).await;
-        dst.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-        assert_same_file(&src.ram, &dst.ram);
+        } else {
+            Mode::default()
+        };
+        migrate_with_mode(
+            (Some(&sites.src), Some(&sites.dst)),
+            build,
+            dir.path(),
+            &format!("tp{vm}"),
+            (target, target),
+            RAM_MIB,
+            Box::new(workload_ram(
+                testkit::Workload::cluster(2026, 48 << 20),
+                vm,
+                RAM_MIB,
+            )),
+            &mode,
+        )
+        .await;
         completed += 1 + channels;
         a.wait_for("the migration's connections through edge A", |c| {
             c["connections_completed"].as_u64().unwrap() >= completed

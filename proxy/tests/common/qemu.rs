@@ -1,6 +1,7 @@
 //! Real QEMU VMs for end-to-end tests: guest RAM in a shared memory-backend-file on
 //! tmpfs (so it can be compared byte for byte), QMP over a unix socket.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,6 +50,99 @@ pub fn builds() -> Vec<QemuBuild> {
         );
     }
     chosen
+}
+
+/// Migration capabilities and parameters, set on both ends before migrating.
+#[derive(Clone, Default)]
+pub struct Mode {
+    pub caps: Vec<&'static str>,
+    pub params: serde_json::Value,
+}
+
+/// Starts a source VM (RAM from `fill`) and an incoming one, sets `mode` on both,
+/// migrates the source to `via` (the destination listens on `dst`), waits for both
+/// ends and compares RAM byte for byte; `hosts` are the network namespaces of source
+/// and destination (`None`: this one). Returns the source's non-zero pages.
+#[allow(clippy::too_many_arguments)]
+pub async fn migrate_with_mode(
+    hosts: (Option<&str>, Option<&str>),
+    build: &QemuBuild,
+    dir: &Path,
+    name: &str,
+    (via, dst): (SocketAddr, SocketAddr),
+    ram_mib: u64,
+    fill: RamFill<'_>,
+    mode: &Mode,
+) -> u64 {
+    let mut src = Vm::start_in(
+        hosts.0,
+        VmSpec {
+            build,
+            dir,
+            name: format!("{name}-src"),
+            ram_mib,
+            ram_content: Some(fill),
+            incoming: false,
+            kernel: None,
+            disk: None,
+        },
+    )
+    .await;
+    let mut dstvm = Vm::start_in(
+        hosts.1,
+        VmSpec {
+            build,
+            dir,
+            name: format!("{name}-dst"),
+            ram_mib,
+            ram_content: None,
+            incoming: true,
+            kernel: None,
+            disk: None,
+        },
+    )
+    .await;
+    let caps: Vec<_> = mode
+        .caps
+        .iter()
+        .map(|c| json!({"capability": c, "state": true}))
+        .collect();
+    for vm in [&mut src, &mut dstvm] {
+        vm.qmp
+            .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .await;
+        if mode.params.is_object() {
+            vm.qmp
+                .cmd("migrate-set-parameters", mode.params.clone())
+                .await;
+        }
+    }
+    dstvm
+        .qmp
+        .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
+        .await;
+    src.qmp
+        .cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 8u64 << 30}),
+        )
+        .await;
+    src.qmp
+        .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
+        .await;
+    src.qmp.wait_migration(Duration::from_secs(300)).await;
+    let pages = nonzero_pages(&src.ram);
+    dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+    assert_same_file(&src.ram, &dstvm.ram);
+    pages
+}
+
+/// Pages of a RAM file that are not all zeros.
+pub fn nonzero_pages(path: &Path) -> u64 {
+    let data = std::fs::read(path).unwrap();
+    data.chunks(4096)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
 }
 
 /// Guest RAM of `ram_mib` MiB from stream `vm` of `workload` (shared OS-like pages in a
