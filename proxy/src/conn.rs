@@ -184,27 +184,9 @@ struct Shared {
     own_link: LinkMeter,
     /// See [`PumpCtx::peer_failures`].
     peer_failures: Arc<AtomicU64>,
-    /// Batches queued for the peer and not yet acknowledged: (logical offset at the
-    /// batch's end, its wire bytes). An ACK up to an offset credits the peer's
-    /// delivered meter with those batches (the governor's view of the link's pace).
-    in_transit: Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
 
 impl Shared {
-    /// Credits the peer's delivered meter with the batches ending at or before logical
-    /// offset `offset` (everything, at `u64::MAX`: the connection ended).
-    fn delivered_up_to(&self, offset: u64) {
-        let mut q = self.in_transit.lock().unwrap_or_else(|p| p.into_inner());
-        let mut bytes = 0u64;
-        while q.front().is_some_and(|&(end, _)| end <= offset) {
-            bytes += q.pop_front().map_or(0, |(_, b)| b);
-        }
-        drop(q);
-        if bytes > 0 {
-            self.peer_link.delivered().record(bytes as usize);
-        }
-    }
-
     fn ledger(&self) -> MutexGuard<'_, SendLedger> {
         // A panic while holding the lock would already have aborted the connection.
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
@@ -256,7 +238,6 @@ where
         peer_link: ctx.link_history.clone(),
         own_link: LinkMeter::default(),
         peer_failures: ctx.peer_failures.clone(),
-        in_transit: Mutex::new(Default::default()),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
@@ -282,8 +263,6 @@ where
         };
         (up, down)
     };
-    // Whatever was not acknowledged is no longer on its way either.
-    shared.delivered_up_to(u64::MAX);
     let error = shared
         .error
         .lock()
@@ -335,8 +314,6 @@ struct TakenBatch {
     /// A stream granted with this batch: compress it and the following ones as pieces
     /// of one stream.
     grant: Option<StreamGrant>,
-    /// The logical offset at the batch's end (what the peer's ACK will name).
-    lan_end: u64,
 }
 
 fn lock_governor(g: &Mutex<CompressGovernor>) -> MutexGuard<'_, CompressGovernor> {
@@ -481,7 +458,6 @@ async fn uplink(
                 limited,
                 persistent: thorough,
                 grant,
-                lan_end: shared.ledger().sent(),
             };
             // A wait here is for the compressor (the CPU) or, behind it, the link:
             // the compressor measures the link's part itself.
@@ -529,7 +505,7 @@ async fn compressor(
             comp.set_stream(Some(grant.window_log()));
             _grant = Some(grant);
         }
-        let (raw, limited, lan_end) = (taken.batch.len(), taken.limited, taken.lan_end);
+        let (raw, limited) = (taken.batch.len(), taken.limited);
         end_sent |= taken.batch.end();
         let attempts = comp.stats().attempts();
         let (done, out, took) = if raw >= OFFLOAD_MIN && comp.may_try(limited) {
@@ -557,12 +533,6 @@ async fn compressor(
             lock_governor(governor).record(raw, comp.level(), took);
         }
         let send_start = Instant::now();
-        let wire = out.len() as u64;
-        shared
-            .in_transit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((lan_end, wire));
         tokio::select! {
             r = data_tx.send(out) => if r.is_err() { return Err(ConnError::Aborted) },
             _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
@@ -622,9 +592,6 @@ async fn downlink<T: AsyncRead>(
             match frame {
                 Frame::Miss(_) | Frame::Ack(_) => {
                     let is_ack = matches!(frame, Frame::Ack(_));
-                    if let Frame::Ack(offset) = frame {
-                        shared.delivered_up_to(offset);
-                    }
                     let reply = shared.ledger().handle_control(frame);
                     match reply {
                         Ok(Some(fill)) => {

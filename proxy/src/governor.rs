@@ -69,17 +69,6 @@ const PEER_ALLOWANCE: u64 = 32 << 20;
 pub(crate) const HISTORY_TTL: Duration = Duration::from_secs(60);
 /// zstd level while the link is limited.
 pub(crate) const FAST_LEVEL: i32 = 1;
-/// Writing this much faster than the peer acknowledges...
-const PILE_FACTOR: f64 = 1.25;
-/// ...while the path holds more than this many seconds of the delivered pace (and at
-/// least PILE_MIN bytes) means the link is the bottleneck.
-const PILE_TIME: f64 = 0.2;
-const PILE_MIN: u64 = 4 << 20;
-/// Only at a delivered pace this far below zstd's: a far side that is merely busy (a
-/// CPU-bound receiving edge at 1 Gbit/s acknowledged ~70-90 MB/s) also lets bytes
-/// pile up, and compressing for it made a 1 Gbit/s cluster CPU-bound (6.2-6.9 s
-/// against 3.4-4.1 s).
-const PILE_SHARE: f64 = 0.1;
 /// zstd level while the link drains below [`STRONG_SHARE`] of the fast level's speed.
 pub(crate) const STRONG_LEVEL: i32 = 3;
 /// See [`STRONG_LEVEL`]: the strong level runs at roughly a third of the fast one's
@@ -111,9 +100,6 @@ pub(crate) enum Encoding {
 pub(crate) struct LinkHistory {
     /// Bytes written to this peer by every connection.
     meter: LinkMeter,
-    /// Of those, bytes the peer has acknowledged (or whose connection ended): what
-    /// left the link. Written minus delivered is what the path holds now.
-    delivered: LinkMeter,
     limited: AtomicBool,
     link_rate: AtomicU64,
     /// Milliseconds since `origin` of the last update; 0 = never.
@@ -125,11 +111,6 @@ impl LinkHistory {
     /// Bytes written to this peer by every connection (writers record here).
     pub(crate) fn meter(&self) -> &LinkMeter {
         &self.meter
-    }
-
-    /// Bytes known to have crossed to this peer (connections record on each ACK).
-    pub(crate) fn delivered(&self) -> &LinkMeter {
-        &self.delivered
     }
 
     fn origin(&self) -> Instant {
@@ -198,8 +179,6 @@ pub(crate) struct CompressGovernor {
     excess: f64,
     /// The peer meter's reading at this connection's first batch.
     peer_at_first: u64,
-    /// The delivered meter's reading when the window started.
-    delivered_at_start: u64,
 }
 
 impl CompressGovernor {
@@ -220,7 +199,6 @@ impl CompressGovernor {
             faster_windows: 0,
             excess: 0.0,
             peer_at_first: 0,
-            delivered_at_start: 0,
         }
     }
 
@@ -251,7 +229,6 @@ impl CompressGovernor {
             // migration's first batches raw).
             self.written_at_start = Some(link.written());
             self.peer_at_first = link.written();
-            self.delivered_at_start = self.history.delivered.written();
             self.window_start = now;
             self.waited = Duration::ZERO;
             return self.limited;
@@ -274,27 +251,8 @@ impl CompressGovernor {
             // migrations at 100 Mbit/s "measured" 62-64 MB/s while buffers filled; a
             // sibling took that for a link too fast to compress for and sent 18
             // batches raw). Such a window decides nothing and tells siblings nothing.
-            let waited_for_link =
+            let saturated =
                 waited_share >= WAIT_SHARE && !(early && rate < self.zstd_rate * MARGIN);
-            // Bytes piling up beyond the socket: more written than the peer acknowledged,
-            // and more held on the way than the link drains in PILE_TIME. Kernel buffers
-            // hide a slow link from the writer for megabytes (four concurrent
-            // migrations at 100 Mbit/s never waited for most of their data), but not
-            // from the peer's acknowledgements: then the delivered pace is the link's.
-            let delivered = self.history.delivered.written();
-            let delivered_rate =
-                delivered.saturating_sub(self.delivered_at_start) as f64 / elapsed.as_secs_f64();
-            let held = written.saturating_sub(delivered) as f64;
-            let piling = delivered_rate > 0.0
-                && delivered_rate < self.zstd_rate * PILE_SHARE
-                && rate > PILE_FACTOR * delivered_rate
-                && held > (delivered_rate * PILE_TIME).max(PILE_MIN as f64);
-            let saturated = waited_for_link || piling;
-            let rate = if piling && !waited_for_link {
-                delivered_rate
-            } else {
-                rate
-            };
             if saturated {
                 // A drop counts half at a time: one window that waited on a busy CPU
                 // at a low rate would otherwise set the deep level at 1 Gbit/s, whose
@@ -353,9 +311,6 @@ impl CompressGovernor {
             };
             tracing::trace!(
                 rate_mbs = rate / 1e6,
-                delivered_mbs = delivered_rate / 1e6,
-                held_mib = held / f64::from(1u32 << 20),
-                piling,
                 waited_share,
                 saturated,
                 buffering,
@@ -371,7 +326,6 @@ impl CompressGovernor {
             }
             self.window_start = now;
             self.written_at_start = Some(written);
-            self.delivered_at_start = delivered;
             self.waited = Duration::ZERO;
         }
         self.limited
@@ -456,41 +410,6 @@ mod tests {
         // ... but not after the history has aged: then it knows nothing (and compresses).
         let later = t + HISTORY_TTL + Duration::from_secs(1);
         assert!(history.recall(later).is_none());
-    }
-
-    #[test]
-    fn bytes_piling_up_beyond_the_socket_measure_the_link() {
-        // Buffers take 3 MB per 100 ms without the writer ever waiting, while the
-        // peer acknowledges 1.25 MB per 100 ms (100 Mbit/s): once the path holds more
-        // than 0.2 s of that pace, the link is measured and the level follows it.
-        let mut t = Instant::now();
-        let link = LinkMeter::default();
-        let history = std::sync::Arc::new(LinkHistory::default());
-        let mut g = CompressGovernor::new(t, history.clone());
-        g.link_limited(t, &link, &link);
-        let mut level = None;
-        for _ in 0..8 {
-            history.delivered().record(1_250_000);
-            window(&mut g, &mut t, &link, 3_000_000, 0);
-            level = Some(g.encoding(t, &link, &link));
-        }
-        assert_eq!(level, Some(Encoding::Zstd(DEEP_LEVEL)));
-        let (limited, capacity) = history.recall(t).expect("siblings hear of it");
-        assert!(limited && (capacity - 12.5e6).abs() < 1e6, "{capacity}");
-        // Acknowledged as fast as written (the link keeps up): nothing piles up, no
-        // capacity is measured, and past the buffer allowance the batches go raw.
-        let link = LinkMeter::default();
-        let history = std::sync::Arc::new(LinkHistory::default());
-        let mut g = CompressGovernor::new(t, history.clone());
-        g.link_limited(t, &link, &link);
-        let mut level = None;
-        for _ in 0..8 {
-            history.delivered().record(3_000_000);
-            window(&mut g, &mut t, &link, 3_000_000, 0);
-            level = Some(g.encoding(t, &link, &link));
-        }
-        assert_eq!(level, Some(Encoding::Raw));
-        assert!(g.capacity.is_none());
     }
 
     #[test]
