@@ -1,4 +1,4 @@
-//! The driver of one proxied connection over its tunnel connection: three futures that
+//! The driver of one proxied connection over its tunnel connection: four futures that
 //! only move bytes between sockets and the sans-IO state machines of `wire::session`.
 //!
 //! - **uplink**: local socket → segmenter → encoder → batch queue;
@@ -12,7 +12,7 @@
 //! handshake differs (see `edge.rs`).
 //! Shutdown rule: a tunnel end closes once its decoder delivered the peer's END, its own
 //! END is sent, and the peer acknowledged every byte it sent (no MISS can come any
-//! more). Any error aborts all three futures, tells the peer (RESET) when the fault is
+//! more). Any error aborts all four futures, tells the peer (RESET) when the fault is
 //! not the peer's, and resets the local socket (RST), so a failure is never silent.
 
 use std::io;
