@@ -343,6 +343,7 @@ fn bind_transparent(addr: SocketAddr) -> Result<TcpListener, EdgeError> {
 fn original_destination(local: &TcpStream, listen: SocketAddr) -> Result<SocketAddr, String> {
     let here = local
         .local_addr()
+        .map(unmapped)
         .map_err(|e| format!("cannot read the connection's local address: {e}"))?;
     if !is_listener(here, listen) {
         return Ok(here);
@@ -353,11 +354,24 @@ fn original_destination(local: &TcpStream, listen: SocketAddr) -> Result<SocketA
     } else {
         sock.original_dst_v6()
     };
-    match original.ok().and_then(|a| a.as_socket()) {
+    match original.ok().and_then(|a| a.as_socket()).map(unmapped) {
         Some(o) if !is_listener(o, listen) => Ok(o),
         _ => Err(format!(
             "connection to {here} was addressed to the transparent listener itself, not diverted by a TPROXY or REDIRECT rule; refused (the peer would connect back here). Intercept other ports to this one, and give the listener a port no intercepted service uses"
         )),
+    }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (an IPv4 connection accepted on a
+/// dual-stack `[::]` listener) as the IPv4 address it is, so the target the peer dials
+/// does not depend on the peer's IPv6 setup.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
     }
 }
 
@@ -993,6 +1007,16 @@ mod tests {
                 "{addr} {listen}"
             );
         }
+    }
+
+    #[test]
+    fn mapped_addresses_are_plain_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.2.0.5]:4444".parse().unwrap();
+        assert_eq!(unmapped(mapped), "10.2.0.5:4444".parse().unwrap());
+        let v6: SocketAddr = "[2001:db8::5]:4444".parse().unwrap();
+        assert_eq!(unmapped(v6), v6);
+        let v4: SocketAddr = "10.2.0.5:4444".parse().unwrap();
+        assert_eq!(unmapped(v4), v4);
     }
 
     #[tokio::test]
