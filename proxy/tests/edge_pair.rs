@@ -1057,14 +1057,19 @@ async fn targets_outside_allow_target_are_refused() {
     assert!(back == req, "allowed target: bytes differ");
     server.await.unwrap();
 
-    let mut c = TcpStream::connect(no_fwd).await.unwrap();
-    let mut sink = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut sink))
-        .await
-        .unwrap();
+    // On a warm tunnel connection the refusal can be quick enough that the reset
+    // reaches the client before its connect() returns: a reset either way.
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut c = TcpStream::connect(no_fwd).await?;
+        let mut sink = Vec::new();
+        c.read_to_end(&mut sink).await?;
+        Ok::<_, std::io::Error>(sink)
+    })
+    .await
+    .unwrap();
     assert!(
-        read.is_err() && sink.is_empty(),
-        "a refused target must reach the client as a reset: {read:?}"
+        outcome.is_err(),
+        "a refused target must reach the client as a reset: {outcome:?}"
     );
     b.wait_for("the refused tunnel", |c| {
         c["tunnels_rejected"].as_u64().unwrap() >= 1
