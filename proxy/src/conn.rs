@@ -83,6 +83,12 @@ const DEFER_LIMIT: Duration = Duration::from_millis(500);
 /// twice, as the copy and as a fill: 33 MB, 40% of the WAN bytes). A failed
 /// connection with the same peer ends the wait at once (the copy may have been on it).
 const DEFER_MAX: Duration = Duration::from_secs(10);
+/// How long a sibling's failure still ends a wait for deferred references that begins
+/// after it: a REF_RECENT's copy left the peer within the last 2 s
+/// (`cache::RECENT_MARK`), so one that failed longer ago cannot have carried it. (Under
+/// load, references sometimes began to wait just after the sibling carrying their copy
+/// failed, and then waited the full 10 s.)
+const FAILURE_REACH: Duration = Duration::from_secs(2);
 /// Extra pending allowance over the peer's window: one read burst plus frame slack.
 const PENDING_SLACK: u64 = 16 << 20;
 
@@ -573,8 +579,15 @@ async fn downlink<T: AsyncRead>(
     // when progress was last seen.
     let mut defer_started: Option<Instant> = None;
     let mut store_inserted = 0u64;
-    // Failed connections with the peer when the oldest deferred reference began.
-    let mut defer_failures: Option<u64> = None;
+    // Failed connections with the peer as last taken into account, and when that count
+    // was last brought up to date while nothing waited: a sibling that failed shortly
+    // before references begin to wait (the copy they wait for may have been on it)
+    // still ends their wait at once.
+    let mut failures_seen = ctx.peer_failures.load(Relaxed);
+    // ... and the count at that time, which becomes `failures_seen` at the next update:
+    // a failure counts for at least FAILURE_REACH.
+    let mut failures_at_sync = failures_seen;
+    let mut failures_synced = Instant::now();
     let mut tunnel_eof = false;
     let mut outq: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     loop {
@@ -645,13 +658,14 @@ async fn downlink<T: AsyncRead>(
             let now = Instant::now();
             let started = *defer_started.get_or_insert(now);
             let failures = ctx.peer_failures.load(Relaxed);
-            let failures_then = *defer_failures.get_or_insert(failures);
             let inserted = ctx.store.inserted();
             let progress =
                 dec.stats().deferred_arrived > deferred_arrived || inserted > store_inserted;
-            if failures > failures_then {
+            if failures > failures_seen {
                 defer_deadline = Some(now);
-                defer_failures = Some(failures);
+                failures_seen = failures;
+                failures_at_sync = failures;
+                failures_synced = now;
             } else if defer_deadline.is_none() || (progress && now < started + DEFER_MAX) {
                 deferred_arrived = dec.stats().deferred_arrived;
                 store_inserted = inserted;
@@ -660,7 +674,14 @@ async fn downlink<T: AsyncRead>(
         } else {
             defer_deadline = None;
             defer_started = None;
-            defer_failures = None;
+            // Failures older than a recent reference's reach (the copy left the peer
+            // within the last 2 s) no longer concern the next wait.
+            let now = Instant::now();
+            if now >= failures_synced + FAILURE_REACH {
+                failures_seen = failures_at_sync;
+                failures_at_sync = ctx.peer_failures.load(Relaxed);
+                failures_synced = now;
+            }
         }
         if dec.is_finished() && !local_shut {
             local_shut = true;
