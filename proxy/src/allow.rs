@@ -26,11 +26,7 @@ impl AllowTarget {
         if port < self.ports.0 || port > self.ports.1 {
             return false;
         }
-        let ip = match addr.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.net, ip) {
+        match (self.net, addr.ip().to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 prefix_eq(&net.octets(), &ip.octets(), self.prefix)
             }

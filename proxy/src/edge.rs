@@ -366,13 +366,7 @@ fn original_destination(local: &TcpStream, listen: SocketAddr) -> Result<SocketA
 /// dual-stack `[::]` listener) as the IPv4 address it is, so the target the peer dials
 /// does not depend on the peer's IPv6 setup.
 fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Whether `addr` is the transparent listener `listen` (any of its addresses when it
