@@ -3,6 +3,8 @@
 //!
 //! - `pair`: migration-like streams through a plain relay pair and the edge pair.
 //! - `cluster`: real QEMU migrations of a VM cluster: direct, edge pair, zstd tunnels.
+//! - `encode`: guest RAM images through the encoder offline (WAN bytes by kind).
+//! - `hash`: page hashing, one page at a time vs side by side.
 //! - `relay`, `shaper`, `ztunnel`: the helper processes those start.
 
 use clap::{Parser, Subcommand};
@@ -10,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod chart;
 mod cluster;
 mod encode;
+mod hash;
 mod pair;
 mod relay;
 mod shaper;
@@ -39,6 +42,8 @@ enum Cmd {
     Ztunnel(ztunnel::ZtunnelArgs),
     /// Offline: guest RAM images encoded as the sending edge would (WAN bytes by kind).
     Encode(encode::EncodeArgs),
+    /// Page hashing speed: one page at a time vs side by side (as the edges hash).
+    Hash(hash::HashArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cluster(a) => return cluster::run(a),
         Cmd::Ztunnel(a) => return ztunnel::run(a),
         Cmd::Encode(a) => return encode::run(a),
+        Cmd::Hash(a) => return hash::run(a),
         _ => {}
     }
     let rt = tokio::runtime::Runtime::new()?;
@@ -66,7 +72,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Cmd::Pair(a) => pair::run(a).await,
             Cmd::Relay(a) => relay::run(a).await,
             Cmd::Shaper(a) => shaper::run(a).await,
-            Cmd::Cluster(_) | Cmd::Ztunnel(_) | Cmd::Encode(_) => unreachable!("handled above"),
+            Cmd::Cluster(_) | Cmd::Ztunnel(_) | Cmd::Encode(_) | Cmd::Hash(_) => {
+                unreachable!("handled above")
+            }
         }
     })
 }

@@ -409,10 +409,7 @@ async fn uplink(
         }
         seg.segment(&mut buf, flush, &mut segs);
         if !segs.is_empty() {
-            let mut ledger = shared.ledger();
-            for s in segs.drain(..) {
-                enc.handle_segment(s, &mut ledger);
-            }
+            enc.handle_segments(&mut segs, &mut shared.ledger());
         }
         if eof {
             enc.handle_end();
@@ -590,6 +587,9 @@ async fn downlink<T: AsyncRead>(
     let mut failures_synced = Instant::now();
     let mut tunnel_eof = false;
     let mut outq: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    // Data frames decoded from one read, handed to the decoder together (their chunks
+    // hashed side by side) before any control frame that follows them.
+    let mut data_frames: Vec<Frame> = Vec::new();
     loop {
         // A protocol error is acted on after delivering what preceded it.
         let mut broken: Option<ConnError> = None;
@@ -602,6 +602,14 @@ async fn downlink<T: AsyncRead>(
                     break;
                 }
             };
+            if frame.is_data() {
+                data_frames.push(frame);
+                continue;
+            }
+            if let Err(e) = dec.handle_frames(&mut data_frames) {
+                broken = Some(e.into());
+                break;
+            }
             match frame {
                 Frame::Miss(_) | Frame::Ack(_) => {
                     let is_ack = matches!(frame, Frame::Ack(_));
@@ -619,6 +627,7 @@ async fn downlink<T: AsyncRead>(
                     }
                 }
                 Frame::Reset(reason) => return Err(fail(ConnError::PeerReset(reason))),
+                // The decoder refuses what is neither data nor control.
                 other => {
                     if let Err(e) = dec.handle_frame(other) {
                         broken = Some(e.into());
@@ -626,6 +635,10 @@ async fn downlink<T: AsyncRead>(
                     }
                 }
             }
+        }
+        // What preceded a decode error is delivered before the error is acted on.
+        if let Err(e) = dec.handle_frames(&mut data_frames) {
+            broken.get_or_insert(e.into());
         }
         // Everything resolved goes out in as few writes as possible: a page arrives as
         // a small literal (its record header) and a chunk, and one write each cost two

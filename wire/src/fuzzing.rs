@@ -705,9 +705,7 @@ impl Tunnel {
         if done {
             assert!(self.read_buf.is_empty(), "flushing segmenter kept bytes");
         }
-        for s in segs {
-            self.enc.handle_segment(s, &mut self.ledger);
-        }
+        self.enc.handle_segments(&mut segs, &mut self.ledger);
         if done {
             self.enc.handle_end();
         }
@@ -730,6 +728,8 @@ impl Tunnel {
         }
         let piece = self.wire.split_to(take);
         self.carry.extend_from_slice(&piece);
+        // As the edge does: the frames of one read go to the decoder together.
+        let mut frames = Vec::new();
         loop {
             let f = match self.fdec.decode(&mut self.carry) {
                 Ok(Some(f)) => f,
@@ -749,9 +749,10 @@ impl Tunnel {
                 ),
                 "{f:?} on the data path"
             );
-            if let Err(e) = self.dec.handle_frame(f) {
-                panic!("decoder refused an honest encoder's frame: {e}");
-            }
+            frames.push(f);
+        }
+        if let Err(e) = self.dec.handle_frames(&mut frames) {
+            panic!("decoder refused an honest encoder's frame: {e}");
         }
         if self.idle_each_read {
             self.dec.handle_idle();

@@ -7,11 +7,13 @@
 //!
 //! # Layout
 //! - [`id`]: [`ChunkId`], the BLAKE3 name of a chunk.
+//! - [`page_hash`]: BLAKE3 of many 4 KiB blocks side by side (SIMD lanes full).
 //! - [`verified`]: [`VerifiedChunk`] / [`UnverifiedChunk`], trust as a type.
 //! - [`store`]: the traits the session needs from the shared cache.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod id;
+pub mod page_hash;
 pub mod store;
 pub mod verified;
 

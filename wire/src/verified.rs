@@ -6,6 +6,7 @@
 use bytes::Bytes;
 
 use crate::id::ChunkId;
+use crate::page_hash::PageHasher;
 
 /// A chunk whose bytes are known to hash to its id.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +23,20 @@ impl VerifiedChunk {
             id: ChunkId::of(&data),
             data,
         }
+    }
+
+    /// [`from_local`](Self::from_local) for many blocks at once, 4 KiB ones hashed side
+    /// by side ([`PageHasher`]): one verified chunk per block, in order, appended to
+    /// `out`.
+    pub fn from_local_all(hasher: &mut PageHasher, blocks: Vec<Bytes>, out: &mut Vec<Self>) {
+        let mut ids = Vec::with_capacity(blocks.len());
+        hasher.hash_all(&blocks, &mut ids);
+        debug_assert_eq!(ids.len(), blocks.len());
+        out.extend(
+            ids.into_iter()
+                .zip(blocks)
+                .map(|(id, data)| VerifiedChunk { id, data }),
+        );
     }
 
     /// The chunk's id.

@@ -167,9 +167,7 @@ impl Conn {
         let mut segs = Vec::new();
         self.seg
             .segment(&mut self.read_buf, flush || done, &mut segs);
-        for s in segs {
-            self.enc.handle_segment(s, &mut self.ledger);
-        }
+        self.enc.handle_segments(&mut segs, &mut self.ledger);
         if done && !self.enc.is_finished() {
             self.enc.handle_end();
         }
@@ -212,13 +210,21 @@ impl Conn {
         let take = n.min(self.wire.len());
         let piece = self.wire.split_to(take);
         self.carry.extend_from_slice(&piece);
+        // Frame by frame or all of the read together (chunks hashed side by side),
+        // by the parity of the read size: both must rebuild the same bytes.
+        let mut frames = Vec::new();
         while let Some(f) = self.fdec.decode(&mut self.carry).expect("valid frames") {
             assert!(
                 !matches!(f, Frame::Miss(_) | Frame::Ack(_)),
                 "control on data path"
             );
-            self.dec.handle_frame(f).expect("valid session");
+            if n % 2 == 0 {
+                frames.push(f);
+            } else {
+                self.dec.handle_frame(f).expect("valid session");
+            }
         }
+        self.dec.handle_frames(&mut frames).expect("valid session");
         self.dec.handle_idle();
         // The driver rechecks the store while references are deferred.
         self.dec.recheck().expect("valid session");

@@ -9,6 +9,7 @@ use super::SessionError;
 use crate::delta;
 use crate::frame::Frame;
 use crate::id::ChunkId;
+use crate::page_hash::PageHasher;
 use crate::store::ContentStore;
 use crate::verified::{UnverifiedChunk, VerifiedChunk};
 
@@ -90,6 +91,8 @@ pub struct Decoder {
     end_seen: bool,
     finished: bool,
     stats: DecoderStats,
+    /// Hashes the CHUNK frames of [`Decoder::handle_frames`] side by side.
+    hasher: PageHasher,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -120,6 +123,7 @@ impl Decoder {
             end_seen: false,
             finished: false,
             stats: DecoderStats::default(),
+            hasher: PageHasher::new(),
         }
     }
 
@@ -129,6 +133,47 @@ impl Decoder {
     /// [`SessionError`] when a chunk fails verification, data follows END, the pending
     /// bound is exceeded, or the frame is a control frame for the ledger.
     pub fn handle_frame(&mut self, frame: Frame) -> Result<(), SessionError> {
+        self.handle_hashed(frame, None)
+    }
+
+    /// [`handle_frame`](Self::handle_frame) for every frame of `frames`, in order,
+    /// leaving it empty (also on error: what follows a bad frame is dropped). The
+    /// CHUNK frames are hashed first, all together: 4 KiB pages side by side in SIMD
+    /// lanes ([`PageHasher`]).
+    ///
+    /// # Errors
+    /// As [`handle_frame`](Self::handle_frame), for the first frame that fails.
+    pub fn handle_frames(&mut self, frames: &mut Vec<Frame>) -> Result<(), SessionError> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let blocks: Vec<Bytes> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Chunk(data) => Some(data.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut chunks = Vec::with_capacity(blocks.len());
+        VerifiedChunk::from_local_all(&mut self.hasher, blocks, &mut chunks);
+        let mut chunks = chunks.into_iter();
+        for frame in frames.drain(..) {
+            let hashed = match frame {
+                Frame::Chunk(_) => chunks.next(),
+                _ => None,
+            };
+            self.handle_hashed(frame, hashed)?;
+        }
+        Ok(())
+    }
+
+    /// Handles `frame`; a CHUNK frame's bytes come already hashed in `hashed` when
+    /// given (the same bytes, named by [`VerifiedChunk::from_local_all`]).
+    fn handle_hashed(
+        &mut self,
+        frame: Frame,
+        hashed: Option<VerifiedChunk>,
+    ) -> Result<(), SessionError> {
         if self.end_seen && frame.is_data() {
             return Err(SessionError::DataAfterEnd);
         }
@@ -136,7 +181,13 @@ impl Decoder {
             Frame::Literal(data) => Pending::Ready(data),
             Frame::Chunk(data) => {
                 // Named by its own hash: verified by construction, cannot poison.
-                let chunk = VerifiedChunk::from_local(data);
+                let chunk = match hashed {
+                    Some(chunk) => {
+                        debug_assert_eq!(chunk.data(), &data, "hashed chunk of another frame");
+                        chunk
+                    }
+                    None => VerifiedChunk::from_local(data),
+                };
                 let data = chunk.data().clone();
                 self.store.insert(chunk);
                 self.stats.chunks_stored += 1;

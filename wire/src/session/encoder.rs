@@ -9,6 +9,7 @@ use super::compress::CompressMode;
 use super::ledger::SendLedger;
 use crate::delta::{self, Sketch};
 use crate::frame::{self, Frame, MAX_LITERAL};
+use crate::page_hash::PageHasher;
 use crate::segment::Segment;
 use crate::store::{Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
@@ -103,6 +104,8 @@ pub struct Encoder {
     /// Compresses the batches [`Encoder::take_batch`] hands out (a driver that
     /// compresses elsewhere takes [`Encoder::take_raw_batch`] and leaves it idle).
     compressor: BatchCompressor,
+    /// Hashes the blocks of [`Encoder::handle_segments`] side by side.
+    hasher: PageHasher,
     batch: BytesMut,
     /// Capacity to reserve when the next batch starts (sized by the last one).
     next_batch_capacity: usize,
@@ -134,6 +137,7 @@ impl Encoder {
             level: config.level,
             delta_zstd: None,
             compressor: BatchCompressor::new(config.compress, config.level),
+            hasher: PageHasher::new(),
             batch: BytesMut::new(),
             next_batch_capacity: BATCH_MIN_CAPACITY,
             batch_payload: 0,
@@ -177,46 +181,82 @@ impl Encoder {
     /// Encodes one segment into the pending batch. Blocks become references when the
     /// peer is believed to hold them; their bytes are pinned in `ledger` until acked.
     pub fn handle_segment(&mut self, segment: Segment, ledger: &mut SendLedger) {
+        self.start_segments();
+        match segment {
+            Segment::Opaque(data) => self.handle_opaque(data, ledger),
+            // Hashed once: the id names the chunk and, for deltas, vouches for the
+            // bytes remembered as a future base.
+            Segment::Block(data) => self.handle_block(VerifiedChunk::from_local(data), ledger),
+        }
+    }
+
+    /// [`handle_segment`](Self::handle_segment) for every segment of `segments`, in
+    /// order, leaving it empty. The blocks are hashed first, all together: 4 KiB pages
+    /// side by side in SIMD lanes ([`PageHasher`]), about twice as fast as one by one.
+    pub fn handle_segments(&mut self, segments: &mut Vec<Segment>, ledger: &mut SendLedger) {
+        if segments.is_empty() {
+            return;
+        }
+        self.start_segments();
+        let blocks: Vec<Bytes> = segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Block(data) => Some(data.clone()),
+                Segment::Opaque(_) => None,
+            })
+            .collect();
+        let mut chunks = Vec::with_capacity(blocks.len());
+        VerifiedChunk::from_local_all(&mut self.hasher, blocks, &mut chunks);
+        let mut chunks = chunks.into_iter();
+        for segment in segments.drain(..) {
+            match segment {
+                Segment::Opaque(data) => self.handle_opaque(data, ledger),
+                Segment::Block(_) => {
+                    let chunk = chunks.next().expect("one chunk per block");
+                    self.handle_block(chunk, ledger);
+                }
+            }
+        }
+    }
+
+    fn start_segments(&mut self) {
         if self.batch.is_empty() && self.batch.capacity() < self.next_batch_capacity {
             self.batch.reserve(self.next_batch_capacity);
         }
         debug_assert!(!self.end, "segment after end");
-        match segment {
-            Segment::Opaque(mut data) => {
-                while !data.is_empty() {
-                    let piece = data.split_to(data.len().min(MAX_LITERAL));
-                    ledger.advance(piece.len());
-                    self.stats.literal_bytes += piece.len() as u64;
-                    self.batch_payload += piece.len();
-                    Frame::Literal(piece).encode(&mut self.batch);
-                }
+    }
+
+    fn handle_opaque(&mut self, mut data: Bytes, ledger: &mut SendLedger) {
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(MAX_LITERAL));
+            ledger.advance(piece.len());
+            self.stats.literal_bytes += piece.len() as u64;
+            self.batch_payload += piece.len();
+            Frame::Literal(piece).encode(&mut self.batch);
+        }
+    }
+
+    fn handle_block(&mut self, chunk: VerifiedChunk, ledger: &mut SendLedger) {
+        let id = *chunk.id();
+        let data = chunk.data().clone();
+        debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
+        ledger.advance(data.len());
+        let holding = self.peer.check_and_mark(&id, data.len());
+        if holding.is_held() {
+            self.stats.refs += 1;
+            self.stats.ref_bytes += data.len() as u64;
+            ledger.pin(id, &data);
+            if holding == Holding::Recent {
+                self.stats.refs_recent += 1;
+                Frame::RefRecent(id).encode(&mut self.batch);
+            } else {
+                Frame::Ref(id).encode(&mut self.batch);
             }
-            Segment::Block(data) => {
-                debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
-                // Hashed once: the id names the chunk and, for deltas, vouches for the
-                // bytes remembered as a future base.
-                let chunk = VerifiedChunk::from_local(data);
-                let id = *chunk.id();
-                let data = chunk.data().clone();
-                ledger.advance(data.len());
-                let holding = self.peer.check_and_mark(&id, data.len());
-                if holding.is_held() {
-                    self.stats.refs += 1;
-                    self.stats.ref_bytes += data.len() as u64;
-                    ledger.pin(id, &data);
-                    if holding == Holding::Recent {
-                        self.stats.refs_recent += 1;
-                        Frame::RefRecent(id).encode(&mut self.batch);
-                    } else {
-                        Frame::Ref(id).encode(&mut self.batch);
-                    }
-                } else if !self.try_delta(chunk, ledger) {
-                    self.stats.chunks += 1;
-                    self.stats.chunk_bytes += data.len() as u64;
-                    self.batch_payload += data.len();
-                    Frame::Chunk(data).encode(&mut self.batch);
-                }
-            }
+        } else if !self.try_delta(chunk, ledger) {
+            self.stats.chunks += 1;
+            self.stats.chunk_bytes += data.len() as u64;
+            self.batch_payload += data.len();
+            Frame::Chunk(data).encode(&mut self.batch);
         }
     }
 
