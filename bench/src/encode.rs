@@ -38,6 +38,10 @@ pub struct EncodeArgs {
     /// Also compress all images as one zstd -3 --long=30 stream.
     #[arg(long)]
     baseline: bool,
+    /// In-place deltas only: no zstd deltas (what the edge does below the strong
+    /// level).
+    #[arg(long)]
+    no_zstd_deltas: bool,
 }
 
 /// Runs the encoding and prints the report.
@@ -105,6 +109,9 @@ fn encode_image(
         enc = enc.with_deltas(similar);
     }
     enc.set_stream((a.stream_window_log > 0).then_some(a.stream_window_log));
+    if a.no_zstd_deltas {
+        enc.set_thorough(false);
+    }
     let mut ledger = SendLedger::new();
     let mut wire = 0usize;
     for (n, page) in image.chunks(PAGE).enumerate() {
