@@ -118,6 +118,20 @@ impl Procs {
     fn cpu_secs(&self) -> f64 {
         self.0.iter().map(|c| cpu_secs(c.id())).sum()
     }
+
+    /// Fails if any of these processes has exited (their logs are in `dir`).
+    fn ensure_running(&mut self, dir: &Path) -> anyhow::Result<()> {
+        for c in &mut self.0 {
+            if let Some(status) = c.try_wait()? {
+                bail!(
+                    "a path process (pid {}) exited at start-up with {status}; see the logs in {}",
+                    c.id(),
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// CPU seconds (user + system) process `pid` has used, from /proc (0 when gone).
@@ -508,6 +522,10 @@ fn run_scenario(
         wait_port(*entry)?;
     }
     std::thread::sleep(Duration::from_millis(300));
+    // A hop that could not start (its port taken, say by a leftover of another run)
+    // must fail the scenario, not let that leftover carry it.
+    procs.ensure_running(&env.dir)?;
+    link.ensure_running(&env.dir)?;
     let (f0, r0) = shaper_bytes(&stats);
     let path_cpu_at_start = procs.cpu_secs();
     let link_cpu_at_start = link.cpu_secs();
