@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
     /// A listener cannot be bound.
-    #[error("cannot listen on {addr} ({what}): {source} (is another process using it?)")]
+    // The io error is the source, printed after the message by `{:#}` (not in it twice).
+    #[error("cannot listen on {addr} ({what}; is another process using it?)")]
     Bind {
         /// Which listener.
         what: &'static str,
@@ -17,7 +18,7 @@ pub enum EdgeError {
         source: std::io::Error,
     },
     /// A transparent listener cannot be set up (IP_TRANSPARENT needs CAP_NET_ADMIN).
-    #[error("cannot make {addr} a transparent listener: {source} (intercepting with TPROXY needs CAP_NET_ADMIN: run the edge as root, grant it with `setcap cap_net_admin+ep`, or start its container with --cap-add NET_ADMIN)")]
+    #[error("cannot make {addr} a transparent listener (intercepting with TPROXY needs CAP_NET_ADMIN: run the edge as root, grant it with `setcap cap_net_admin+ep`, or start its container with --cap-add NET_ADMIN)")]
     Transparent {
         /// The address.
         addr: SocketAddr,
