@@ -5,8 +5,9 @@
 //!
 //! Three network namespaces made by the test: the source host, the gateway (both edges,
 //! the tunnel on its loopback) and the destination host, joined by veth pairs and
-//! routed through the gateway. Real QEMU on both hosts; the destination's RAM must
-//! equal the source's byte for byte. Needs root (namespaces, nftables, IP_TRANSPARENT):
+//! routed through the gateway, dual-stack (IPv4 and IPv6). One nftables `inet` rule
+//! diverts both families to one `[::]` transparent listener. Real QEMU on both hosts;
+//! the destination's RAM must equal the source's byte for byte. Needs root (namespaces, nftables, IP_TRANSPARENT):
 //! the CI runs as root; elsewhere set SHRINKER_SKIP_NETNS=1 to skip it knowingly.
 
 mod common;
@@ -20,8 +21,9 @@ use common::*;
 use serde_json::json;
 
 const RAM_MIB: u64 = 128;
-/// The destination host's address and the migration port the gateway intercepts.
+/// The destination host's addresses and the migration port the gateway intercepts.
 const DST_HOST: &str = "10.77.2.2";
+const DST_HOST6: &str = "fd77:2::2";
 const MIGRATION_PORT: u16 = 4444;
 /// The gateway edge's transparent listener (a port nothing is addressed to).
 const TPROXY_PORT: u16 = 15001;
@@ -115,13 +117,20 @@ impl Sites {
         };
         link(&s_if, &sites.src, &ga_if, &sites.gw);
         link(&d_if, &sites.dst, &gb_if, &sites.gw);
-        for (ns, dev, addr) in [
-            (&sites.src, &s_if, "10.77.1.2/24"),
-            (&sites.gw, &ga_if, "10.77.1.1/24"),
-            (&sites.gw, &gb_if, "10.77.2.1/24"),
-            (&sites.dst, &d_if, "10.77.2.2/24"),
+        for (ns, dev, addr, addr6) in [
+            (&sites.src, &s_if, "10.77.1.2/24", "fd77:1::2/64"),
+            (&sites.gw, &ga_if, "10.77.1.1/24", "fd77:1::1/64"),
+            (&sites.gw, &gb_if, "10.77.2.1/24", "fd77:2::1/64"),
+            (&sites.dst, &d_if, "10.77.2.2/24", "fd77:2::2/64"),
         ] {
             run(&["ip", "-n", ns, "addr", "add", addr, "dev", dev], None);
+            // No duplicate address detection: the addresses are usable at once.
+            run(
+                &[
+                    "ip", "-n", ns, "-6", "addr", "add", addr6, "dev", dev, "nodad",
+                ],
+                None,
+            );
             run(&["ip", "-n", ns, "link", "set", dev, "up"], None);
         }
         run(
@@ -150,26 +159,28 @@ impl Sites {
             ],
             None,
         );
-        run(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &sites.gw,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-            None,
-        );
+        for (ns, via6) in [(&sites.src, "fd77:1::1"), (&sites.dst, "fd77:2::1")] {
+            run(
+                &["ip", "-n", ns, "-6", "route", "add", "default", "via", via6],
+                None,
+            );
+        }
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            run(
+                &["ip", "netns", "exec", &sites.gw, "sysctl", "-qw", sysctl],
+                None,
+            );
+        }
         // The deployment recipe of docs/DEPLOY.md: divert the migration port arriving
         // from the source site to the transparent listener, and deliver marked packets
         // locally.
+        // Both families in one `inet` table, as docs/DEPLOY.md shows.
         let rules = format!(
-            "table ip shrinker {{
+            "table inet shrinker {{
   chain divert {{
     type filter hook prerouting priority mangle; policy accept;
-    iifname \"{ga_if}\" tcp dport {MIGRATION_PORT} tproxy to :{TPROXY_PORT} meta mark set 1 accept
+    iifname \"{ga_if}\" meta nfproto ipv4 tcp dport {MIGRATION_PORT} tproxy ip to :{TPROXY_PORT} meta mark set 1 accept
+    iifname \"{ga_if}\" meta nfproto ipv6 tcp dport {MIGRATION_PORT} tproxy ip6 to :{TPROXY_PORT} meta mark set 1 accept
   }}
 }}
 "
@@ -196,6 +207,19 @@ impl Sites {
                 "dev",
                 "lo",
                 "table",
+                "100",
+            ],
+            None,
+        );
+        run(
+            &[
+                "ip", "-n", &sites.gw, "-6", "rule", "add", "fwmark", "1", "lookup", "100",
+            ],
+            None,
+        );
+        run(
+            &[
+                "ip", "-n", &sites.gw, "-6", "route", "add", "local", "::/0", "dev", "lo", "table",
                 "100",
             ],
             None,
@@ -240,18 +264,20 @@ async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
         "a",
         &[
             s("--transparent"),
-            format!("0.0.0.0:{TPROXY_PORT}={tunnel}"),
+            format!("[::]:{TPROXY_PORT}={tunnel}"),
             s("--cache-mem"),
             s("1GiB"),
         ],
         tunnel,
     );
     let target: SocketAddr = format!("{DST_HOST}:{MIGRATION_PORT}").parse().unwrap();
-    // VM 0 migrates plainly; VM 1 with four multifd channels, which must reach the
-    // destination in the order the source opened them. The source migrates to the
-    // destination's own address: only the gateway's rule brings the edges into the path.
+    let target6: SocketAddr = format!("[{DST_HOST6}]:{MIGRATION_PORT}").parse().unwrap();
+    // Over IPv4, VM 0 migrates plainly and VM 1 with four multifd channels, which must
+    // reach the destination in the order the source opened them; VM 2 over IPv6 with
+    // two. The source migrates to the destination's own address: only the gateway's
+    // rule brings the edges into the path.
     let mut completed = 0;
-    for (vm, channels) in [(0u64, 0u64), (1, 4)] {
+    for (vm, channels, target) in [(0u64, 0u64, target), (1, 4, target), (2, 2, target6)] {
         let mode = if channels > 0 {
             Mode {
                 caps: vec!["multifd"],
@@ -283,14 +309,15 @@ async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
     let st = a.stats();
     let c = &st["counters"];
     assert_eq!(c["connections_failed"], 0, "{c}\n{}", a.log());
-    assert_eq!(c["qemu_streams"], 2, "{c}");
-    assert_eq!(c["multifd_channels"], 4, "{c}");
-    assert!(
-        a.log()
-            .contains(&format!("target={DST_HOST}:{MIGRATION_PORT}")),
-        "edge A should name the original destination:\n{}",
-        a.log()
-    );
+    assert_eq!(c["qemu_streams"], 3, "{c}");
+    assert_eq!(c["multifd_channels"], 6, "{c}");
+    for original in [target, target6] {
+        assert!(
+            a.log().contains(&format!("target={original}")),
+            "edge A should name the original destination {original}:\n{}",
+            a.log()
+        );
+    }
     let (lan, wan) = (
         c["lan_bytes_in"].as_u64().unwrap(),
         c["wan_bytes_out"].as_u64().unwrap(),
