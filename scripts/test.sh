@@ -26,9 +26,11 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-# The TPROXY test builds network namespaces and an nftables TPROXY rule.
+# The TPROXY tests build network namespaces and divert with nftables and with
+# iptables/ip6tables TPROXY rules (both recipes of docs/DEPLOY.md).
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+{ command -v iptables && command -v ip6tables; } >/dev/null 2>&1 || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

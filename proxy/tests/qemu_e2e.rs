@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::qemu::{
-    assert_same_file, builds, dirtying_kernel, migrate_with_mode, nonzero_pages, workload_ram,
+    assert_same_file, builds, dirtying_kernel, migrate_vm, migrate_with_mode, workload_ram,
     write_then_read_kernel, Mode, QemuBuild, RamFill, Vm, VmSpec,
 };
 use common::*;
@@ -74,8 +74,9 @@ fn start_pair_with(
     (Pair { a, b }, fwd, dst)
 }
 
-/// Starts source and destination VMs, migrates through `via` into `dst`, waits for
-/// completion and compares RAM. Returns (LAN bytes the source sent, pages it had).
+/// One precopy migration through `via` into `dst` ([`migrate_vm`] with this file's RAM
+/// size and no capabilities): RAM compared byte for byte; returns the source's
+/// non-zero pages.
 async fn migrate_one(
     build: &QemuBuild,
     dir: &Path,
@@ -85,64 +86,18 @@ async fn migrate_one(
     fill: Option<RamFill<'_>>,
     kernel: Option<&Path>,
 ) -> u64 {
-    let mut src = Vm::start(VmSpec {
+    migrate_vm(
+        (None, None),
         build,
         dir,
-        name: format!("{name}-src"),
-        ram_mib: RAM_MIB,
-        ram_content: fill,
-        incoming: false,
-        kernel: kernel.map(Path::to_path_buf),
-        disk: None,
-    })
-    .await;
-    let mut dstvm = Vm::start(VmSpec {
-        build,
-        dir,
-        name: format!("{name}-dst"),
-        ram_mib: RAM_MIB,
-        ram_content: None,
-        incoming: true,
-        kernel: kernel.map(Path::to_path_buf),
-        disk: None,
-    })
-    .await;
-    dstvm
-        .qmp
-        .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
-        .await;
-    let dirty = kernel.is_some();
-    src.qmp
-        .cmd(
-            "migrate-set-parameters",
-            if dirty {
-                // Slow enough that the guest dirties pages during the first pass, with
-                // a downtime budget that lets the second or third pass converge.
-                json!({"max-bandwidth": 200u64 << 20, "downtime-limit": 2000})
-            } else {
-                json!({"max-bandwidth": 8u64 << 30})
-            },
-        )
-        .await;
-    if dirty {
-        // Let the guest run (and write) for a moment before migrating.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    src.qmp
-        .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
-        .await;
-    let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
-    let pages = nonzero_pages(&src.ram);
-    dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-    assert_same_file(&src.ram, &dstvm.ram);
-    if dirty {
-        let dirty_synced = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-        assert!(
-            dirty_synced >= 2,
-            "the guest should force several precopy rounds: {info}"
-        );
-    }
-    pages
+        name,
+        (via, dst),
+        RAM_MIB,
+        fill,
+        kernel,
+        &Mode::default(),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

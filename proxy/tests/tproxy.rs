@@ -77,6 +77,16 @@ fn must_run() -> bool {
     panic!("the TPROXY test needs root (network namespaces, nftables, IP_TRANSPARENT): run the suite as root, or set SHRINKER_SKIP_NETNS=1 to skip it");
 }
 
+/// How the gateway diverts the migration port to the transparent listener: the two
+/// recipes of docs/DEPLOY.md.
+#[derive(Clone, Copy)]
+enum Divert {
+    /// One nftables `inet` table for both families.
+    Nftables,
+    /// iptables and ip6tables TPROXY targets in the mangle table.
+    Iptables,
+}
+
 /// Source host, gateway and destination host namespaces; removed on drop.
 struct Sites {
     src: String,
@@ -85,8 +95,9 @@ struct Sites {
 }
 
 impl Sites {
-    fn new() -> Sites {
-        let p = format!("shr{}", std::process::id() % 100_000);
+    /// The sites; `tag` keeps the names of tests running at once apart.
+    fn new(tag: char, divert: Divert) -> Sites {
+        let p = format!("sh{tag}{}", std::process::id() % 100_000);
         let (src, gw, dst) = (format!("{p}-src"), format!("{p}-gw"), format!("{p}-dst"));
         let sites = Sites { src, gw, dst };
         for ns in [&sites.src, &sites.gw, &sites.dst] {
@@ -185,10 +196,44 @@ impl Sites {
 }}
 "
         );
-        run(
-            &["ip", "netns", "exec", &sites.gw, "nft", "-f", "-"],
-            Some(&rules),
-        );
+        match divert {
+            Divert::Nftables => run(
+                &["ip", "netns", "exec", &sites.gw, "nft", "-f", "-"],
+                Some(&rules),
+            ),
+            Divert::Iptables => {
+                for tables in ["iptables", "ip6tables"] {
+                    let port = MIGRATION_PORT.to_string();
+                    let on_port = TPROXY_PORT.to_string();
+                    run(
+                        &[
+                            "ip",
+                            "netns",
+                            "exec",
+                            &sites.gw,
+                            tables,
+                            "-t",
+                            "mangle",
+                            "-A",
+                            "PREROUTING",
+                            "-i",
+                            &ga_if,
+                            "-p",
+                            "tcp",
+                            "--dport",
+                            &port,
+                            "-j",
+                            "TPROXY",
+                            "--on-port",
+                            &on_port,
+                            "--tproxy-mark",
+                            "1",
+                        ],
+                        None,
+                    );
+                }
+            }
+        }
         run(
             &[
                 "ip", "-n", &sites.gw, "rule", "add", "fwmark", "1", "lookup", "100",
@@ -237,13 +282,40 @@ impl Drop for Sites {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
+async fn migrations_diverted_by_nftables_tproxy_reach_their_destination_exactly() {
     if !must_run() {
         return;
     }
-    let sites = Sites::new();
+    // Over IPv4, VM 0 migrates plainly and VM 1 with four multifd channels, which must
+    // reach the destination in the order the source opened them; VM 2 over IPv6 with
+    // two.
+    through_tproxy(
+        "tproxy-nft",
+        Sites::new('n', Divert::Nftables),
+        &[(0, 0, false), (1, 4, false), (2, 2, true)],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_diverted_by_iptables_tproxy_reach_their_destination_exactly() {
+    if !must_run() {
+        return;
+    }
+    // Over IPv4 with two multifd channels, over IPv6 plainly.
+    through_tproxy(
+        "tproxy-ipt",
+        Sites::new('i', Divert::Iptables),
+        &[(0, 2, false), (1, 0, true)],
+    )
+    .await;
+}
+
+/// Migrates `(vm, multifd channels, over IPv6)` one after another from the source host
+/// to the destination host's own address, through the gateway's rule and edges.
+async fn through_tproxy(name: &str, sites: Sites, migrations: &[(u64, u64, bool)]) {
     let build = &builds()[0];
-    let dir = Scratch::new("tproxy");
+    let dir = Scratch::new(name);
     certs(dir.path(), &["a", "b"]);
     let tunnel: SocketAddr = "127.0.0.1:7700".parse().unwrap();
     let _b = EdgeProc::start_in(
@@ -272,12 +344,11 @@ async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
     );
     let target: SocketAddr = format!("{DST_HOST}:{MIGRATION_PORT}").parse().unwrap();
     let target6: SocketAddr = format!("[{DST_HOST6}]:{MIGRATION_PORT}").parse().unwrap();
-    // Over IPv4, VM 0 migrates plainly and VM 1 with four multifd channels, which must
-    // reach the destination in the order the source opened them; VM 2 over IPv6 with
-    // two. The source migrates to the destination's own address: only the gateway's
-    // rule brings the edges into the path.
+    // The source migrates to the destination's own address: only the gateway's rule
+    // brings the edges into the path.
     let mut completed = 0;
-    for (vm, channels, target) in [(0u64, 0u64, target), (1, 4, target), (2, 2, target6)] {
+    for &(vm, channels, v6) in migrations {
+        let target = if v6 { target6 } else { target };
         let mode = if channels > 0 {
             Mode {
                 caps: vec!["multifd"],
@@ -309,8 +380,10 @@ async fn migrations_diverted_by_tproxy_reach_their_destination_exactly() {
     let st = a.stats();
     let c = &st["counters"];
     assert_eq!(c["connections_failed"], 0, "{c}\n{}", a.log());
-    assert_eq!(c["qemu_streams"], 3, "{c}");
-    assert_eq!(c["multifd_channels"], 6, "{c}");
+    let streams = migrations.len() as u64;
+    let channels: u64 = migrations.iter().map(|m| m.1).sum();
+    assert_eq!(c["qemu_streams"], streams, "{c}");
+    assert_eq!(c["multifd_channels"], channels, "{c}");
     for original in [target, target6] {
         assert!(
             a.log().contains(&format!("target={original}")),

@@ -69,9 +69,39 @@ pub async fn migrate_with_mode(
     build: &QemuBuild,
     dir: &Path,
     name: &str,
-    (via, dst): (SocketAddr, SocketAddr),
+    route: (SocketAddr, SocketAddr),
     ram_mib: u64,
     fill: RamFill<'_>,
+    mode: &Mode,
+) -> u64 {
+    migrate_vm(
+        hosts,
+        build,
+        dir,
+        name,
+        route,
+        ram_mib,
+        Some(fill),
+        None,
+        mode,
+    )
+    .await
+}
+
+/// [`migrate_with_mode`] with optional RAM content and an optional guest `kernel`: a
+/// guest that boots and keeps writing memory, migrated slowly enough (200 MiB/s, 2 s
+/// downtime budget) that the migration needs several precopy rounds, which is
+/// asserted.
+#[allow(clippy::too_many_arguments)]
+pub async fn migrate_vm(
+    hosts: (Option<&str>, Option<&str>),
+    build: &QemuBuild,
+    dir: &Path,
+    name: &str,
+    (via, dst): (SocketAddr, SocketAddr),
+    ram_mib: u64,
+    fill: Option<RamFill<'_>>,
+    kernel: Option<&Path>,
     mode: &Mode,
 ) -> u64 {
     let mut src = Vm::start_in(
@@ -81,9 +111,9 @@ pub async fn migrate_with_mode(
             dir,
             name: format!("{name}-src"),
             ram_mib,
-            ram_content: Some(fill),
+            ram_content: fill,
             incoming: false,
-            kernel: None,
+            kernel: kernel.map(Path::to_path_buf),
             disk: None,
         },
     )
@@ -97,7 +127,7 @@ pub async fn migrate_with_mode(
             ram_mib,
             ram_content: None,
             incoming: true,
-            kernel: None,
+            kernel: kernel.map(Path::to_path_buf),
             disk: None,
         },
     )
@@ -108,9 +138,11 @@ pub async fn migrate_with_mode(
         .map(|c| json!({"capability": c, "state": true}))
         .collect();
     for vm in [&mut src, &mut dstvm] {
-        vm.qmp
-            .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
-            .await;
+        if !caps.is_empty() {
+            vm.qmp
+                .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+                .await;
+        }
         if mode.params.is_object() {
             vm.qmp
                 .cmd("migrate-set-parameters", mode.params.clone())
@@ -121,19 +153,37 @@ pub async fn migrate_with_mode(
         .qmp
         .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
         .await;
+    let dirty = kernel.is_some();
     src.qmp
         .cmd(
             "migrate-set-parameters",
-            json!({"max-bandwidth": 8u64 << 30}),
+            if dirty {
+                // Slow enough that the guest dirties pages during the first pass, with
+                // a downtime budget that lets the second or third pass converge.
+                json!({"max-bandwidth": 200u64 << 20, "downtime-limit": 2000})
+            } else {
+                json!({"max-bandwidth": 8u64 << 30})
+            },
         )
         .await;
+    if dirty {
+        // Let the guest run (and write) for a moment before migrating.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     src.qmp
         .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
         .await;
-    src.qmp.wait_migration(Duration::from_secs(300)).await;
+    let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
     let pages = nonzero_pages(&src.ram);
     dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
     assert_same_file(&src.ram, &dstvm.ram);
+    if dirty {
+        let dirty_synced = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        assert!(
+            dirty_synced >= 2,
+            "the guest should force several precopy rounds: {info}"
+        );
+    }
     pages
 }
 
@@ -201,12 +251,7 @@ impl Vm {
     /// Starts the VM inside network namespace `netns` (its QMP socket and RAM file
     /// stay on the shared filesystem).
     pub async fn start_in(netns: Option<&str>, mut spec: VmSpec<'_>) -> Vm {
-        // tmpfs: fast, and postcopy could register it with userfaultfd.
-        let ram = PathBuf::from(format!(
-            "/dev/shm/shrinker-test-{}-{}.ram",
-            std::process::id(),
-            spec.name
-        ));
+        let ram = shm_ram_path(spec.dir, &spec.name);
         {
             let mut f = std::fs::File::create(&ram).unwrap();
             if let Some(fill) = spec.ram_content.as_mut() {
@@ -543,11 +588,7 @@ pub struct LinuxVm {
 
 impl LinuxVm {
     pub async fn start(spec: LinuxVmSpec<'_>) -> LinuxVm {
-        let ram = PathBuf::from(format!(
-            "/dev/shm/shrinker-test-{}-{}.ram",
-            std::process::id(),
-            spec.name
-        ));
+        let ram = shm_ram_path(spec.dir, &spec.name);
         std::fs::File::create(&ram)
             .unwrap()
             .set_len(spec.ram_mib << 20)
@@ -663,4 +704,15 @@ impl LinuxVm {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Where a VM's RAM file lives: on tmpfs (fast; postcopy could register it with
+/// userfaultfd), named by the process, the test's scratch directory and the VM, so
+/// that tests running at once with the same VM names do not share a file.
+fn shm_ram_path(dir: &Path, vm: &str) -> PathBuf {
+    let scratch = dir.file_name().and_then(|n| n.to_str()).unwrap_or("vm");
+    PathBuf::from(format!(
+        "/dev/shm/shrinker-test-{}-{scratch}-{vm}.ram",
+        std::process::id()
+    ))
 }
