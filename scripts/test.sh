@@ -61,5 +61,7 @@ cargo build --release --locked -p shrinker-bench
 ./target/release/shrinker-bench cluster --vms 2 --ram-mib 32 --pool-mib 16 \
   --rate-mbit 400 --delay-ms 2 --concurrent \
   --scenarios direct,relay,edge,zstd3,zstd3-long27,zstd3-long30-shared
+# Page hashing side by side in release code (it checks every id against blake3::hash).
+./target/release/shrinker-bench hash --mib 16 --runs 1
 
 log "all tests passed"
