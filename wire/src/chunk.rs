@@ -127,15 +127,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::fuzzing::noise(n, seed)
     }
 
     fn chunk_all(c: &Chunker, input: &[u8], step: usize) -> Vec<Bytes> {

@@ -27,6 +27,21 @@ use crate::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfi
 use crate::store::{ContentStore, Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
 
+/// `len` pseudo-random bytes from `seed` (xorshift64), the same for the same seed:
+/// incompressible test content for the crate's tests, the corpus seeds and the
+/// fuzz harnesses.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // Read-split patterns
 // ---------------------------------------------------------------------------------------

@@ -240,15 +240,7 @@ mod tests {
                         1 => 0,
                         _ => PAGE,
                     };
-                    let mut x = seed | 1;
-                    (0..len)
-                        .map(|_| {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            x as u8
-                        })
-                        .collect()
+                    crate::fuzzing::noise(len, seed)
                 })
                 .collect();
             let mut ids = vec![ChunkId([7; 32])];

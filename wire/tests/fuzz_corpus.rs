@@ -137,15 +137,7 @@ fn qemu_segment_corpus() {
 // ---------------------------------------------------------------------------------------
 
 fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    wire::fuzzing::noise(n, seed)
 }
 
 /// A few pages drawn from a small pool, with zero runs: content that deduplicates.

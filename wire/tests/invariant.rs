@@ -326,15 +326,7 @@ fn pool(seed: u64) -> Vec<Vec<u8>> {
 }
 
 fn workload_raw(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    wire::fuzzing::noise(len, seed)
 }
 
 #[derive(Clone, Debug)]
