@@ -895,6 +895,7 @@ impl Env {
 
 /// Runs the cluster benchmark and prints the table.
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    sweep_leftovers();
     let me = std::env::current_exe()?;
     let shrinker = args
         .shrinker
@@ -1067,4 +1068,44 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Removes what runs that did not finish (interrupted with Ctrl-C, killed) left
+/// behind: guest RAM files on tmpfs (hundreds of MiB each, held in memory until
+/// removed) and scratch directories, of processes that no longer exist.
+fn sweep_leftovers() {
+    let sweep = |dir: &Path, prefixes: &[&str]| {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(pid) = prefixes
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .and_then(|rest| rest.split(['-', '.']).next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if removed.is_ok() {
+                eprintln!("removed {} (left by an unfinished run)", path.display());
+            }
+        }
+    };
+    sweep(
+        Path::new("/dev/shm"),
+        &["shrinker-bench-dst-", "shrinker-bench-"],
+    );
+    sweep(&std::env::temp_dir(), &["shrinker-cluster-"]);
 }
