@@ -26,17 +26,15 @@ impl VerifiedChunk {
     }
 
     /// [`from_local`](Self::from_local) for many blocks at once, 4 KiB ones hashed side
-    /// by side ([`PageHasher`]): one verified chunk per block, in order, appended to
-    /// `out`.
-    pub fn from_local_all(hasher: &mut PageHasher, blocks: Vec<Bytes>, out: &mut Vec<Self>) {
+    /// by side ([`PageHasher`]): one verified chunk per block, in order.
+    pub fn from_local_all(hasher: &mut PageHasher, blocks: Vec<Bytes>) -> Vec<Self> {
         let mut ids = Vec::with_capacity(blocks.len());
         hasher.hash_all(&blocks, &mut ids);
         debug_assert_eq!(ids.len(), blocks.len());
-        out.extend(
-            ids.into_iter()
-                .zip(blocks)
-                .map(|(id, data)| VerifiedChunk { id, data }),
-        );
+        ids.into_iter()
+            .zip(blocks)
+            .map(|(id, data)| VerifiedChunk { id, data })
+            .collect()
     }
 
     /// The chunk's id.

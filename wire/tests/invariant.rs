@@ -515,6 +515,37 @@ fn corrupt_fill_is_refused_and_chunks_are_named_by_their_hash() {
     assert!(store.get(&wrong).is_none());
 }
 
+/// Frames handed over together: CHUNKs hashed side by side are stored under their own
+/// hash like single ones; the first frame that fails stops the rest, which are dropped,
+/// and what preceded it stays delivered.
+#[test]
+fn frames_together_stop_at_the_first_error() {
+    let store = Arc::new(TinyStore::new(1 << 20));
+    let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
+    let pages: Vec<Bytes> = (0..20)
+        .map(|i| Bytes::from(wire::fuzzing::noise(4096, 7000 + i)))
+        .collect();
+    let mut frames: Vec<Frame> = pages.iter().cloned().map(Frame::Chunk).collect();
+    frames.push(Frame::End);
+    let after = Bytes::from(wire::fuzzing::noise(4096, 8000));
+    frames.push(Frame::Chunk(after.clone()));
+    let err = dec.handle_frames(&mut frames).unwrap_err();
+    assert!(
+        matches!(err, wire::session::SessionError::DataAfterEnd),
+        "{err}"
+    );
+    assert!(frames.is_empty(), "the frames after the error are dropped");
+    for page in &pages {
+        assert_eq!(store.get(&ChunkId::of(page)).as_ref(), Some(page));
+    }
+    assert!(store.get(&ChunkId::of(&after)).is_none());
+    let mut out = Vec::new();
+    while let Some(b) = dec.poll_output() {
+        out.extend_from_slice(&b);
+    }
+    assert_eq!(out, pages.concat());
+}
+
 #[test]
 fn unknown_miss_and_bad_ack_are_errors() {
     let mut ledger = SendLedger::new();

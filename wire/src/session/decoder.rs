@@ -154,9 +154,7 @@ impl Decoder {
                 _ => None,
             })
             .collect();
-        let mut chunks = Vec::with_capacity(blocks.len());
-        VerifiedChunk::from_local_all(&mut self.hasher, blocks, &mut chunks);
-        let mut chunks = chunks.into_iter();
+        let mut chunks = VerifiedChunk::from_local_all(&mut self.hasher, blocks).into_iter();
         for frame in frames.drain(..) {
             let hashed = match frame {
                 Frame::Chunk(_) => chunks.next(),

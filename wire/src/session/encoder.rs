@@ -205,9 +205,7 @@ impl Encoder {
                 Segment::Opaque(_) => None,
             })
             .collect();
-        let mut chunks = Vec::with_capacity(blocks.len());
-        VerifiedChunk::from_local_all(&mut self.hasher, blocks, &mut chunks);
-        let mut chunks = chunks.into_iter();
+        let mut chunks = VerifiedChunk::from_local_all(&mut self.hasher, blocks).into_iter();
         for segment in segments.drain(..) {
             match segment {
                 Segment::Opaque(data) => self.handle_opaque(data, ledger),
