@@ -37,6 +37,7 @@ use wire::{
 };
 
 use crate::budget::{StreamBudget, StreamGrant};
+use crate::delivery::DeliveryMarks;
 use crate::governor::{
     CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
 };
@@ -188,6 +189,9 @@ struct Shared {
     /// This connection's own writes to the tunnel (the governor's kernel-buffer
     /// allowance counts them).
     own_link: LinkMeter,
+    /// The batches queued for the tunnel and not yet acknowledged (the governor's
+    /// measure of what queues on the way to the peer).
+    delivery: DeliveryMarks,
     /// See [`PumpCtx::peer_failures`].
     peer_failures: Arc<AtomicU64>,
 }
@@ -243,6 +247,7 @@ where
         fills_sent: AtomicU64::new(0),
         peer_link: ctx.link_history.clone(),
         own_link: LinkMeter::default(),
+        delivery: DeliveryMarks::new(ctx.link_history.clone()),
         peer_failures: ctx.peer_failures.clone(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
@@ -317,6 +322,8 @@ struct TakenBatch {
     limited: bool,
     /// Try it even while compression is backing off.
     persistent: bool,
+    /// The stream offset the batch ends at (what the peer's ACK for it will say).
+    stream_end: u64,
     /// A stream granted with this batch: compress it and the following ones as pieces
     /// of one stream.
     grant: Option<StreamGrant>,
@@ -465,6 +472,7 @@ async fn uplink(
                 // level the CPU allows (with the CPU ceiling at the fast level, the
                 // back-off skipped 34 batches of four guests over 100 Mbit/s).
                 persistent: thorough || (!off && limited && slow_link),
+                stream_end: shared.ledger().sent(),
                 grant,
             };
             // A wait here is for the compressor (the CPU) or, behind it, the link:
@@ -513,7 +521,7 @@ async fn compressor(
             comp.set_stream(Some(grant.window_log()));
             _grant = Some(grant);
         }
-        let (raw, limited) = (taken.batch.len(), taken.limited);
+        let (raw, limited, taken_end) = (taken.batch.len(), taken.limited, taken.stream_end);
         end_sent |= taken.batch.end();
         let attempts = comp.stats().attempts();
         let (done, out, took) = if raw >= OFFLOAD_MIN && comp.may_try(limited) {
@@ -537,6 +545,7 @@ async fn compressor(
             (comp, out, started.elapsed())
         };
         comp = done;
+        shared.delivery.queued(taken_end, out.len());
         if comp.stats().attempts() > attempts {
             lock_governor(governor).record(raw, comp.level(), took);
         }
@@ -617,7 +626,10 @@ async fn downlink<T: AsyncRead>(
             }
             match frame {
                 Frame::Miss(_) | Frame::Ack(_) => {
-                    let is_ack = matches!(frame, Frame::Ack(_));
+                    let ack = match frame {
+                        Frame::Ack(offset) => Some(offset),
+                        _ => None,
+                    };
                     let reply = shared.ledger().handle_control(frame);
                     match reply {
                         Ok(Some(fill)) => {
@@ -627,7 +639,8 @@ async fn downlink<T: AsyncRead>(
                         Ok(None) => {}
                         Err(e) => return Err(fail(e.into())),
                     }
-                    if is_ack {
+                    if let Some(offset) = ack {
+                        shared.delivery.acked(offset);
                         shared.acked.notify_one();
                     }
                 }

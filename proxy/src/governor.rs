@@ -80,6 +80,20 @@ const BUFFER_ALLOWANCE: u64 = 8 << 20;
 /// since this one started: many connections at once on a fast LAN pass it within a
 /// fraction of a second, four migrations filling buffers on a slow link do not.
 const PEER_ALLOWANCE: u64 = 32 << 20;
+/// Bytes queued on the way to the peer (written, not yet acknowledged, over every
+/// connection to it) that, past the allowances, show a link slower than the writers
+/// when no wait has measured it: at least this much...
+const QUEUE_EVIDENCE: u64 = 1 << 20;
+/// ... and at least this share of what arrived since the connection began. A link
+/// that keeps up holds about one round trip's worth (a few percent of what arrives
+/// over the allowances); four migrations starting together at 100 Mbit/s had half of
+/// what they wrote still queued, and, having never waited (the CPU was the limit),
+/// sent their next batches raw (54 raw batches, +10 MB).
+const QUEUE_SHARE: f64 = 0.25;
+/// ... once the connection is this old: during TCP's slow start the link takes in less
+/// than it will (a 1 Gbit/s link with a 20 ms round trip passes 8 MiB within ~0.1 s,
+/// most of it still in buffers).
+const QUEUE_MIN_AGE: Duration = Duration::from_millis(250);
 /// How long a decision seen on one connection guides new connections to that peer.
 pub(crate) const HISTORY_TTL: Duration = Duration::from_secs(60);
 /// zstd level while the link is limited.
@@ -129,6 +143,9 @@ pub(crate) enum Encoding {
 pub(crate) struct LinkHistory {
     /// Bytes written to this peer by every connection.
     meter: LinkMeter,
+    /// Of those, the bytes the peer acknowledged (or that belonged to connections that
+    /// are gone): see [`crate::delivery`].
+    delivered: LinkMeter,
     limited: AtomicBool,
     link_rate: AtomicU64,
     /// The CPU ceiling, as a zstd level.
@@ -142,6 +159,11 @@ impl LinkHistory {
     /// Bytes written to this peer by every connection (writers record here).
     pub(crate) fn meter(&self) -> &LinkMeter {
         &self.meter
+    }
+
+    /// Bytes the peer has taken in (acknowledgements record here).
+    pub(crate) fn delivered(&self) -> &LinkMeter {
+        &self.delivered
     }
 
     fn origin(&self) -> Instant {
@@ -191,7 +213,7 @@ impl LinkMeter {
         self.written.fetch_add(bytes as u64, Relaxed);
     }
 
-    fn written(&self) -> u64 {
+    pub(crate) fn written(&self) -> u64 {
         self.written.load(Relaxed)
     }
 }
@@ -216,6 +238,8 @@ pub(crate) struct CompressGovernor {
     excess: f64,
     /// The peer meter's reading at this connection's first batch.
     peer_at_first: u64,
+    /// The peer's delivered bytes, and the time, at this connection's first batch.
+    delivered_at_first: (u64, Instant),
     /// Time the uplink waited for its source (the local sender) this window.
     source_waited: Duration,
     /// The strongest level the CPU keeps up with (see the module notes).
@@ -268,6 +292,7 @@ impl CompressGovernor {
             faster_windows: 0,
             excess: 0.0,
             peer_at_first: 0,
+            delivered_at_first: (0, now),
             source_waited: Duration::ZERO,
             ceiling,
             span: None,
@@ -307,6 +332,24 @@ impl CompressGovernor {
     /// Adds time the uplink spent waiting for its source to send more.
     pub(crate) fn source_waited(&mut self, d: Duration) {
         self.source_waited += d;
+    }
+
+    /// The rate the peer took bytes in since this connection began, if a standing
+    /// queue on the way to it shows the link slower than the writers. (The rate of the
+    /// last window alone follows the bursts of acknowledgements: tried, it measured
+    /// four concurrent migrations' 100 Mbit/s link as faster than it is and sent more
+    /// batches raw, 54-78 MB against 50-58 MB.)
+    fn standing_queue(&self, now: Instant, written: u64) -> Option<f64> {
+        let delivered = self.history.delivered().written();
+        let queued = written.saturating_sub(delivered);
+        let (at_first, since) = self.delivered_at_first;
+        let arrived = delivered.saturating_sub(at_first);
+        let age = now.duration_since(since);
+        (age >= QUEUE_MIN_AGE
+            && queued >= QUEUE_EVIDENCE
+            && queued as f64 >= QUEUE_SHARE * arrived as f64
+            && arrived > 0)
+            .then(|| arrived as f64 / age.as_secs_f64())
     }
 
     /// Adds a finished window to the span; at the span's end, what it says. `start`
@@ -374,6 +417,7 @@ impl CompressGovernor {
             // migration's first batches raw).
             self.written_at_start = Some(link.written());
             self.peer_at_first = link.written();
+            self.delivered_at_first = (self.history.delivered().written(), now);
             self.window_start = now;
             self.waited = Duration::ZERO;
             self.source_waited = Duration::ZERO;
@@ -397,8 +441,15 @@ impl CompressGovernor {
             // migrations at 100 Mbit/s "measured" 62-64 MB/s while buffers filled; a
             // sibling took that for a link too fast to compress for and sent 18
             // batches raw). Such a window decides nothing and tells siblings nothing.
-            let saturated =
-                waited_share >= WAIT_SHARE && !(early && rate < self.zstd_rate * MARGIN);
+            let known_capacity = self.capacity.or(recalled.map(|r| r.1).filter(|&c| c > 0.0));
+            // Nothing has measured the link yet, nothing waited, and the buffers are
+            // full: what queues on the way to the peer measures it instead.
+            let queued_rate = (!early && known_capacity.is_none() && waited_share < WAIT_SHARE)
+                .then(|| self.standing_queue(now, written))
+                .flatten();
+            let rate = queued_rate.unwrap_or(rate);
+            let saturated = queued_rate.is_some()
+                || (waited_share >= WAIT_SHARE && !(early && rate < self.zstd_rate * MARGIN));
             if saturated {
                 // A drop counts half at a time: one window that waited on a busy CPU
                 // at a low rate would otherwise set the deep level at 1 Gbit/s, whose
@@ -473,6 +524,8 @@ impl CompressGovernor {
                 waited_share,
                 source_mills = (self.source_waited.as_secs_f64() * 1e3) as u64,
                 zstd_mbs = self.zstd_rate / 1e6,
+                queued_mib = written.saturating_sub(self.history.delivered().written()) >> 20,
+                queue_evidence = queued_rate.is_some(),
                 saturated,
                 buffering,
                 span = ?span,
@@ -865,11 +918,64 @@ mod tests {
         // zstd measured at ~105 MB/s on a busy CPU; after a pause of the source, 10
         // MB leave in one window (100 MB/s, more than 0.8 x zstd): buffers, not the
         // link.
-        for _ in 0..50 {
+        for _ in 0..300 {
             g.record(1 << 20, FAST_LEVEL, Duration::from_millis(10));
         }
         assert!(window(&mut g, &mut t, &link, 10_000_000, 0));
         assert_ne!(g.encoding(t, &link, &link), Encoding::Raw);
+    }
+
+    /// 100 ms windows without a wait in which the writers wrote `written` bytes and
+    /// the peer acknowledged `delivered`; the decision after each.
+    fn unwaited_windows(
+        g: &mut CompressGovernor,
+        t: &mut Instant,
+        (link, history): (&LinkMeter, &LinkHistory),
+        (written, delivered): (usize, usize),
+        n: usize,
+    ) -> Vec<bool> {
+        (0..n)
+            .map(|_| {
+                link.record(written);
+                history.delivered().record(delivered);
+                *t += Duration::from_millis(100);
+                g.link_limited(*t, link, link)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_queue_on_the_way_measures_a_link_nothing_waited_for() {
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert!(g.link_limited(t, &link, &link));
+        // The CPU is the limit (nothing waits), 20 MB/s leave into buffers, the peer
+        // takes in 12.5 MB/s: past the allowances, the queue measures the link.
+        let decided =
+            unwaited_windows(&mut g, &mut t, (&link, &history), (2_000_000, 1_250_000), 6);
+        assert!(decided.iter().all(|&limited| limited), "{decided:?}");
+        let capacity = g.capacity.expect("a capacity from the queue");
+        assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+        // Siblings learn it too.
+        assert!(history.recall(t).is_some_and(|(limited, _)| limited));
+    }
+
+    #[test]
+    fn a_link_that_keeps_up_queues_nothing_and_goes_raw() {
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert!(g.link_limited(t, &link, &link));
+        // 40 MB/s written, all of it acknowledged within the window but a round trip.
+        let first = unwaited_windows(&mut g, &mut t, (&link, &history), (4_000_000, 3_900_000), 2);
+        assert_eq!(first, [true, true], "inside the allowance: no verdict");
+        let after = unwaited_windows(&mut g, &mut t, (&link, &history), (4_000_000, 4_000_000), 2);
+        assert_eq!(after, [false, false], "a fast link, no queue: raw");
+        assert_eq!(g.capacity, None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod allow;
 mod budget;
 pub mod config;
 mod conn;
+mod delivery;
 pub mod demo;
 pub mod edge;
 pub mod error;
