@@ -37,10 +37,10 @@
 //! link starves while a strong level runs: the uplink waits neither for the link nor
 //! for its source, and the link drains below its known capacity. Judged over spans of
 //! a few windows (one 50 ms window alternates between a burst into kernel buffers and
-//! a writer blocked on a full socket, 0 B), a starved span steps the level down a
-//! notch, one drained below half the capacity straight to the fast level (a *ceiling*
-//! under the level the capacity allows), and a span that waits for the link again
-//! steps it back up. Later guests of a cluster, mostly references and deltas after the
+//! a writer blocked on a full socket, 0 B), two starved spans in a row step the level
+//! down a notch, or straight to the fast level when the second drained below half the
+//! capacity (a *ceiling* under the level the capacity allows), and a span that waits
+//! for the link again steps it back up. Later guests of a cluster, mostly references and deltas after the
 //! first, sent at the deep level, kept a 100 Mbit/s link busy about half the time
 //! (0.78-0.96 s per guest; capped at the fast level 0.51-0.74 s for 2% more bytes).
 //! The ceiling is shared with the next connections to the peer like the capacity: a
@@ -110,10 +110,11 @@ pub(crate) const DEEP_LEVEL: i32 = 6;
 /// below 5% of the fast level's speed (~21 MB/s) the link stays the bottleneck with
 /// room left for hashing and deltas.
 const DEEP_SHARE: f64 = 0.05;
-/// A window drained below this share of the link's known capacity, while the uplink
-/// waited neither for the link nor for its source, was starved by the CPU.
+/// A span drained below this share of the link's known capacity, while the uplink
+/// waited neither for the link nor for its source, starved the link (the CPU was the
+/// limit).
 const STARVED_SHARE: f64 = 0.8;
-/// Share of a window the uplink may wait for its source and still count as busy: a
+/// Share of a span the uplink may wait for its source and still count as busy: a
 /// source that pauses (a guest's zero pages, a bandwidth cap) sets the pace itself,
 /// and a weaker level would only cost bytes.
 const SOURCE_SHARE: f64 = 0.25;
