@@ -136,11 +136,20 @@ async fn boot_and_migrate_via(
         .await;
     let info = src.vm.qmp.wait_migration(MIGRATION_TIMEOUT).await;
     let migration = t1.elapsed();
-    let status = src.vm.qmp.cmd("query-status", json!({})).await;
-    assert!(
-        matches!(status["status"].as_str(), Some("postmigrate" | "paused")),
-        "{status}"
-    );
+    // QEMU reports the migration "completed" a moment before the source's run state
+    // leaves "finish-migrate" for "postmigrate" (the state change happens in the
+    // migration thread's cleanup, after the status change), so the run state is polled.
+    let settle = Instant::now();
+    loop {
+        let status = src.vm.qmp.cmd("query-status", json!({})).await;
+        match status["status"].as_str() {
+            Some("postmigrate" | "paused") => break,
+            Some("finish-migrate") if settle.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            _ => panic!("source VM after the migration: {status}"),
+        }
+    }
     dst.vm.qmp.wait_incoming_done(MIGRATION_TIMEOUT).await;
     assert_same_file(&src.vm.ram, &dst.vm.ram);
     eprintln!(
