@@ -37,6 +37,7 @@ use wire::{
 };
 
 use crate::budget::{StreamBudget, StreamGrant};
+use crate::cpu_clock::thread_cpu_time;
 use crate::delivery::DeliveryMarks;
 use crate::governor::{
     CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
@@ -526,9 +527,9 @@ async fn compressor(
         let attempts = comp.stats().attempts();
         let (done, out, took) = if raw >= OFFLOAD_MIN && comp.may_try(limited) {
             let job = tokio::task::spawn_blocking(move || {
-                let started = std::time::Instant::now();
+                let (started, cpu) = (std::time::Instant::now(), thread_cpu_time());
                 let out = comp.compress(taken.batch, limited);
-                (comp, out, started.elapsed())
+                (comp, out, (started.elapsed(), thread_cpu_time() - cpu))
             });
             tokio::select! {
                 r = job => match r {
@@ -540,14 +541,14 @@ async fn compressor(
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
         } else {
-            let started = Instant::now();
+            let (started, cpu) = (Instant::now(), thread_cpu_time());
             let out = comp.compress(taken.batch, limited);
-            (comp, out, started.elapsed())
+            (comp, out, (started.elapsed(), thread_cpu_time() - cpu))
         };
         comp = done;
         shared.delivery.queued(taken_end, out.len());
         if comp.stats().attempts() > attempts {
-            lock_governor(governor).record(raw, comp.level(), took);
+            lock_governor(governor).record(raw, comp.level(), took.0, took.1);
         }
         let send_start = Instant::now();
         tokio::select! {

@@ -149,6 +149,9 @@ pub(crate) struct LinkHistory {
     delivered: LinkMeter,
     limited: AtomicBool,
     link_rate: AtomicU64,
+    /// Whether `link_rate` was measured by a wait for the link (not by what queued at
+    /// the peer, whose pace may be its CPU's).
+    rate_by_wait: AtomicBool,
     /// The CPU ceiling, as a zstd level.
     ceiling: AtomicI32,
     /// Milliseconds since `origin` of the last update; 0 = never.
@@ -171,10 +174,11 @@ impl LinkHistory {
         *self.origin.get_or_init(Instant::now)
     }
 
-    fn store(&self, limited: bool, rate: f64, ceiling: i32, now: Instant) {
+    fn store(&self, limited: bool, (rate, by_wait): (f64, bool), ceiling: i32, now: Instant) {
         let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
         self.limited.store(limited, Relaxed);
         self.link_rate.store(rate as u64, Relaxed);
+        self.rate_by_wait.store(by_wait, Relaxed);
         self.ceiling.store(ceiling, Relaxed);
         self.updated_ms.store(ms, Relaxed);
     }
@@ -184,8 +188,9 @@ impl LinkHistory {
         self.recall(now).map(|_| self.ceiling.load(Relaxed))
     }
 
-    /// The last decision and link rate, if made within [`HISTORY_TTL`] of `now`.
-    fn recall(&self, now: Instant) -> Option<(bool, f64)> {
+    /// The last decision, link rate and whether a wait measured that rate, if made
+    /// within [`HISTORY_TTL`] of `now`.
+    fn recall(&self, now: Instant) -> Option<(bool, f64, bool)> {
         let at = self.updated_ms.load(Relaxed);
         if at == 0 {
             return None;
@@ -197,6 +202,7 @@ impl LinkHistory {
             (
                 self.limited.load(Relaxed),
                 self.link_rate.load(Relaxed) as f64,
+                self.rate_by_wait.load(Relaxed),
             )
         })
     }
@@ -223,7 +229,11 @@ impl LinkMeter {
 #[derive(Debug)]
 pub(crate) struct CompressGovernor {
     history: std::sync::Arc<LinkHistory>,
+    /// The fast level's throughput in wall-clock time: what compression takes out of
+    /// the pipeline now, contention for the CPU included.
     zstd_rate: f64,
+    /// ... and in CPU time: the codec's own speed, whatever else runs on the cores.
+    zstd_cpu_rate: f64,
     window_start: Instant,
     /// The meter's reading when the window started; `None` until the first call (the
     /// meter is the peer's, shared with earlier connections: it does not start at 0).
@@ -233,6 +243,9 @@ pub(crate) struct CompressGovernor {
     /// The link's rate as last measured while it was saturated (the uplink waited for
     /// it): its capacity, as far as this edge knows.
     capacity: Option<f64>,
+    /// Whether a wait for the link measured `capacity` (rather than the queue at the
+    /// peer, see [`CompressGovernor::standing_queue`]).
+    capacity_by_wait: bool,
     /// Consecutive unsaturated windows that drained more than twice `capacity`.
     faster_windows: u32,
     /// Bytes drained beyond `capacity` in consecutive windows without a wait.
@@ -282,6 +295,7 @@ impl CompressGovernor {
         CompressGovernor {
             history,
             zstd_rate: INITIAL_ZSTD_RATE,
+            zstd_cpu_rate: INITIAL_ZSTD_RATE,
             window_start: now,
             written_at_start: None,
             waited: Duration::ZERO,
@@ -290,6 +304,7 @@ impl CompressGovernor {
             // the uplink, not the link, the one that waits least).
             limited: recalled.is_none_or(|r| r.0),
             capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
+            capacity_by_wait: recalled.is_some_and(|r| r.2),
             faster_windows: 0,
             excess: 0.0,
             peer_at_first: 0,
@@ -460,6 +475,7 @@ impl CompressGovernor {
                     Some(c) if rate < c => (rate + c) / 2.0,
                     _ => rate,
                 });
+                self.capacity_by_wait = queued_rate.is_none();
                 self.excess = 0.0;
             } else if let Some(c) = self.capacity {
                 // More left than the capacity we believed. Kernel buffers swallow a few
@@ -517,14 +533,34 @@ impl CompressGovernor {
                 // a burst into kernel buffers "drained" 79 MB/s on a 100 Mbit/s link
                 // and sent the next batches raw (60 raw batches, +9 MB on four guests);
                 // a link that really got faster makes the capacity stale above.
-                let known = self.capacity.or(recalled.map(|r| r.1).filter(|&c| c > 0.0));
-                known.is_some_and(|c| c < self.zstd_rate * STRONG_SHARE)
+                // A link a wait measured is "far slower" against the codec's speed in
+                // CPU time: on a busy host the wall-clock speed sank to 121 MB/s in one
+                // window of a later guest at 100 Mbit/s and sent its batches raw,
+                // without deltas (+4 MB on that guest; with one core taken by other
+                // work, 4 runs of 10 carried 50-53 MB against 46 MB). A pace only the
+                // queue at the peer measured may be the peer's CPU, not the link: then
+                // the wall-clock speed, what compressing costs here now, decides (four
+                // migrations at once at 1 Gbit/s, all on two cores, measured 17 MB/s
+                // that way; compressing through it cost 0.3 s).
+                let known = match self.capacity {
+                    Some(c) => Some((c, self.capacity_by_wait)),
+                    None => recalled.filter(|r| r.1 > 0.0).map(|r| (r.1, r.2)),
+                };
+                known.is_some_and(|(c, by_wait)| {
+                    let codec = if by_wait {
+                        self.zstd_cpu_rate
+                    } else {
+                        self.zstd_rate
+                    };
+                    c < codec * STRONG_SHARE
+                })
             };
             tracing::trace!(
                 rate_mbs = rate / 1e6,
                 waited_share,
                 source_mills = (self.source_waited.as_secs_f64() * 1e3) as u64,
                 zstd_mbs = self.zstd_rate / 1e6,
+                zstd_cpu_mbs = self.zstd_cpu_rate / 1e6,
                 queued_mib = written.saturating_sub(self.history.delivered().written()) >> 20,
                 queue_evidence = queued_rate.is_some(),
                 saturated,
@@ -540,7 +576,7 @@ impl CompressGovernor {
             if !buffering {
                 self.history.store(
                     self.limited,
-                    self.capacity.unwrap_or(0.0),
+                    (self.capacity.unwrap_or(0.0), self.capacity_by_wait),
                     self.ceiling,
                     now,
                 );
@@ -553,23 +589,27 @@ impl CompressGovernor {
         self.limited
     }
 
-    /// Records a compression of `raw` bytes at `level` that took `elapsed`. The rate
-    /// tracked is the fast level's; samples at stronger levels are scaled to it by
-    /// their measured cost (level 3 ~1.7x, level 6 ~4.2x: scaled by less than that
-    /// where it errs towards stronger levels).
-    pub(crate) fn record(&mut self, raw: usize, level: i32, elapsed: Duration) {
-        if elapsed < MIN_SAMPLE {
-            return;
-        }
-        let mut sample = raw as f64 / elapsed.as_secs_f64();
-        sample *= if level <= FAST_LEVEL {
+    /// Records a compression of `raw` bytes at `level` that took `elapsed` (wall
+    /// clock) and `cpu` (the compressing thread's CPU time). The rates tracked are the
+    /// fast level's; samples at stronger levels are scaled to it by their measured
+    /// cost (level 3 ~1.7x, level 6 ~4.2x: scaled by less than that where it errs
+    /// towards stronger levels).
+    pub(crate) fn record(&mut self, raw: usize, level: i32, elapsed: Duration, cpu: Duration) {
+        let scale = if level <= FAST_LEVEL {
             1.0
         } else if level <= STRONG_LEVEL {
             3.0
         } else {
             4.0
         };
-        self.zstd_rate += ALPHA * (sample - self.zstd_rate);
+        let sample =
+            |took: Duration| (took >= MIN_SAMPLE).then(|| raw as f64 / took.as_secs_f64() * scale);
+        if let Some(s) = sample(elapsed) {
+            self.zstd_rate += ALPHA * (s - self.zstd_rate);
+        }
+        if let Some(s) = sample(cpu) {
+            self.zstd_cpu_rate += ALPHA * (s - self.zstd_cpu_rate);
+        }
     }
 }
 
@@ -920,10 +960,41 @@ mod tests {
         // MB leave in one window (100 MB/s, more than 0.8 x zstd): buffers, not the
         // link.
         for _ in 0..300 {
-            g.record(1 << 20, FAST_LEVEL, Duration::from_millis(10));
+            let took = Duration::from_millis(10);
+            g.record(1 << 20, FAST_LEVEL, took, took);
         }
         assert!(window(&mut g, &mut t, &link, 10_000_000, 0));
         assert_ne!(g.encoding(t, &link, &link), Encoding::Raw);
+    }
+
+    #[test]
+    fn a_busy_cpu_does_not_send_a_slow_link_raw() {
+        let mut t = Instant::now();
+        let (mut g, link) = on_a_measured_slow_link(&mut t, Default::default());
+        // Other work holds the cores: compressing 1 MiB takes 25 ms (42 MB/s) of which
+        // 2.5 ms (420 MB/s) on the CPU. The link (12.5 MB/s) is still far slower than
+        // the codec: a window that did not wait keeps compressing.
+        let busy = |g: &mut CompressGovernor| {
+            for _ in 0..300 {
+                let (wall, cpu) = (Duration::from_micros(25_000), Duration::from_micros(2_500));
+                g.record(1 << 20, FAST_LEVEL, wall, cpu);
+            }
+        };
+        busy(&mut g);
+        assert!(window(&mut g, &mut t, &link, 1_000_000, 0));
+        assert_ne!(g.encoding(t, &link, &link), Encoding::Raw);
+        // A 1 Gbit/s link is not far slower than the codec: a window without a wait
+        // goes raw however busy the CPU.
+        let link = LinkMeter::default();
+        link.record(BUFFER_ALLOWANCE as usize);
+        let mut g = CompressGovernor::new(t, Default::default());
+        g.link_limited(t, &link, &link);
+        assert!(
+            window(&mut g, &mut t, &link, 12_500_000, 80),
+            "waits at 125 MB/s"
+        );
+        busy(&mut g);
+        assert!(!window(&mut g, &mut t, &link, 10_000_000, 0));
     }
 
     /// 100 ms windows without a wait in which the writers wrote `written` bytes and
@@ -960,8 +1031,21 @@ mod tests {
         let capacity = g.capacity.expect("a capacity from the queue");
         assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
-        // Siblings learn it too.
-        assert!(history.recall(t).is_some_and(|(limited, _)| limited));
+        // Siblings learn it too, and that no wait measured it.
+        assert!(history
+            .recall(t)
+            .is_some_and(|(limited, _, by_wait)| limited && !by_wait));
+        // The peer's pace may be its CPU's: with this CPU busy too (compression at
+        // 42 MB/s in wall-clock time, 420 MB/s in CPU time), a window without a wait
+        // judges the pace against what compressing costs now, and goes raw.
+        for _ in 0..300 {
+            let (wall, cpu) = (Duration::from_micros(25_000), Duration::from_micros(2_500));
+            g.record(1 << 20, FAST_LEVEL, wall, cpu);
+        }
+        assert_eq!(
+            unwaited_windows(&mut g, &mut t, (&link, &history), (1_000_000, 1_000_000), 1),
+            [false]
+        );
     }
 
     #[test]
@@ -984,13 +1068,29 @@ mod tests {
         let t = Instant::now();
         let mut g = CompressGovernor::new(t, Default::default());
         for _ in 0..50 {
-            g.record(1 << 20, FAST_LEVEL, Duration::from_millis(10));
+            g.record(
+                1 << 20,
+                FAST_LEVEL,
+                Duration::from_millis(10),
+                Duration::from_millis(4),
+            );
         }
         assert!((g.zstd_rate - 104_857_600.0).abs() < 1e6, "{}", g.zstd_rate);
-        g.record(10, FAST_LEVEL, Duration::from_nanos(10));
+        assert!(
+            (g.zstd_cpu_rate - 262_144_000.0).abs() < 1e6,
+            "{}",
+            g.zstd_cpu_rate
+        );
+        g.record(
+            10,
+            FAST_LEVEL,
+            Duration::from_nanos(10),
+            Duration::from_nanos(5),
+        );
         assert!(
             (g.zstd_rate - 104_857_600.0).abs() < 1e6,
             "tiny samples ignored"
         );
+        assert!((g.zstd_cpu_rate - 262_144_000.0).abs() < 1e6);
     }
 }

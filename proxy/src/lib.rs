@@ -14,6 +14,7 @@ pub mod allow;
 mod budget;
 pub mod config;
 mod conn;
+mod cpu_clock;
 mod delivery;
 pub mod demo;
 pub mod edge;
