@@ -31,6 +31,12 @@
 //! 100-150 Mbit/s against one core), the deep level ([`DEEP_LEVEL`]): a quarter of the
 //! fast level's speed for another 4% fewer bytes on guest memory.
 //!
+//! zstd's speed is measured in wall-clock time (what compressing costs the pipeline
+//! now, contention included: it picks levels and judges a link that made the uplink
+//! wait) and in the compressing thread's CPU time (the codec's own speed: whether a
+//! link a wait measured is far slower than compression, in a window without a wait; a
+//! dip of the wall-clock speed on a busy host otherwise sent a 100 Mbit/s link raw).
+//!
 //! Those levels assume the compressor has a core to itself. When it has not (the
 //! sending edge shares the machine with the hypervisor, or most of a migration's pages
 //! are already held by the peer and what remains costs more CPU per byte sent), the
