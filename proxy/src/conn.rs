@@ -195,12 +195,33 @@ struct Shared {
     delivery: DeliveryMarks,
     /// See [`PumpCtx::peer_failures`].
     peer_failures: Arc<AtomicU64>,
+    /// The model of what the peer holds, and the edge's counters: a failed connection
+    /// takes back what it claimed the peer would store.
+    peer: Arc<dyn PeerHoldings>,
+    stats: Arc<EdgeStats>,
 }
 
 impl Shared {
     fn ledger(&self) -> MutexGuard<'_, SendLedger> {
         // A panic while holding the lock would already have aborted the connection.
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peer may never have stored the chunks this connection sent whole or as
+    /// deltas past its last ACK: forgets them in the model of the peer, so that later
+    /// connections send them again instead of references that wait for a copy that is
+    /// not coming and then cost a MISS/FILL round trip.
+    fn forget_unacknowledged(&self) {
+        let ledger = self.ledger();
+        let mut forgotten = 0u64;
+        for id in ledger.unacknowledged_carried() {
+            self.peer.forget(id);
+            forgotten += 1;
+        }
+        drop(ledger);
+        self.stats
+            .peer_chunks_forgotten
+            .fetch_add(forgotten, Relaxed);
     }
 
     /// Records the first error, asks the peer to reset when it does not know, and
@@ -217,8 +238,11 @@ impl Shared {
             *slot = Some(err);
             // Sibling connections stop waiting for chunks this one may have carried.
             self.peer_failures.fetch_add(1, Relaxed);
+            drop(slot);
+            self.forget_unacknowledged();
+        } else {
+            drop(slot);
         }
-        drop(slot);
         self.abort.cancel();
         ConnError::Aborted
     }
@@ -250,6 +274,8 @@ where
         own_link: LinkMeter::default(),
         delivery: DeliveryMarks::new(ctx.link_history.clone()),
         peer_failures: ctx.peer_failures.clone(),
+        peer: ctx.peer.clone(),
+        stats: ctx.stats.clone(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);

@@ -106,6 +106,10 @@ counters! {
     misses_sent,
     /// FILLs this edge sent in answer to a peer's MISS.
     fills_sent,
+    /// Chunks a failed connection had sent whole or as deltas without the peer's
+    /// acknowledgment, dropped from this edge's model of the peer (they are sent again
+    /// rather than referred to).
+    peer_chunks_forgotten,
     /// New chunks verified and stored.
     chunks_stored,
     /// References resolved from the store or a fill.

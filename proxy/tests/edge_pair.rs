@@ -1007,6 +1007,11 @@ async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
     b.wait_for("references that waited, then were filled", |c| {
         c["refs_deferred"].as_u64().unwrap() > 0 && c["misses_sent"].as_u64().unwrap() > 0
     });
+    // A took back what connection 2 claimed B would store: later connections send
+    // those chunks again instead of referring to them.
+    a.wait_for("connection 2's unacknowledged chunks forgotten", |c| {
+        c["peer_chunks_forgotten"].as_u64().unwrap() > 0
+    });
     c3_task.await.unwrap();
     let _ = c2_task.await;
     drop(a);

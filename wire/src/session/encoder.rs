@@ -251,6 +251,7 @@ impl Encoder {
                 Frame::Ref(id).encode(&mut self.batch);
             }
         } else if !self.try_delta(chunk, ledger) {
+            ledger.carry(id);
             self.stats.chunks += 1;
             self.stats.chunk_bytes += data.len() as u64;
             self.batch_payload += data.len();
@@ -305,6 +306,7 @@ impl Encoder {
                 // Pinned like a reference: if the base is gone at the peer, it asks
                 // for the whole chunk.
                 ledger.pin(id, data);
+                ledger.carry(id);
                 // Edits of similar pages still share bytes: let compression see them.
                 if !zstd {
                     self.batch_payload += patch.len();

@@ -23,6 +23,10 @@ pub struct SendLedger {
     queue: VecDeque<(u64, ChunkId)>,
     pinned: HashMap<ChunkId, (Bytes, u32)>,
     pinned_bytes: usize,
+    /// Chunks this direction delivered whole (CHUNK) or as a DELTA, with the offset
+    /// they end at, until acknowledged: if the connection fails first, the peer may
+    /// never have stored them, and the sender's model of the peer must forget them.
+    carried: VecDeque<(u64, ChunkId)>,
 }
 
 impl SendLedger {
@@ -66,6 +70,18 @@ impl SendLedger {
         e.1 += 1;
     }
 
+    /// Records that `id` (ending at the current `sent` offset) went out whole or as a
+    /// delta: the peer stores it once it decodes it.
+    pub(crate) fn carry(&mut self, id: ChunkId) {
+        self.carried.push_back((self.sent, id));
+    }
+
+    /// Chunks carried (see [`SendLedger::carry`]) that the peer has not acknowledged:
+    /// after a failure, the ones it may never have stored.
+    pub fn unacknowledged_carried(&self) -> impl Iterator<Item = &ChunkId> {
+        self.carried.iter().map(|(_, id)| id)
+    }
+
     /// The bytes of a pinned chunk.
     pub fn get(&self, id: &ChunkId) -> Option<&Bytes> {
         self.pinned.get(id).map(|(b, _)| b)
@@ -101,6 +117,9 @@ impl SendLedger {
             });
         }
         self.acked = offset;
+        while self.carried.front().is_some_and(|&(end, _)| end <= offset) {
+            self.carried.pop_front();
+        }
         while let Some(&(end, id)) = self.queue.front() {
             if end > offset {
                 break;
@@ -115,5 +134,37 @@ impl SendLedger {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::of(&[n; 64])
+    }
+
+    #[test]
+    fn carried_chunks_stay_listed_until_acknowledged() {
+        let mut l = SendLedger::new();
+        for n in 1..=3 {
+            l.advance(4096);
+            l.carry(id(n));
+        }
+        l.advance(4096);
+        l.pin(id(9), &Bytes::from_static(&[9; 16]));
+        let listed = |l: &SendLedger| l.unacknowledged_carried().copied().collect::<Vec<_>>();
+        assert_eq!(listed(&l), [id(1), id(2), id(3)]);
+        // An ACK that ends inside the second chunk acknowledges only the first.
+        l.handle_control(Frame::Ack(4096 + 100)).unwrap();
+        assert_eq!(listed(&l), [id(2), id(3)]);
+        l.handle_control(Frame::Ack(3 * 4096)).unwrap();
+        assert!(listed(&l).is_empty());
+        assert_eq!(
+            l.pinned_bytes(),
+            16,
+            "the reference after them is still pinned"
+        );
     }
 }
