@@ -928,8 +928,19 @@ async fn xbzrle_with_a_writing_guest() {
         src.qmp
             .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
             .await;
-        // Let a few rounds go by, then allow convergence.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Let rounds go by until xbzrle has encoded pages (the downtime budget of 1 ms
+        // keeps the migration from converging meanwhile), then allow convergence. A
+        // fixed 2.5 s was once too short in CI: the first pass took longer on a busy
+        // machine, and the migration converged before any page was a cache hit.
+        let rounds = std::time::Instant::now();
+        while rounds.elapsed() < Duration::from_secs(120) {
+            let info = src.qmp.cmd("query-migrate", json!({})).await;
+            let running = matches!(info["status"].as_str(), Some("setup" | "active"));
+            if info["xbzrle-cache"]["pages"].as_u64().unwrap_or(0) > 0 || !running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         src.qmp
             .cmd("migrate-set-parameters", json!({"downtime-limit": 5000}))
             .await;
