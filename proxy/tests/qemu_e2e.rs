@@ -11,8 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::qemu::{
-    assert_same_file, builds, dirtying_kernel, migrate_vm, migrate_with_mode, workload_ram,
-    write_then_read_kernel, Mode, QemuBuild, RamFill, Vm, VmSpec,
+    assert_same_file, builds, dirtying_kernel, migrate_vm, migrate_with_mode, wait_for_dword,
+    workload_ram, write_then_read_kernel, Mode, QemuBuild, RamFill, Vm, VmSpec, WRITES_DONE,
+    WRITES_DONE_AT,
 };
 use common::*;
 use serde_json::json;
@@ -809,7 +810,14 @@ async fn postcopy_switched_mid_migration_with_a_writing_guest() {
             src.qmp
                 .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
                 .await;
-            tokio::time::sleep(Duration::from_millis(1200)).await;
+            // Switch once precopy is under way (a fixed pause was the habit; the
+            // dirtying guest keeps precopy from converging, so this cannot be late).
+            src.qmp
+                .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
+                    v["status"] == "active"
+                        && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 16 << 20
+                })
+                .await;
             src.qmp.cmd("migrate-start-postcopy", json!({})).await;
             src.qmp
                 .cmd(
@@ -932,15 +940,11 @@ async fn xbzrle_with_a_writing_guest() {
         // keeps the migration from converging meanwhile), then allow convergence. A
         // fixed 2.5 s was once too short in CI: the first pass took longer on a busy
         // machine, and the migration converged before any page was a cache hit.
-        let rounds = std::time::Instant::now();
-        while rounds.elapsed() < Duration::from_secs(120) {
-            let info = src.qmp.cmd("query-migrate", json!({})).await;
-            let running = matches!(info["status"].as_str(), Some("setup" | "active"));
-            if info["xbzrle-cache"]["pages"].as_u64().unwrap_or(0) > 0 || !running {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        src.qmp
+            .wait_migrate_until("an xbzrle-encoded page", Duration::from_secs(120), |v| {
+                v["xbzrle-cache"]["pages"].as_u64().unwrap_or(0) > 0
+            })
+            .await;
         src.qmp
             .cmd("migrate-set-parameters", json!({"downtime-limit": 5000}))
             .await;
@@ -1487,14 +1491,30 @@ async fn postcopy_page_requests_from_a_running_destination() {
                 json!({"max-bandwidth": 16u64 << 20}),
             )
             .await;
-        // The write phase is long over by the switch (20 passes over 88 MiB).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Migrate only once the guest's write phase (20 passes over 88 MiB) is over:
+        // from then on it only reads, so the running destination cannot change memory.
+        wait_for_dword(
+            &src.ram,
+            WRITES_DONE_AT,
+            WRITES_DONE,
+            Duration::from_secs(120),
+        )
+        .await;
         src.qmp
             .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
             .await;
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        src.qmp
+            .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
+                v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 8 << 20
+            })
+            .await;
         src.qmp.cmd("migrate-start-postcopy", json!({})).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Keep the background push slow until the destination has asked for a page.
+        src.qmp
+            .wait_migrate_until("a postcopy page request", Duration::from_secs(120), |v| {
+                v["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0
+            })
+            .await;
         src.qmp
             .cmd(
                 "migrate-set-parameters",

@@ -433,6 +433,38 @@ impl Qmp {
         }
     }
 
+    /// Polls query-migrate until `ready` holds for its answer, which it returns. Panics
+    /// when the migration fails, is cancelled or completes first, or after `timeout`
+    /// (`what` names the state waited for). Tests wait for the QEMU state they need
+    /// instead of sleeping: a fixed pause that suffices on a quiet machine is outrun on
+    /// a busy one.
+    pub async fn wait_migrate_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.cmd("query-migrate", json!({})).await;
+            if ready(&v) {
+                return v;
+            }
+            assert!(
+                !matches!(
+                    v["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                ),
+                "migration ended before {what}: {v}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {timeout:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls query-migrate until completed (panics on failure or timeout).
     pub async fn wait_migration(&mut self, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
@@ -525,11 +557,19 @@ pub fn dirtying_kernel(end: u32) -> Vec<u8> {
     k
 }
 
+/// Where [`write_then_read_kernel`] stores [`WRITES_DONE`] once its write phase is over
+/// (guest-physical, so also the offset in the RAM file; below the region it writes).
+pub const WRITES_DONE_AT: u32 = 0x0030_0000;
+/// The marker ("ENOD" little-endian: "DONE" read as a dword).
+pub const WRITES_DONE: u32 = 0x444F_4E45;
+
 /// A multiboot kernel that first writes one dword per page over [4 MiB, `end`) for
-/// `passes` passes (dirtying memory), then only *reads* that region forever. Run on a
-/// postcopy destination, the reads fault on pages not yet migrated (page requests on
-/// the return path, answered on the main or preempt channel) without changing memory,
-/// so source and destination RAM stay comparable.
+/// `passes` passes (dirtying memory), stores [`WRITES_DONE`] at [`WRITES_DONE_AT`], then
+/// only *reads* that region forever. Run on a postcopy destination, the reads fault on
+/// pages not yet migrated (page requests on the return path, answered on the main or
+/// preempt channel) without changing memory, so source and destination RAM stay
+/// comparable. [`wait_for_dword`] on the source's RAM file tells when the writes are
+/// over.
 pub fn write_then_read_kernel(end: u32, passes: u32) -> Vec<u8> {
     const MAGIC: u32 = 0x1BAD_B002;
     const FLAGS: u32 = 1 << 16;
@@ -556,13 +596,37 @@ pub fn write_then_read_kernel(end: u32, passes: u32) -> Vec<u8> {
     k.extend_from_slice(&[0x72, 0xF0]); // jb inner
     k.push(0x49); // dec ecx
     k.extend_from_slice(&[0x75, 0xE8]); // jnz outer
-    k.extend_from_slice(&[0xBE, 0x00, 0x00, 0x40, 0x00]); // 0x3D read: mov esi, 4 MiB
-    k.extend_from_slice(&[0x8B, 0x06]); // 0x42 mov eax, [esi]
+    k.extend_from_slice(&[0xC7, 0x05]); // 0x3D mov dword [WRITES_DONE_AT], WRITES_DONE
+    k.extend_from_slice(&WRITES_DONE_AT.to_le_bytes());
+    k.extend_from_slice(&WRITES_DONE.to_le_bytes());
+    k.extend_from_slice(&[0xBE, 0x00, 0x00, 0x40, 0x00]); // 0x47 read: mov esi, 4 MiB
+    k.extend_from_slice(&[0x8B, 0x06]); // 0x4C mov eax, [esi]
     k.extend_from_slice(&[0x81, 0xC6, 0x00, 0x10, 0x00, 0x00]); // add esi, 4096
     k.extend_from_slice(&[0x81, 0xFE]); // cmp esi, end
     k.extend_from_slice(&end.to_le_bytes());
     k.extend_from_slice(&[0x72, 0xF0, 0xEB, 0xE9]); // jb read_inner; jmp read
     k
+}
+
+/// Polls a guest's RAM file (shared with the running guest) until the dword at `offset`
+/// reads `value`; panics after `timeout`.
+pub async fn wait_for_dword(ram: &Path, offset: u32, value: u32, timeout: Duration) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(ram).unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut b = [0u8; 4];
+        file.read_exact_at(&mut b, u64::from(offset)).unwrap();
+        if u32::from_le_bytes(b) == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the guest did not store {value:#x} at {offset:#x} within {timeout:?}",
+            ram.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A Linux guest booted directly (`-kernel`/`-initrd`/`-append`) with its console on
