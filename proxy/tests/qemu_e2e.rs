@@ -1907,3 +1907,120 @@ async fn uncommon_modes_stay_exact_and_parsed() {
         }
     }
 }
+
+/// Dirty bitmaps travel inside the migration stream (`dirty-bitmaps` capability, as
+/// when a disk is mirrored separately and only its change tracking moves with the
+/// VM): the bitmap's own section is relayed exactly (the destination gets a bitmap
+/// with the same dirty count), RAM arrives byte-exact, and the parser follows the
+/// stream past that section (no fallback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_bitmaps_travel_with_the_migration() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-bitmap-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 72 + i as u8, 1);
+        let (src_disk, dst_disk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        for d in [&src_disk, &dst_disk] {
+            std::fs::File::create(d).unwrap().set_len(64 << 20).unwrap();
+        }
+        let mut src = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "bm-src".into(),
+            ram_mib: RAM_MIB,
+            ram_content: Some(Box::new(cluster_ram(9))),
+            incoming: false,
+            kernel: None,
+            disk: Some(src_disk.clone()),
+        })
+        .await;
+        let mut dstvm = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "bm-dst".into(),
+            ram_mib: RAM_MIB,
+            ram_content: None,
+            incoming: true,
+            kernel: None,
+            disk: Some(dst_disk.clone()),
+        })
+        .await;
+        src.qmp
+            .cmd(
+                "block-dirty-bitmap-add",
+                json!({"node": "d0", "name": "bm0", "granularity": 65536}),
+            )
+            .await;
+        // Writes through the block layer mark the bitmap: 4 MiB at 0, 1 MiB at 40 MiB
+        // and sixteen scattered 4 KiB writes (64 + 16 + 16 granules of 64 KiB).
+        let mut writes = vec![(0u64, 4u64 << 20), (40 << 20, 1 << 20)];
+        writes.extend((0..16u64).map(|k| ((8 << 20) + k * (1 << 20), 4096)));
+        for (at, len) in writes {
+            src.qmp
+                .cmd(
+                    "human-monitor-command",
+                    json!({"command-line": format!("qemu-io d0 \"write -P 0x5a {at} {len}\"")}),
+                )
+                .await;
+        }
+        let bitmap = |v: &serde_json::Value| -> Option<u64> {
+            v.as_array()?.iter().find(|d| d["device"] == "d0")?["inserted"]["dirty-bitmaps"]
+                .as_array()?
+                .iter()
+                .find(|b| b["name"] == "bm0")?["count"]
+                .as_u64()
+        };
+        let blocks = src.qmp.cmd("query-block", json!({})).await;
+        let count = bitmap(&blocks);
+        assert_eq!(count, Some(96 << 16), "QEMU {}: {blocks}", build.name);
+        let caps = json!({"capabilities": [{"capability": "dirty-bitmaps", "state": true}]});
+        for vm in [&mut src, &mut dstvm] {
+            vm.qmp.cmd("migrate-set-capabilities", caps.clone()).await;
+        }
+        dstvm
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        src.qmp.wait_migration(Duration::from_secs(300)).await;
+        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+        assert_same_file(&src.ram, &dstvm.ram);
+        // The bitmap's content is loaded after the RAM (it is postcopy-capable
+        // state); poll until the destination shows it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = bitmap(&dstvm.qmp.cmd("query-block", json!({})).await);
+            if got == count {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "QEMU {}: destination bitmap {got:?}, source {count:?}",
+                build.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let st = pair.a.wait_for("bitmap migration done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        let c = &st["counters"];
+        assert_eq!(
+            c["parser_fallbacks"],
+            0,
+            "QEMU {}: {}",
+            build.name,
+            pair.a.log()
+        );
+        assert_eq!(c["connections_failed"], 0, "QEMU {}: {c}", build.name);
+    }
+}
