@@ -470,6 +470,7 @@ impl EdgeShared {
                     .find(|(k, _)| *k == "pages")
                     .map_or(0, |c| c.1);
                 summary.blocks = o.seg.blocks;
+                summary.parser_counters = o.seg.counters.iter().copied().collect();
                 summary.parser_gave_up = o
                     .seg
                     .gave_up

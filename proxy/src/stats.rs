@@ -125,6 +125,8 @@ counters! {
     multifd_channels,
     /// Outgoing streams recognised as NBD clients (disk mirrors).
     nbd_streams,
+    /// Outgoing streams recognised as NBD servers (their READ replies: disks pulled).
+    nbd_server_streams,
     /// Outgoing streams recognised as QEMU postcopy preempt channels.
     preempt_channels,
     /// Exact protocol blocks (RAM pages, disk blocks) found by stream parsers.
@@ -165,6 +167,7 @@ impl EdgeStats {
             "qemu-main" => Some(&self.qemu_streams),
             "qemu-multifd" => Some(&self.multifd_channels),
             "nbd-client" => Some(&self.nbd_streams),
+            "nbd-server" => Some(&self.nbd_server_streams),
             "qemu-preempt" => Some(&self.preempt_channels),
             _ => None,
         };
@@ -231,6 +234,8 @@ pub struct ConnSummary {
     pub blocks: u64,
     /// Where the parser gave up, if it did.
     pub parser_gave_up: Option<String>,
+    /// What the parser counted (records, packets, requests, replies: per kind).
+    pub parser_counters: std::collections::BTreeMap<&'static str, u64>,
     /// Bytes read from the local side.
     pub lan_in: u64,
     /// Bytes written to the local side.

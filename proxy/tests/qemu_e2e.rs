@@ -2024,3 +2024,172 @@ async fn dirty_bitmaps_travel_with_the_migration() {
         assert_eq!(c["connections_failed"], 0, "QEMU {}: {c}", build.name);
     }
 }
+
+/// A disk *pulled* over NBD through the pair (the far side reads a remote export, as
+/// `qemu-img convert nbd://…`, a backup job or nbdcopy do): QEMU's NBD server on the
+/// source side, a mirror job on the destination whose source is an NBD node that
+/// connects through the pair. The copy is byte-exact; the server's READ replies
+/// (structured on 7.2, extended headers on 10.0) are parsed, so their data crosses as
+/// 4 KiB disk blocks, and a second pull of a disk with the same content is almost all
+/// references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_pull_read_replies_are_disk_blocks() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-nbd-pull-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 74 + i as u8, 2);
+        let mut wan_before = 0;
+        for k in 0..2usize {
+            let (src_disk, dst_disk) = (
+                dir.path().join(format!("src{k}.raw")),
+                dir.path().join(format!("dst{k}.raw")),
+            );
+            write_disk(&src_disk, 200, 48);
+            std::fs::File::create(&dst_disk)
+                .unwrap()
+                .set_len(48 << 20)
+                .unwrap();
+            let mut server = Vm::start(VmSpec {
+                build,
+                dir: dir.path(),
+                name: format!("pull{k}-nbd-src"),
+                ram_mib: 16,
+                ram_content: None,
+                incoming: false,
+                kernel: None,
+                disk: Some(src_disk.clone()),
+            })
+            .await;
+            let mut client = Vm::start(VmSpec {
+                build,
+                dir: dir.path(),
+                name: format!("pull{k}-client"),
+                ram_mib: 16,
+                ram_content: None,
+                incoming: false,
+                kernel: None,
+                disk: None,
+            })
+            .await;
+            let nbd = dst[k];
+            server
+                .qmp
+                .cmd(
+                    "nbd-server-start",
+                    json!({"addr": {"type": "inet", "data": {"host": nbd.ip().to_string(), "port": nbd.port().to_string()}}}),
+                )
+                .await;
+            server
+                .qmp
+                .cmd("nbd-server-add", json!({"device": "d0"}))
+                .await;
+            client
+                .qmp
+                .cmd(
+                    "blockdev-add",
+                    json!({"driver": "nbd", "node-name": "remote", "export": "d0", "read-only": true,
+                           "server": {"type": "inet", "host": fwd[k].ip().to_string(), "port": fwd[k].port().to_string()}}),
+                )
+                .await;
+            client
+                .qmp
+                .cmd(
+                    "drive-mirror",
+                    json!({"job-id": "pull", "device": "remote", "target": dst_disk.display().to_string(),
+                           "format": "raw", "mode": "existing", "sync": "full"}),
+                )
+                .await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            loop {
+                let jobs = client.qmp.cmd("query-block-jobs", json!({})).await;
+                let job = &jobs[0];
+                assert!(
+                    job.is_object(),
+                    "pull job vanished: {jobs}\n{}",
+                    client.log()
+                );
+                if job["ready"] == true && job["offset"] == job["len"] {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pull not done: {jobs}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            client
+                .qmp
+                .cmd("block-job-cancel", json!({"device": "pull"}))
+                .await;
+            loop {
+                let jobs = client.qmp.cmd("query-block-jobs", json!({})).await;
+                if jobs.as_array().is_some_and(|j| j.is_empty()) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pull did not finish: {jobs}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            client
+                .qmp
+                .cmd("blockdev-del", json!({"node-name": "remote"}))
+                .await;
+            drop(client);
+            drop(server);
+            assert_same_file(&src_disk, &dst_disk);
+            // The server's side of the connection is encoded by edge B.
+            let st = pair.b.wait_for("pull connection done", |c| {
+                c["connections_completed"].as_u64().unwrap() > k as u64
+            });
+            let c = &st["counters"];
+            assert_eq!(
+                c["nbd_server_streams"],
+                k as u64 + 1,
+                "QEMU {}: {c}",
+                build.name
+            );
+            assert_eq!(
+                c["parser_fallbacks"],
+                0,
+                "QEMU {}: {}",
+                build.name,
+                pair.b.log()
+            );
+            // 10.0 at both ends negotiates extended headers; 7.2 structured replies.
+            let conn = &st["recent_connections"][k];
+            let extended = conn["parser_counters"]["extended_replies"]
+                .as_u64()
+                .unwrap();
+            let data_chunks = conn["parser_counters"]["data_chunks"].as_u64().unwrap();
+            assert!(data_chunks > 0, "QEMU {}: {conn}", build.name);
+            if build.name == "7.2" {
+                assert_eq!(extended, 0, "QEMU 7.2: {conn}");
+            } else {
+                assert!(extended >= data_chunks, "QEMU {}: {conn}", build.name);
+            }
+            let blocks = c["protocol_blocks"].as_u64().unwrap();
+            assert!(
+                blocks >= 6_000 * (k as u64 + 1),
+                "QEMU {}: {blocks} disk blocks after pull {k}: {c}",
+                build.name
+            );
+            let wan = c["wan_bytes_out"].as_u64().unwrap();
+            eprintln!(
+                "QEMU {} pull {k}: WAN {} B, {c}",
+                build.name,
+                wan - wan_before
+            );
+            if k == 1 {
+                // The same content again: references, not data.
+                assert!(
+                    (wan - wan_before) * 20 < wan_before,
+                    "QEMU {}: second pull cost {} B, first {wan_before} B",
+                    build.name,
+                    wan - wan_before
+                );
+            }
+            wan_before = wan;
+        }
+    }
+}

@@ -154,6 +154,44 @@ proptest! {
         let (segs, _) = run(&stream, &sizes, flush);
         prop_assert!(concat(&segs) == stream);
     }
+
+    /// Mutated NBD streams, both directions (flips, cuts, insertions), never break
+    /// exactness or panic, and an intact one finds every aligned block at any split.
+    #[test]
+    fn mutated_nbd_streams_are_exact(
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 0..6),
+        sizes in proptest::collection::vec(1usize..9_000, 1..6),
+        flush in any::<bool>(),
+        which in 0u8..3,
+    ) {
+        let (mut stream, pages) = match which {
+            0 => nbd_stream(),
+            1 => nbd_server_stream(true),
+            _ => nbd_server_stream(false),
+        };
+        let intact = edits.iter().all(|e| e.2 == 3);
+        for (idx, byte, kind) in edits {
+            let i = idx.index(stream.len());
+            match kind {
+                0 => stream[i] = byte,
+                1 => stream.insert(i, byte),
+                2 => { stream.truncate(i.max(1)); }
+                _ => {}
+            }
+        }
+        let (segs, _) = run(&stream, &sizes, flush);
+        prop_assert!(concat(&segs) == stream);
+        if intact && which < 2 && !flush {
+            let blocks: Vec<Vec<u8>> = segs
+                .iter()
+                .filter_map(|s| match s {
+                    Segment::Block(b) => Some(b.to_vec()),
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(blocks, pages);
+        }
+    }
 }
 
 #[test]
@@ -252,5 +290,138 @@ fn nbd_writes_become_aligned_blocks() {
             .collect();
         assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");
         assert!(r.counters.contains(&("writes", 2)), "{r:?}");
+    }
+}
+
+/// An NBD server stream: greeting, option replies (structured replies acknowledged,
+/// GO answered with INFO then ACK), then a simple reply, structured READ data at an
+/// aligned and at an unaligned disk offset, a hole chunk, and an extended reply.
+/// Returns the stream and the aligned 4 KiB pieces of READ data, in order.
+fn nbd_server_stream(structured: bool) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut s = b"NBDMAGICIHAVEOPT\0\x03".to_vec();
+    let rep = |s: &mut Vec<u8>, opt: u32, ty: u32, data: &[u8]| {
+        s.extend_from_slice(&0x0003_E889_0455_65A9u64.to_be_bytes());
+        s.extend_from_slice(&opt.to_be_bytes());
+        s.extend_from_slice(&ty.to_be_bytes());
+        s.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        s.extend_from_slice(data);
+    };
+    if structured {
+        rep(&mut s, 8, 1, b""); // STRUCTURED_REPLY: ACK
+    } else {
+        rep(&mut s, 8, (1 << 31) | 1, b"unsupported"); // an error reply
+    }
+    rep(&mut s, 7, 3, b"\0\0\0\0\0\0\x40\0\0\0\x01\x0d"); // GO: INFO_EXPORT
+    rep(&mut s, 7, 1, b""); // GO: ACK, transmission begins
+    s.extend_from_slice(&0x6744_6698u32.to_be_bytes()); // simple reply (a FLUSH's)
+    s.extend_from_slice(&[0; 12]);
+    let page = |i: u8| vec![i; 4096];
+    let mut pages = Vec::new();
+    let chunk = |s: &mut Vec<u8>, ext: bool, ty: u16, payload: &[u8]| {
+        if ext {
+            s.extend_from_slice(&0x6E8A_278Cu32.to_be_bytes());
+        } else {
+            s.extend_from_slice(&0x668E_33EFu32.to_be_bytes());
+        }
+        s.extend_from_slice(&1u16.to_be_bytes()); // DONE
+        s.extend_from_slice(&ty.to_be_bytes());
+        s.extend_from_slice(&9u64.to_be_bytes()); // cookie
+        if ext {
+            s.extend_from_slice(&0u64.to_be_bytes());
+            s.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        } else {
+            s.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        }
+        s.extend_from_slice(payload);
+    };
+    let data = |off: u64, body: &[u8]| {
+        let mut p = off.to_be_bytes().to_vec();
+        p.extend_from_slice(body);
+        p
+    };
+    let body: Vec<u8> = (0..3).flat_map(|i| page(i + 1)).collect();
+    chunk(&mut s, false, 1, &data(1 << 20, &body));
+    pages.extend((0..3).map(|i| page(i + 1)));
+    chunk(&mut s, false, 2, &data(0, &4096u32.to_be_bytes())); // OFFSET_HOLE
+    let mut body = vec![7u8; 1000];
+    body.extend(page(30));
+    body.extend(vec![6u8; 10]);
+    chunk(&mut s, false, 1, &data(3 * 4096 - 1000, &body));
+    pages.push(page(30));
+    chunk(&mut s, true, 1, &data(8192, &page(40)));
+    pages.push(page(40));
+    (s, pages)
+}
+
+#[test]
+fn nbd_read_replies_become_aligned_blocks() {
+    let (stream, pages) = nbd_server_stream(true);
+    for sizes in [&[1usize << 20][..], &[1, 3, 20, 4096], &[7]] {
+        let (segs, seg) = run(&stream, sizes, false);
+        assert!(concat(&segs) == stream);
+        let r = seg.report();
+        assert_eq!(r.kind, "nbd-server", "{r:?}");
+        assert_eq!(r.gave_up, None, "{r:?}");
+        let blocks: Vec<Vec<u8>> = segs
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Block(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");
+        assert!(r.counters.contains(&("data_chunks", 3)), "{r:?}");
+        assert!(r.counters.contains(&("replies", 5)), "{r:?}");
+    }
+}
+
+#[test]
+fn nbd_simple_replies_without_structured_ones_are_not_followed() {
+    // Without structured replies a READ's data follows a simple reply, and only the
+    // client's request says how long it is: the parser stops at the first reply.
+    let (stream, _) = nbd_server_stream(false);
+    let (segs, seg) = run(&stream, &[1 << 20], false);
+    assert!(concat(&segs) == stream);
+    let r = seg.report();
+    assert_eq!(r.kind, "nbd-server", "{r:?}");
+    let (at, why) = r.gave_up.clone().expect("gave up");
+    assert!(why.contains("simple replies"), "{why}");
+    assert_eq!(at, 18 + 3 * 20 + 11 + 12, "{r:?}");
+}
+
+#[test]
+fn nbd_offsets_at_the_end_of_the_range_yield_no_blocks() {
+    // A WRITE (client) and READ data (server) claiming disk offsets where offset +
+    // length passes 2^64: no real disk, so no blocks, no overflow, bytes exact.
+    let mut client = vec![0, 0, 0, 3];
+    client.extend_from_slice(b"IHAVEOPT\0\0\0\x07\0\0\0\0");
+    client.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    client.extend_from_slice(&[0, 0, 0, 1]); // flags, WRITE
+    client.extend_from_slice(&1u64.to_be_bytes());
+    client.extend_from_slice(&(u64::MAX - 100).to_be_bytes());
+    client.extend_from_slice(&8192u32.to_be_bytes());
+    client.extend_from_slice(&[5; 8192]);
+    let mut server = b"NBDMAGICIHAVEOPT\0\x03".to_vec();
+    for (opt, ty) in [(8u32, 1u32), (7, 1)] {
+        server.extend_from_slice(&0x0003_E889_0455_65A9u64.to_be_bytes());
+        server.extend_from_slice(&opt.to_be_bytes());
+        server.extend_from_slice(&ty.to_be_bytes());
+        server.extend_from_slice(&0u32.to_be_bytes());
+    }
+    server.extend_from_slice(&0x668E_33EFu32.to_be_bytes());
+    server.extend_from_slice(&[0, 1, 0, 1]); // DONE, OFFSET_DATA
+    server.extend_from_slice(&1u64.to_be_bytes());
+    server.extend_from_slice(&(8 + 8192u32).to_be_bytes());
+    server.extend_from_slice(&(u64::MAX - 4000).to_be_bytes());
+    server.extend_from_slice(&[6; 8192]);
+    for (stream, kind) in [(client, "nbd-client"), (server, "nbd-server")] {
+        let (segs, seg) = run(&stream, &[1 << 20], false);
+        assert!(concat(&segs) == stream);
+        let r = seg.report();
+        assert_eq!(
+            (r.kind, r.blocks, r.gave_up.clone()),
+            (kind, 0, None),
+            "{r:?}"
+        );
     }
 }

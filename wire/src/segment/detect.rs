@@ -5,13 +5,14 @@ use std::collections::VecDeque;
 use super::blocks::BlockFinder;
 use super::multifd::MultifdFinder;
 use super::nbd::NbdClientFinder;
+use super::nbd_server::NbdServerFinder;
 use super::qemu::QemuMainFinder;
 
 /// Bytes needed to tell the stream kinds apart (NBD: client flags + `IHAVEOPT`).
 const DETECT_LEN: usize = 12;
 
-/// Dispatches to the QEMU main-channel, multifd, postcopy-preempt or NBD-client
-/// parser, or gives up at byte 0 (the stream is then content-chunked).
+/// Dispatches to the QEMU main-channel, multifd, postcopy-preempt, NBD-client or
+/// NBD-server parser, or gives up at byte 0 (the stream is then content-chunked).
 #[derive(Debug)]
 pub enum DetectingFinder {
     /// Fewer than 12 bytes seen.
@@ -22,6 +23,8 @@ pub enum DetectingFinder {
     Multifd(MultifdFinder),
     /// NBD client (disk mirror to an NBD export).
     Nbd(NbdClientFinder),
+    /// NBD server (its READ replies: a disk pulled from an export).
+    NbdServer(NbdServerFinder),
     /// Something else.
     Unknown,
 }
@@ -38,6 +41,7 @@ impl BlockFinder for DetectingFinder {
             DetectingFinder::Main(f) => f.feed(data, out),
             DetectingFinder::Multifd(f) => f.feed(data, out),
             DetectingFinder::Nbd(f) => f.feed(data, out),
+            DetectingFinder::NbdServer(f) => f.feed(data, out),
             DetectingFinder::Unknown => {}
             DetectingFinder::Undecided(seen) => {
                 let take = (DETECT_LEN - seen.len()).min(data.len());
@@ -52,6 +56,8 @@ impl BlockFinder for DetectingFinder {
                     DetectingFinder::Multifd(MultifdFinder::new())
                 } else if NbdClientFinder::matches(&first) {
                     DetectingFinder::Nbd(NbdClientFinder::new())
+                } else if NbdServerFinder::matches(&first) {
+                    DetectingFinder::NbdServer(NbdServerFinder::new())
                 } else if QemuMainFinder::matches_preempt(&first) {
                     DetectingFinder::Main(QemuMainFinder::preempt())
                 } else {
@@ -69,7 +75,8 @@ impl BlockFinder for DetectingFinder {
             DetectingFinder::Main(f) => f.gave_up(),
             DetectingFinder::Multifd(f) => f.gave_up(),
             DetectingFinder::Nbd(f) => f.gave_up(),
-            DetectingFinder::Unknown => Some((0, "not a QEMU migration or NBD client stream")),
+            DetectingFinder::NbdServer(f) => f.gave_up(),
+            DetectingFinder::Unknown => Some((0, "not a QEMU migration or NBD stream")),
             DetectingFinder::Undecided(_) => None,
         }
     }
@@ -79,6 +86,7 @@ impl BlockFinder for DetectingFinder {
             DetectingFinder::Main(f) => f.kind(),
             DetectingFinder::Multifd(f) => f.kind(),
             DetectingFinder::Nbd(f) => f.kind(),
+            DetectingFinder::NbdServer(f) => f.kind(),
             DetectingFinder::Unknown | DetectingFinder::Undecided(_) => "unknown",
         }
     }
@@ -88,6 +96,7 @@ impl BlockFinder for DetectingFinder {
             DetectingFinder::Main(f) => f.counters(),
             DetectingFinder::Multifd(f) => f.counters(),
             DetectingFinder::Nbd(f) => f.counters(),
+            DetectingFinder::NbdServer(f) => f.counters(),
             _ => Vec::new(),
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! A segmenter consumes bytes from the front of the connection's read buffer and yields
 //! [`Segment`]s whose concatenation is exactly the bytes consumed. Protocol-aware
-//! segmenters (QEMU migration, NBD) find 4 KiB pages at exact offsets; [`CdcSegmenter`]
+//! segmenters (QEMU migration, NBD writes and reads) find 4 KiB pages at exact offsets; [`CdcSegmenter`]
 //! serves every other stream. A segmenter that is unsure yields opaque bytes: a wrong
 //! guess only costs dedup ratio, because the encoder ships whatever the segments hold.
 
@@ -15,6 +15,7 @@ mod cdc;
 pub mod detect;
 pub mod multifd;
 pub mod nbd;
+pub mod nbd_server;
 pub mod qemu;
 pub use blocks::{BlockFinder, BlockSegmenter};
 pub use cdc::CdcSegmenter;

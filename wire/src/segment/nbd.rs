@@ -133,19 +133,7 @@ impl NbdClientFinder {
                 if ty == CMD_WRITE {
                     self.writes += 1;
                     self.write_bytes += length;
-                    // Blocks at 4 KiB-aligned disk offsets inside [offset, offset+length).
-                    let block = BLOCK as u64;
-                    let first = offset.div_ceil(block) * block;
-                    let start = self.at + header as u64;
-                    let mut disk = first;
-                    while disk
-                        .checked_add(block)
-                        .is_some_and(|end| end <= offset + length)
-                    {
-                        out.push_back(start + (disk - offset));
-                        self.blocks += 1;
-                        disk += block;
-                    }
+                    self.blocks += disk_blocks(out, self.at + header as u64, offset, length);
                 }
                 self.next_skip = length;
                 Ok(Some(header))
@@ -185,14 +173,37 @@ impl BlockFinder for NbdClientFinder {
     }
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+/// Pushes the stream offsets of the 4 KiB blocks at 4 KiB-aligned *disk* offsets inside
+/// `length` bytes of disk data that start at disk `offset` and at stream offset `start`
+/// (a WRITE payload, a READ reply's data); returns how many. An unaligned head or tail
+/// stays opaque. Offsets near the end of the 64-bit range (never a real disk) yield
+/// nothing rather than overflow.
+pub(super) fn disk_blocks(out: &mut VecDeque<u64>, start: u64, offset: u64, length: u64) -> u64 {
+    let block = BLOCK as u64;
+    let (Some(end), Some(first)) = (
+        offset.checked_add(length),
+        offset.div_ceil(block).checked_mul(block),
+    ) else {
+        return 0;
+    };
+    let mut n = 0;
+    let mut disk = first;
+    while disk.checked_add(block).is_some_and(|e| e <= end) {
+        out.push_back(start + (disk - offset));
+        n += 1;
+        disk += block;
+    }
+    n
+}
+
+pub(super) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(super) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(super) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
