@@ -2193,3 +2193,112 @@ async fn nbd_pull_read_replies_are_disk_blocks() {
         }
     }
 }
+
+/// Either edge killed mid-migration (a crash, SIGKILL): the migration fails loudly at
+/// the source (QEMU reports it failed and keeps its VM; nothing half-delivered passes
+/// for a whole migration), the surviving edge counts the connection failed, and once
+/// the edge is back the same source VM migrates again through the pair, byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_mid_migration_fails_it_and_a_retry_is_exact() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-killed-{}", build.name));
+        let net = 76 + i as u8;
+        certs(dir.path(), &["a", "b"]);
+        let (tunnel, fwd, dst) = (addr(net, 17000), addr(net, 14000), addr(net, 15000));
+        let b_args = [s("--tunnel-listen"), tunnel.to_string()];
+        let a_args = [s("--forward"), format!("{fwd}={tunnel}={dst}")];
+        let mut b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
+        let mut a = EdgeProc::start(dir.path(), "a", &a_args, fwd);
+        let mut src = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "killed-src".into(),
+            ram_mib: RAM_MIB,
+            ram_content: Some(Box::new(cluster_ram(11))),
+            incoming: false,
+            kernel: None,
+            disk: None,
+        })
+        .await;
+        for (attempt, victim) in ["b", "a", "none"].into_iter().enumerate() {
+            let mut dstvm = Vm::start(VmSpec {
+                build,
+                dir: dir.path(),
+                name: format!("killed-dst{attempt}"),
+                ram_mib: RAM_MIB,
+                ram_content: None,
+                incoming: true,
+                kernel: None,
+                disk: None,
+            })
+            .await;
+            dstvm
+                .qmp
+                .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
+                .await;
+            // Slow enough that the kill lands mid-stream; full speed for the retry.
+            let rate: u64 = if victim == "none" { 8 << 30 } else { 16 << 20 };
+            src.qmp
+                .cmd("migrate-set-parameters", json!({"max-bandwidth": rate}))
+                .await;
+            src.qmp
+                .cmd("migrate", json!({"uri": format!("tcp:{fwd}")}))
+                .await;
+            if victim == "none" {
+                src.qmp.wait_migration(Duration::from_secs(300)).await;
+                dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+                assert_same_file(&src.ram, &dstvm.ram);
+                break;
+            }
+            src.qmp
+                .wait_migrate_until("migration under way", Duration::from_secs(120), |v| {
+                    v["status"] == "active"
+                        && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 8 << 20
+                })
+                .await;
+            let survivor_failed_before = if victim == "b" {
+                let before = a.counter("connections_failed");
+                b.kill();
+                before
+            } else {
+                let before = b.counter("connections_failed");
+                a.kill();
+                before
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = src.qmp.cmd("query-migrate", json!({})).await;
+                if v["status"] == "failed" {
+                    break;
+                }
+                assert!(
+                    v["status"] != "completed",
+                    "QEMU {}: a migration through a killed edge {victim} completed: {v}",
+                    build.name
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "QEMU {}: migration not failed after edge {victim} was killed: {v}",
+                    build.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let st = src.qmp.cmd("query-status", json!({})).await;
+            assert_ne!(st["status"], "postmigrate", "QEMU {}: {st}", build.name);
+            let survivor = if victim == "b" { &a } else { &b };
+            survivor.wait_for("the cut connection counted failed", |c| {
+                c["connections_failed"].as_u64().unwrap() > survivor_failed_before
+            });
+            drop(dstvm);
+            if victim == "b" {
+                b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
+            } else {
+                a = EdgeProc::start(dir.path(), "a", &a_args, fwd);
+            }
+        }
+        let st = a.wait_for("the retry done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        assert_eq!(st["counters"]["parser_fallbacks"], 0, "{}", a.log());
+    }
+}
