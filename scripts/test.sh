@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need, then runs
 # formatting and lint gates, every unit/property/integration test (including the fuzz
-# corpus replay), and a short demo through a real edge pair.
+# corpus replay), a short bounded run of every fuzz target, and a short demo through a
+# real edge pair.
 #
 # Usage: scripts/test.sh            (from the repository root or anywhere)
 set -euo pipefail
@@ -24,6 +25,8 @@ fi
 # baseline the QEMU cluster test compares against.
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+# libFuzzer (the fuzz smoke below) is C++.
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v zstd >/dev/null 2>&1 || missing+=(zstd)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # The TPROXY tests build network namespaces and divert with nftables and with
@@ -51,6 +54,28 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
 cargo test --workspace --locked
+
+log "fuzz smoke (every target: the committed corpus, then 5000 runs from a fixed seed)"
+# cargo-fuzz builds with the sanitizer flags of a nightly compiler; RUSTC_BOOTSTRAP
+# lets the stable toolchain accept them. A fixed seed and run count make the run
+# repeatable; new inputs go to a scratch directory, not the committed corpus.
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+fuzz_scratch=$(mktemp -d)
+trap 'rm -rf "$fuzz_scratch"' EXIT
+(
+  cd fuzz
+  for target in $(cargo fuzz list); do
+    mkdir -p "$fuzz_scratch/$target"
+    out="$fuzz_scratch/$target.log"
+    if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$fuzz_scratch/$target" "corpus/$target" -- \
+      -seed=1 -runs=5000 -max_len=20000 >"$out" 2>&1; then
+      tail -60 "$out" >&2
+      echo "fuzz target $target failed: the input is in fuzz/artifacts/$target/" >&2
+      exit 1
+    fi
+    echo "$target: $(grep -E '^Done [0-9]+ runs' "$out" | tail -1)"
+  done
+)
 
 log "demo smoke (2 VMs x 32 MiB through a TLS edge pair)"
 cargo build --release --locked -p shrinker-proxy
