@@ -2302,3 +2302,162 @@ async fn an_edge_killed_mid_migration_fails_it_and_a_retry_is_exact() {
         assert_eq!(st["counters"]["parser_fallbacks"], 0, "{}", a.log());
     }
 }
+
+/// Postcopy recovery through the pair: an edge killed while a *running* destination
+/// is in postcopy (the case postcopy recovery exists for: the destination cannot go
+/// back, the source cannot resume the guest). Both QEMUs pause (`postcopy-paused`);
+/// once the edge is back, `migrate-recover` on the destination and `migrate` with
+/// `resume` on the source finish the migration through the pair (the resumed channel
+/// has no stream header, yet the edge recognises it and finds its pages), and RAM
+/// ends byte-exact. 7.2 loses edge B, 10.0 edge A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_recovers_through_the_pair_after_an_edge_is_killed() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-pc-recover-{}", build.name));
+        let net = 78 + i as u8;
+        certs(dir.path(), &["a", "b"]);
+        let (tunnel, fwd, dst) = (addr(net, 17000), addr(net, 14000), addr(net, 15000));
+        let b_args = [s("--tunnel-listen"), tunnel.to_string()];
+        let a_args = [s("--forward"), format!("{fwd}={tunnel}={dst}")];
+        let mut b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
+        let mut a = EdgeProc::start(dir.path(), "a", &a_args, fwd);
+        let kernel = dir.path().join("wr.bin");
+        std::fs::write(&kernel, write_then_read_kernel(0x0600_0000, 20)).unwrap();
+        let mut src = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "rec-src".into(),
+            ram_mib: RAM_MIB,
+            ram_content: Some(Box::new(cluster_ram(13))),
+            incoming: false,
+            kernel: Some(kernel.clone()),
+            disk: None,
+        })
+        .await;
+        let mut dstvm = Vm::start(VmSpec {
+            build,
+            dir: dir.path(),
+            name: "rec-dst-run".into(),
+            ram_mib: RAM_MIB,
+            ram_content: None,
+            incoming: true,
+            kernel: Some(kernel.clone()),
+            disk: None,
+        })
+        .await;
+        let caps = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+        for vm in [&mut src, &mut dstvm] {
+            vm.qmp.cmd("migrate-set-capabilities", caps.clone()).await;
+        }
+        dstvm
+            .qmp
+            .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
+            .await;
+        // A slow background push, so postcopy lasts until the kill.
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 20}),
+            )
+            .await;
+        wait_for_dword(
+            &src.ram,
+            WRITES_DONE_AT,
+            WRITES_DONE,
+            Duration::from_secs(120),
+        )
+        .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{fwd}")}))
+            .await;
+        src.qmp
+            .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
+                v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 4 << 20
+            })
+            .await;
+        src.qmp.cmd("migrate-start-postcopy", json!({})).await;
+        src.qmp
+            .wait_migrate_until(
+                "postcopy with a page requested",
+                Duration::from_secs(120),
+                |v| {
+                    v["status"] == "postcopy-active"
+                        && v["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0
+                },
+            )
+            .await;
+        let victim = if i == 0 { "b" } else { "a" };
+        if victim == "b" {
+            b.kill();
+        } else {
+            a.kill();
+        }
+        for (who, vm) in [("source", &mut src), ("destination", &mut dstvm)] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = vm.qmp.cmd("query-migrate", json!({})).await;
+                if v["status"] == "postcopy-paused" {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "QEMU {}: the {who} did not pause after edge {victim} was killed: {v}",
+                    build.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if victim == "b" {
+            b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
+        } else {
+            a = EdgeProc::start(dir.path(), "a", &a_args, fwd);
+        }
+        dstvm
+            .qmp
+            .cmd("migrate-recover", json!({"uri": format!("tcp:{dst}")}))
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate",
+                json!({"uri": format!("tcp:{fwd}"), "resume": true}),
+            )
+            .await;
+        src.qmp.wait_migration(Duration::from_secs(300)).await;
+        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+        assert_same_file(&src.ram, &dstvm.ram);
+        let st = a.wait_for("the resumed channel done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        // The resumed channel has no header, yet its RAM pages are found.
+        let resumed = st["recent_connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["result"] == "ok")
+            .unwrap_or_else(|| panic!("no completed connection: {st}"))
+            .clone();
+        eprintln!("QEMU {}: resumed channel {resumed}", build.name);
+        assert_eq!(
+            resumed["kind"], "qemu-main",
+            "QEMU {}: {resumed}",
+            build.name
+        );
+        assert!(
+            resumed["parser_gave_up"].is_null(),
+            "QEMU {}: {resumed}",
+            build.name
+        );
+        assert!(
+            resumed["pages"].as_u64().unwrap() > 10_000,
+            "QEMU {}: {resumed}",
+            build.name
+        );
+        drop(b);
+    }
+}

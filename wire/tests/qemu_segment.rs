@@ -425,3 +425,57 @@ fn nbd_offsets_at_the_end_of_the_range_yield_no_blocks() {
         );
     }
 }
+
+/// A main channel reopened by postcopy recovery: no header, RECV_BITMAP commands,
+/// POSTCOPY_RESUME, then parts of the RAM section started on the lost connection.
+#[test]
+fn resumed_postcopy_channel_pages_found() {
+    let cmd = |s: &mut Vec<u8>, cmd: u16, data: &[u8]| {
+        s.push(0x08);
+        s.extend_from_slice(&cmd.to_be_bytes());
+        s.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        s.extend_from_slice(data);
+    };
+    let mut s = Vec::new();
+    cmd(&mut s, 10, b"\x06pc.ram");
+    cmd(&mut s, 10, b"\x14/rom@etc/acpi/tables");
+    cmd(&mut s, 9, b""); // POSTCOPY_RESUME
+    let page = |i: u8| vec![i; 4096];
+    let mut pages = Vec::new();
+    s.push(0x02); // SECTION_PART of section 2 (the RAM section, started long ago)
+    s.extend_from_slice(&2u32.to_be_bytes());
+    s.extend_from_slice(&(0x0010_0000u64 | 0x08).to_be_bytes()); // PAGE, named block
+    s.extend_from_slice(b"\x06pc.ram");
+    s.extend(page(1));
+    pages.push(page(1));
+    s.extend_from_slice(&(0x0010_1000u64 | 0x08 | 0x20).to_be_bytes()); // PAGE, CONTINUE
+    s.extend(page(2));
+    pages.push(page(2));
+    s.extend_from_slice(&(0x0010_2000u64 | 0x02 | 0x20).to_be_bytes()); // ZERO
+    s.push(0);
+    s.extend_from_slice(&0x10u64.to_be_bytes()); // EOS
+    s.extend_from_slice(&[0x7E, 0, 0, 0, 2]); // footer
+    s.push(0x03); // SECTION_END
+    s.extend_from_slice(&2u32.to_be_bytes());
+    s.extend_from_slice(&(0x0020_0000u64 | 0x08 | 0x20).to_be_bytes());
+    s.extend(page(3));
+    pages.push(page(3));
+    s.extend_from_slice(&0x10u64.to_be_bytes());
+    s.extend_from_slice(&[0x7E, 0, 0, 0, 2]);
+    s.push(0x00); // EOF
+    for sizes in [&[1usize << 20][..], &[1, 5, 13, 4096], &[3]] {
+        let (segs, seg) = run(&s, sizes, false);
+        assert!(concat(&segs) == s);
+        let r = seg.report();
+        assert_eq!(r.kind, "qemu-main", "{r:?}");
+        assert_eq!(r.gave_up, None, "{r:?}");
+        let blocks: Vec<Vec<u8>> = segs
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Block(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(blocks, pages);
+    }
+}

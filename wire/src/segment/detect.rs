@@ -11,8 +11,8 @@ use super::qemu::QemuMainFinder;
 /// Bytes needed to tell the stream kinds apart (NBD: client flags + `IHAVEOPT`).
 const DETECT_LEN: usize = 12;
 
-/// Dispatches to the QEMU main-channel, multifd, postcopy-preempt, NBD-client or
-/// NBD-server parser, or gives up at byte 0 (the stream is then content-chunked).
+/// Dispatches to the QEMU main-channel (new or resumed by postcopy recovery), multifd,
+/// postcopy-preempt, NBD-client or NBD-server parser, or gives up at byte 0 (the stream is then content-chunked).
 #[derive(Debug)]
 pub enum DetectingFinder {
     /// Fewer than 12 bytes seen.
@@ -58,6 +58,8 @@ impl BlockFinder for DetectingFinder {
                     DetectingFinder::Nbd(NbdClientFinder::new())
                 } else if NbdServerFinder::matches(&first) {
                     DetectingFinder::NbdServer(NbdServerFinder::new())
+                } else if QemuMainFinder::matches_resumed(&first) {
+                    DetectingFinder::Main(QemuMainFinder::resumed())
                 } else if QemuMainFinder::matches_preempt(&first) {
                     DetectingFinder::Main(QemuMainFinder::preempt())
                 } else {

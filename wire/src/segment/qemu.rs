@@ -47,6 +47,7 @@ const BLK_CHUNK: usize = 1 << 20;
 
 const CMD_POSTCOPY_ADVISE: u16 = 3;
 const CMD_PACKAGED: u16 = 7;
+const CMD_RECV_BITMAP: u16 = 10;
 const CMD_MAX: u16 = 11;
 
 /// The most bytes one grammar element may need in view at once (a capability list of
@@ -111,6 +112,9 @@ pub struct QemuMainFinder {
     page_bits_seen: Option<u32>,
     /// Parsing a postcopy preempt channel: bare RAM records, no header or sections.
     preempt: bool,
+    /// Parsing a main channel resumed by postcopy recovery: no header, and sections
+    /// that were started on the lost connection (see [`QemuMainFinder::resumed`]).
+    resumed: bool,
     stats: QemuStats,
 }
 
@@ -135,8 +139,43 @@ impl QemuMainFinder {
             x86: true,
             page_bits_seen: None,
             preempt: false,
+            resumed: false,
             stats: QemuStats::default(),
         }
+    }
+
+    /// A parser for a main channel that postcopy recovery opened (`migrate` with
+    /// `resume`): QEMU sends no header or configuration on it, only records: the
+    /// RECV_BITMAP commands, POSTCOPY_RESUME, then parts of the sections it started on
+    /// the lost connection. In postcopy only RAM (and dirty bitmaps) still iterate, so
+    /// a section first seen continued is parsed as RAM; a wrong guess ends in a
+    /// give-up, never in wrong bytes.
+    pub fn resumed() -> Self {
+        QemuMainFinder {
+            state: State::Records,
+            resumed: true,
+            postcopy: true,
+            ..Self::new()
+        }
+    }
+
+    /// Whether `first` looks like the start of a resumed main channel: a RECV_BITMAP
+    /// command naming a RAM block (length byte, then printable characters).
+    pub fn matches_resumed(first: &[u8]) -> bool {
+        if first.len() < 12 || first[0] != REC_COMMAND {
+            return false;
+        }
+        let (cmd, len) = (
+            u16::from_be_bytes([first[1], first[2]]),
+            u16::from_be_bytes([first[3], first[4]]) as usize,
+        );
+        let name = first[5] as usize;
+        cmd == CMD_RECV_BITMAP
+            && name > 0
+            && len == name + 1
+            && first[6..12.min(6 + name)]
+                .iter()
+                .all(|c| c.is_ascii_graphic())
     }
 
     /// A parser for a postcopy preempt channel: it carries only RAM records (the
@@ -319,8 +358,13 @@ impl QemuMainFinder {
             }
             REC_PART | REC_END => {
                 let Some(id) = be32(b, 1) else { return Need };
-                let Some(&kind) = self.sections.get(&id) else {
-                    return GiveUp(format!("section {id} continued but never started"));
+                let kind = match self.sections.get(&id) {
+                    Some(&kind) => kind,
+                    None if self.resumed => {
+                        self.sections.insert(id, SectionKind::Ram);
+                        SectionKind::Ram
+                    }
+                    None => return GiveUp(format!("section {id} continued but never started")),
                 };
                 self.enter_section(id, kind);
                 Consumed(5)
