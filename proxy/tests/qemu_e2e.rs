@@ -1433,6 +1433,89 @@ async fn multifd_cluster_wan_bytes_near_ideal() {
     }
 }
 
+/// Starts a guest that writes memory and then only reads it (`write_then_read_kernel`)
+/// and a *running* incoming destination, enables postcopy (and preempt) on both,
+/// migrates through `fwd` at a slow background rate once the guest's write phase is
+/// over (from then on a running destination cannot change memory), switches to
+/// postcopy once precopy is under way and returns when the destination has asked for
+/// a page. Shared by the postcopy tests with a running destination.
+#[allow(clippy::too_many_arguments)]
+async fn postcopy_with_a_running_destination(
+    build: &QemuBuild,
+    dir: &Path,
+    name: &str,
+    ram: u64,
+    preempt: bool,
+    rate: u64,
+    fwd: SocketAddr,
+    dst: SocketAddr,
+) -> (Vm, Vm) {
+    let kernel = dir.join(format!("{name}-wr.bin"));
+    std::fs::write(&kernel, write_then_read_kernel(0x0600_0000, 20)).unwrap();
+    let mut src = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-src"),
+        ram_mib: RAM_MIB,
+        ram_content: Some(Box::new(cluster_ram(ram))),
+        incoming: false,
+        kernel: Some(kernel.clone()),
+        disk: None,
+    })
+    .await;
+    let mut dstvm = Vm::start(VmSpec {
+        build,
+        dir,
+        name: format!("{name}-dst-run"),
+        ram_mib: RAM_MIB,
+        ram_content: None,
+        incoming: true,
+        kernel: Some(kernel),
+        disk: None,
+    })
+    .await;
+    let mut caps = vec![json!({"capability": "postcopy-ram", "state": true})];
+    if preempt {
+        caps.push(json!({"capability": "postcopy-preempt", "state": true}));
+    }
+    for vm in [&mut src, &mut dstvm] {
+        vm.qmp
+            .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .await;
+    }
+    dstvm
+        .qmp
+        .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
+        .await;
+    src.qmp
+        .cmd("migrate-set-parameters", json!({"max-bandwidth": rate}))
+        .await;
+    // The write phase: 20 passes over 88 MiB.
+    wait_for_dword(
+        &src.ram,
+        WRITES_DONE_AT,
+        WRITES_DONE,
+        Duration::from_secs(120),
+    )
+    .await;
+    src.qmp
+        .cmd("migrate", json!({"uri": format!("tcp:{fwd}")}))
+        .await;
+    src.qmp
+        .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
+            v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 4 << 20
+        })
+        .await;
+    src.qmp.cmd("migrate-start-postcopy", json!({})).await;
+    src.qmp
+        .wait_migrate_until("a postcopy page request", Duration::from_secs(120), |v| {
+            v["status"] == "postcopy-active"
+                && v["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    (src, dstvm)
+}
+
 /// Postcopy with a *running* destination: its vCPU faults on pages not yet migrated,
 /// the page requests travel the return path, and the pages come back on the main
 /// channel (7.2) or the preempt channel (10.0, postcopy-preempt), which the edge
@@ -1443,78 +1526,19 @@ async fn postcopy_page_requests_from_a_running_destination() {
     for (i, build) in builds().iter().enumerate() {
         let preempt = build.name != "7.2";
         let dir = Scratch::new(&format!("qemu-pcreq-{}", build.name));
-        let kernel = dir.path().join("wr.bin");
-        std::fs::write(&kernel, write_then_read_kernel(0x0600_0000, 20)).unwrap();
         let (pair, fwd, dst) = start_pair(dir.path(), 64 + i as u8, 1);
-        let mut src = Vm::start(VmSpec {
+        // A slow background push keeps the running destination asking for pages.
+        let (mut src, mut dstvm) = postcopy_with_a_running_destination(
             build,
-            dir: dir.path(),
-            name: "req-src".into(),
-            ram_mib: RAM_MIB,
-            ram_content: Some(Box::new(cluster_ram(7))),
-            incoming: false,
-            kernel: Some(kernel.clone()),
-            disk: None,
-        })
-        .await;
-        let mut dstvm = Vm::start(VmSpec {
-            build,
-            dir: dir.path(),
-            name: "req-dst-run".into(),
-            ram_mib: RAM_MIB,
-            ram_content: None,
-            incoming: true,
-            kernel: Some(kernel.clone()),
-            disk: None,
-        })
-        .await;
-        let mut caps = vec![json!({"capability": "postcopy-ram", "state": true})];
-        if preempt {
-            caps.push(json!({"capability": "postcopy-preempt", "state": true}));
-        }
-        for vm in [&mut src, &mut dstvm] {
-            vm.qmp
-                .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
-                .await;
-        }
-        dstvm
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[0])}),
-            )
-            .await;
-        // Slow background push, so the running destination must ask for pages.
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 16u64 << 20}),
-            )
-            .await;
-        // Migrate only once the guest's write phase (20 passes over 88 MiB) is over:
-        // from then on it only reads, so the running destination cannot change memory.
-        wait_for_dword(
-            &src.ram,
-            WRITES_DONE_AT,
-            WRITES_DONE,
-            Duration::from_secs(120),
+            dir.path(),
+            "req",
+            7,
+            preempt,
+            16 << 20,
+            fwd[0],
+            dst[0],
         )
         .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-            .await;
-        src.qmp
-            .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
-                v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 8 << 20
-            })
-            .await;
-        src.qmp.cmd("migrate-start-postcopy", json!({})).await;
-        // Keep the background push slow until the destination has asked for a page.
-        src.qmp
-            .wait_migrate_until("a postcopy page request", Duration::from_secs(120), |v| {
-                v["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0
-            })
-            .await;
         src.qmp
             .cmd(
                 "migrate-set-parameters",
@@ -2321,78 +2345,20 @@ async fn postcopy_recovers_through_the_pair_after_an_edge_is_killed() {
         let a_args = [s("--forward"), format!("{fwd}={tunnel}={dst}")];
         let mut b = EdgeProc::start(dir.path(), "b", &b_args, tunnel);
         let mut a = EdgeProc::start(dir.path(), "a", &a_args, fwd);
-        let kernel = dir.path().join("wr.bin");
-        std::fs::write(&kernel, write_then_read_kernel(0x0600_0000, 20)).unwrap();
-        let mut src = Vm::start(VmSpec {
-            build,
-            dir: dir.path(),
-            name: "rec-src".into(),
-            ram_mib: RAM_MIB,
-            ram_content: Some(Box::new(cluster_ram(13))),
-            incoming: false,
-            kernel: Some(kernel.clone()),
-            disk: None,
-        })
-        .await;
-        let mut dstvm = Vm::start(VmSpec {
-            build,
-            dir: dir.path(),
-            name: "rec-dst-run".into(),
-            ram_mib: RAM_MIB,
-            ram_content: None,
-            incoming: true,
-            kernel: Some(kernel.clone()),
-            disk: None,
-        })
-        .await;
-        // 10.0 also with the preempt channel, which recovery reconnects too.
+        // 10.0 also with the preempt channel, which recovery reconnects too. A slow
+        // background push, so postcopy lasts until the kill.
         let preempt = build.name != "7.2";
-        let mut caps = vec![json!({"capability": "postcopy-ram", "state": true})];
-        if preempt {
-            caps.push(json!({"capability": "postcopy-preempt", "state": true}));
-        }
-        for vm in [&mut src, &mut dstvm] {
-            vm.qmp
-                .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
-                .await;
-        }
-        dstvm
-            .qmp
-            .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
-            .await;
-        // A slow background push, so postcopy lasts until the kill.
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 20}),
-            )
-            .await;
-        wait_for_dword(
-            &src.ram,
-            WRITES_DONE_AT,
-            WRITES_DONE,
-            Duration::from_secs(120),
+        let (mut src, mut dstvm) = postcopy_with_a_running_destination(
+            build,
+            dir.path(),
+            "rec",
+            13,
+            preempt,
+            8 << 20,
+            fwd,
+            dst,
         )
         .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{fwd}")}))
-            .await;
-        src.qmp
-            .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
-                v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 4 << 20
-            })
-            .await;
-        src.qmp.cmd("migrate-start-postcopy", json!({})).await;
-        src.qmp
-            .wait_migrate_until(
-                "postcopy with a page requested",
-                Duration::from_secs(120),
-                |v| {
-                    v["status"] == "postcopy-active"
-                        && v["ram"]["postcopy-requests"].as_u64().unwrap_or(0) > 0
-                },
-            )
-            .await;
         let victim = if i == 0 { "b" } else { "a" };
         if victim == "b" {
             b.kill();

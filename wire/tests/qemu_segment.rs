@@ -40,6 +40,16 @@ fn concat(segs: &[Segment]) -> Vec<u8> {
         .collect()
 }
 
+/// The bytes of the Block segments, in order.
+fn blocks(segs: &[Segment]) -> Vec<Vec<u8>> {
+    segs.iter()
+        .filter_map(|s| match s {
+            Segment::Block(b) => Some(b.to_vec()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn nonzero_pages(ram: &[u8]) -> HashSet<Vec<u8>> {
     ram.chunks(4096)
         .filter(|p| p.iter().any(|&b| b != 0))
@@ -182,13 +192,7 @@ proptest! {
         let (segs, _) = run(&stream, &sizes, flush);
         prop_assert!(concat(&segs) == stream);
         if intact && which < 2 && !flush {
-            let blocks: Vec<Vec<u8>> = segs
-                .iter()
-                .filter_map(|s| match s {
-                    Segment::Block(b) => Some(b.to_vec()),
-                    _ => None,
-                })
-                .collect();
+            let blocks = blocks(&segs);
             prop_assert_eq!(blocks, pages);
         }
     }
@@ -281,13 +285,7 @@ fn nbd_writes_become_aligned_blocks() {
         let r = seg.report();
         assert_eq!(r.kind, "nbd-client", "{r:?}");
         assert_eq!(r.gave_up, None, "{r:?}");
-        let blocks: Vec<Vec<u8>> = segs
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Block(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let blocks = blocks(&segs);
         assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");
         assert!(r.counters.contains(&("writes", 2)), "{r:?}");
     }
@@ -362,13 +360,7 @@ fn nbd_read_replies_become_aligned_blocks() {
         let r = seg.report();
         assert_eq!(r.kind, "nbd-server", "{r:?}");
         assert_eq!(r.gave_up, None, "{r:?}");
-        let blocks: Vec<Vec<u8>> = segs
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Block(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let blocks = blocks(&segs);
         assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");
         assert!(r.counters.contains(&("data_chunks", 3)), "{r:?}");
         assert!(r.counters.contains(&("replies", 5)), "{r:?}");
@@ -469,13 +461,7 @@ fn resumed_postcopy_channel_pages_found() {
         let r = seg.report();
         assert_eq!(r.kind, "qemu-main", "{r:?}");
         assert_eq!(r.gave_up, None, "{r:?}");
-        let blocks: Vec<Vec<u8>> = segs
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Block(b) => Some(b.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let blocks = blocks(&segs);
         assert_eq!(blocks, pages);
     }
 }
