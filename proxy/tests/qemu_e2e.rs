@@ -1178,39 +1178,7 @@ async fn nbd_mirror(
             json!({"job-id": "m0", "device": "d0", "target": format!("nbd://{via}/d0"), "format": "raw", "mode": "existing", "sync": "full"}),
         )
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let jobs = src.qmp.cmd("query-block-jobs", json!({})).await;
-        let job = &jobs[0];
-        assert!(
-            job.is_object(),
-            "mirror job vanished: {jobs}\n{}",
-            src.log()
-        );
-        if job["ready"] == true && job["offset"] == job["len"] {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mirror not ready: {jobs}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Cancelling a ready mirror completes it without pivoting: the target is a copy.
-    src.qmp
-        .cmd("block-job-cancel", json!({"device": "m0"}))
-        .await;
-    loop {
-        let jobs = src.qmp.cmd("query-block-jobs", json!({})).await;
-        if jobs.as_array().is_some_and(|j| j.is_empty()) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mirror did not finish: {jobs}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    src.finish_mirror("m0", Duration::from_secs(300)).await;
     dstvm.qmp.cmd("nbd-server-stop", json!({})).await;
     drop(src);
     drop(dstvm);
@@ -2122,39 +2090,7 @@ async fn nbd_pull_read_replies_are_disk_blocks() {
                            "format": "raw", "mode": "existing", "sync": "full"}),
                 )
                 .await;
-            let deadline = std::time::Instant::now() + Duration::from_secs(300);
-            loop {
-                let jobs = client.qmp.cmd("query-block-jobs", json!({})).await;
-                let job = &jobs[0];
-                assert!(
-                    job.is_object(),
-                    "pull job vanished: {jobs}\n{}",
-                    client.log()
-                );
-                if job["ready"] == true && job["offset"] == job["len"] {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "pull not done: {jobs}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            client
-                .qmp
-                .cmd("block-job-cancel", json!({"device": "pull"}))
-                .await;
-            loop {
-                let jobs = client.qmp.cmd("query-block-jobs", json!({})).await;
-                if jobs.as_array().is_some_and(|j| j.is_empty()) {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "pull did not finish: {jobs}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            client.finish_mirror("pull", Duration::from_secs(300)).await;
             client
                 .qmp
                 .cmd("blockdev-del", json!({"node-name": "remote"}))

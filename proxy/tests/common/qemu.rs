@@ -244,6 +244,37 @@ impl VmSpec<'_> {
 }
 
 impl Vm {
+    /// Waits until mirror job `job` is ready with everything copied, then cancels it,
+    /// which completes a ready mirror without pivoting (the target stays a copy), and
+    /// waits until the job is gone. Panics after `timeout` or if the job vanishes.
+    pub async fn finish_mirror(&mut self, job: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let jobs = self.qmp.cmd("query-block-jobs", json!({})).await;
+            let j = &jobs[0];
+            assert!(j.is_object(), "job {job} vanished: {jobs}\n{}", self.log());
+            if j["ready"] == true && j["offset"] == j["len"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {job} not ready: {jobs}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.qmp
+            .cmd("block-job-cancel", json!({"device": job}))
+            .await;
+        loop {
+            let jobs = self.qmp.cmd("query-block-jobs", json!({})).await;
+            if jobs.as_array().is_some_and(|j| j.is_empty()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job} did not finish: {jobs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn start(spec: VmSpec<'_>) -> Vm {
         Vm::start_in(None, spec).await
     }
