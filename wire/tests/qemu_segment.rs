@@ -434,6 +434,12 @@ fn resumed_postcopy_channel_pages_found() {
     cmd(&mut s, 9, b""); // POSTCOPY_RESUME
     let page = |i: u8| vec![i; 4096];
     let mut pages = Vec::new();
+    // A dirty-bitmap section's part (its own record format), skipped to its footer.
+    s.push(0x02);
+    s.extend_from_slice(&5u32.to_be_bytes());
+    s.extend_from_slice(&[0x00, 0x00, 0x00, 0x24, 0x02, b'd', b'0']);
+    s.extend_from_slice(&[0x55; 100]);
+    s.extend_from_slice(&[0x7E, 0, 0, 0, 5]);
     s.push(0x02); // SECTION_PART of section 2 (the RAM section, started long ago)
     s.extend_from_slice(&2u32.to_be_bytes());
     s.extend_from_slice(&(0x0010_0000u64 | 0x08).to_be_bytes()); // PAGE, named block
@@ -461,6 +467,7 @@ fn resumed_postcopy_channel_pages_found() {
         let r = seg.report();
         assert_eq!(r.kind, "qemu-main", "{r:?}");
         assert_eq!(r.gave_up, None, "{r:?}");
+        assert!(r.counters.contains(&("device_sections", 1)), "{r:?}");
         let blocks = blocks(&segs);
         assert_eq!(blocks, pages);
     }

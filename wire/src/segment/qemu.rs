@@ -147,9 +147,10 @@ impl QemuMainFinder {
     /// A parser for a main channel that postcopy recovery opened (`migrate` with
     /// `resume`): QEMU sends no header or configuration on it, only records: the
     /// RECV_BITMAP commands, POSTCOPY_RESUME, then parts of the sections it started on
-    /// the lost connection. In postcopy only RAM (and dirty bitmaps) still iterate, so
-    /// a section first seen continued is parsed as RAM; a wrong guess ends in a
-    /// give-up, never in wrong bytes.
+    /// the lost connection. In postcopy only RAM and dirty bitmaps still iterate: a
+    /// section first seen continued is parsed as RAM when its first record reads as
+    /// one, else skipped to its footer like any device section; a wrong guess ends in
+    /// a give-up, never in wrong bytes.
     pub fn resumed() -> Self {
         QemuMainFinder {
             state: State::Records,
@@ -361,8 +362,18 @@ impl QemuMainFinder {
                 let kind = match self.sections.get(&id) {
                     Some(&kind) => kind,
                     None if self.resumed => {
-                        self.sections.insert(id, SectionKind::Ram);
-                        SectionKind::Ram
+                        // Started on the lost connection: RAM if its first record
+                        // reads as one (dirty bitmaps also iterate in postcopy).
+                        let Some(ram) = starts_ram_record(&b[5..]) else {
+                            return Need;
+                        };
+                        let kind = if ram {
+                            SectionKind::Ram
+                        } else {
+                            SectionKind::Other
+                        };
+                        self.sections.insert(id, kind);
+                        kind
                     }
                     None => return GiveUp(format!("section {id} continued but never started")),
                 };
@@ -628,7 +639,8 @@ impl QemuMainFinder {
                 let _ = be32(b, 6 + l + 4)?;
                 l > 0 && name.iter().all(|c| c.is_ascii_graphic())
             }
-            REC_PART | REC_END => self.sections.contains_key(&be32(b, 1)?),
+            // A resumed channel continues sections it never saw start.
+            REC_PART | REC_END => self.resumed || self.sections.contains_key(&be32(b, 1)?),
             REC_COMMAND => be16(b, 1)? <= CMD_MAX && be16(b, 3)? <= 4096,
             _ => false,
         })
@@ -683,6 +695,24 @@ fn is_x86_machine(name: &[u8]) -> bool {
     ]
     .iter()
     .any(|p| n == *p || n.starts_with(&format!("{p}-")))
+}
+
+/// Whether `r` starts with what a resumed RAM section sends first: a PAGE or ZERO
+/// record naming its block (QEMU forgets the last block on resume, so no CONTINUE),
+/// or an empty iteration's EOS. `None`: more bytes needed to tell.
+fn starts_ram_record(r: &[u8]) -> Option<bool> {
+    let flags = be64(r, 0)? & (BLOCK as u64 - 1);
+    Some(match flags {
+        RAM_EOS => true,
+        RAM_PAGE | RAM_ZERO => {
+            let len = *r.get(8)? as usize;
+            len > 0
+                && r.get(9..9 + len.min(4))?
+                    .iter()
+                    .all(|c| c.is_ascii_graphic())
+        }
+        _ => false,
+    })
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
