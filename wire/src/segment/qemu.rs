@@ -166,14 +166,10 @@ impl QemuMainFinder {
         if first.len() < 12 || first[0] != REC_COMMAND {
             return false;
         }
-        let (cmd, len) = (
-            u16::from_be_bytes([first[1], first[2]]),
-            u16::from_be_bytes([first[3], first[4]]) as usize,
-        );
         let name = first[5] as usize;
-        cmd == CMD_RECV_BITMAP
+        be16(first, 1) == Some(CMD_RECV_BITMAP)
             && name > 0
-            && len == name + 1
+            && be16(first, 3) == Some(name as u16 + 1)
             && first[6..12.min(6 + name)]
                 .iter()
                 .all(|c| c.is_ascii_graphic())
