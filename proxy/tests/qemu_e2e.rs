@@ -2349,20 +2349,24 @@ async fn postcopy_recovers_through_the_pair_after_an_edge_is_killed() {
             .iter()
             .filter(|c| c["result"] == "ok")
             .collect();
-        if preempt {
-            assert!(
-                done.iter().any(|c| c["kind"] == "qemu-preempt"),
-                "QEMU {}: no preempt channel after recovery: {st}",
-                build.name
-            );
-        }
         // The resumed main channel has no header, yet its RAM pages are found.
-        let resumed = done
-            .iter()
-            .find(|c| c["kind"] != "qemu-preempt")
-            .unwrap_or_else(|| panic!("no completed main channel: {st}"))
-            .to_owned()
-            .clone();
+        let main: Vec<_> = done.iter().filter(|c| c["kind"] == "qemu-main").collect();
+        assert_eq!(main.len(), 1, "QEMU {}: {st}", build.name);
+        let resumed = (*main[0]).clone();
+        if preempt {
+            // Recovery reconnects the preempt channel too. Whether requested pages
+            // travel on it depends on timing (see the other postcopy tests); when it
+            // carried anything, it must have been recognised.
+            let other: Vec<_> = done.iter().filter(|c| c["kind"] != "qemu-main").collect();
+            assert_eq!(other.len(), 1, "QEMU {}: {st}", build.name);
+            if other[0]["lan_in"].as_u64().unwrap() > 0 {
+                assert_eq!(
+                    other[0]["kind"], "qemu-preempt",
+                    "QEMU {}: {}",
+                    build.name, other[0]
+                );
+            }
+        }
         eprintln!("QEMU {}: resumed channel {resumed}", build.name);
         assert_eq!(
             resumed["kind"], "qemu-main",
