@@ -2095,13 +2095,18 @@ async fn nbd_pull_read_replies_are_disk_blocks() {
                 .qmp
                 .cmd("blockdev-del", json!({"node-name": "remote"}))
                 .await;
+            // The server's side of the connection is encoded by edge B. Wait for it
+            // to end while both QEMUs live: killing the server first could reset the
+            // connection before its close had passed through the pair (CI saw the
+            // connection not completed then).
+            let st = pair
+                .b
+                .wait_for_within("pull connection done", Duration::from_secs(90), |c| {
+                    c["connections_completed"].as_u64().unwrap() > k as u64
+                });
             drop(client);
             drop(server);
             assert_same_file(&src_disk, &dst_disk);
-            // The server's side of the connection is encoded by edge B.
-            let st = pair.b.wait_for("pull connection done", |c| {
-                c["connections_completed"].as_u64().unwrap() > k as u64
-            });
             let c = &st["counters"];
             assert_eq!(
                 c["nbd_server_streams"],
@@ -2117,7 +2122,14 @@ async fn nbd_pull_read_replies_are_disk_blocks() {
                 pair.b.log()
             );
             // 10.0 at both ends negotiates extended headers; 7.2 structured replies.
-            let conn = &st["recent_connections"][k];
+            let pulls: Vec<_> = st["recent_connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["kind"] == "nbd-server")
+                .collect();
+            assert_eq!(pulls.len(), k + 1, "QEMU {}: {st}", build.name);
+            let conn = pulls[k];
             let extended = conn["parser_counters"]["extended_replies"]
                 .as_u64()
                 .unwrap();

@@ -169,7 +169,17 @@ impl EdgeProc {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_for_within(what, Duration::from_secs(20), pred)
+    }
+
+    /// `wait_for` with a chosen timeout (for waits on QEMU, slow under a loaded CI).
+    pub fn wait_for_within(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
         loop {
             let s = self.stats();
             if pred(&s["counters"]) {
