@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::qemu::{
-    assert_same_file, builds, dirtying_kernel, migrate_vm, migrate_with_mode, wait_for_dword,
-    workload_ram, write_then_read_kernel, Mode, QemuBuild, RamFill, Vm, VmSpec, WRITES_DONE,
-    WRITES_DONE_AT,
+    assert_same_file, builds, dirtying_kernel, migrate_vm, migrate_with_mode, nonzero_pages,
+    wait_for_dword, workload_ram, write_then_read_kernel, Hardware, Mode, QemuBuild, RamFill, Vm,
+    VmSpec, WRITES_DONE, WRITES_DONE_AT,
 };
 use common::*;
 use serde_json::json;
@@ -2014,6 +2014,108 @@ async fn dirty_bitmaps_travel_with_the_migration() {
             pair.a.log()
         );
         assert_eq!(c["connections_failed"], 0, "QEMU {}: {c}", build.name);
+    }
+}
+
+/// A VM as deployments run them, not the bare test VM: q35 with QEMU's default
+/// devices, a virtio NIC, USB, a balloon, a serial port, an RNG, a virtio disk, and a
+/// pc-dimm whose memory is a second RAM block with content of its own (pages that
+/// repeat the main block's). Both RAM blocks arrive byte-exact, the parser follows
+/// the stream through every device section and both blocks (no fallback; every
+/// non-zero page of both found), and the dimm's repeats cross as references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_a_full_device_set_migrates_exact_and_parsed() {
+    const DIMM_MIB: u64 = 64;
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-devices-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 80 + i as u8, 1);
+        let (src_disk, dst_disk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        for d in [&src_disk, &dst_disk] {
+            std::fs::File::create(d).unwrap().set_len(16 << 20).unwrap();
+        }
+        let hw = Hardware {
+            machine: "q35",
+            default_devices: true,
+            dimm: Some((DIMM_MIB, 11)),
+            devices: [
+                "-netdev user,id=n0",
+                "-device virtio-net-pci,netdev=n0",
+                "-device qemu-xhci",
+                "-device usb-tablet",
+                "-device virtio-balloon",
+                "-device virtio-serial",
+                "-device virtio-rng-pci",
+            ]
+            .iter()
+            .flat_map(|a| a.split(' ').map(String::from))
+            .collect(),
+        };
+        let spec = |name: &str, incoming: bool, disk: &Path| VmSpec {
+            build,
+            dir: dir.path(),
+            name: name.into(),
+            ram_mib: RAM_MIB,
+            ram_content: (!incoming).then(|| Box::new(cluster_ram(10)) as RamFill<'_>),
+            incoming,
+            kernel: None,
+            disk: Some(disk.to_path_buf()),
+        };
+        let mut src = Vm::start_with(None, spec("dev-src", false, &src_disk), &hw).await;
+        let mut dstvm = Vm::start_with(None, spec("dev-dst", true, &dst_disk), &hw).await;
+        dstvm
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        src.qmp.wait_migration(Duration::from_secs(300)).await;
+        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+        assert_same_file(&src.ram, &dstvm.ram);
+        let (src_dimm, dst_dimm) = (src.dimm.clone().unwrap(), dstvm.dimm.clone().unwrap());
+        assert_same_file(&src_dimm, &dst_dimm);
+        let pages = nonzero_pages(&src.ram) + nonzero_pages(&src_dimm);
+        let st = pair.a.wait_for("migration connection done", |c| {
+            c["connections_completed"].as_u64().unwrap() >= 1
+        });
+        let c = &st["counters"];
+        assert_eq!(c["qemu_streams"], 1, "QEMU {}: {st}", build.name);
+        assert_eq!(
+            c["parser_fallbacks"],
+            0,
+            "QEMU {}: {}",
+            build.name,
+            pair.a.log()
+        );
+        assert!(
+            c["protocol_blocks"].as_u64().unwrap() >= pages,
+            "QEMU {}: {pages} non-zero guest pages in both blocks, {c}",
+            build.name
+        );
+        // The dimm's 64 MiB repeat pages of the 128 MiB main block: references.
+        let (lan, wan) = (
+            c["lan_bytes_in"].as_u64().unwrap(),
+            c["wan_bytes_out"].as_u64().unwrap(),
+        );
+        eprintln!(
+            "QEMU {}: full device set, {pages} pages: LAN {lan} B, WAN {wan} B, refs {}",
+            build.name, c["refs_sent"]
+        );
+        assert!(
+            c["refs_sent"].as_u64().unwrap() * 4 > pages,
+            "QEMU {}: {c}",
+            build.name
+        );
+        assert!(wan * 10 < lan * 7, "QEMU {}: {c}", build.name);
     }
 }
 

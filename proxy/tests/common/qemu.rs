@@ -221,7 +221,34 @@ pub struct Vm {
     child: Child,
     pub qmp: Qmp,
     pub ram: PathBuf,
+    /// The backing file of the pc-dimm, when [`Hardware::dimm`] asked for one.
+    pub dimm: Option<PathBuf>,
     log: PathBuf,
+}
+
+/// Machine type and devices beyond the bare test VM (`pc`, `-nodefaults`, guest RAM
+/// in one file): what a VM of a real deployment carries.
+pub struct Hardware {
+    pub machine: &'static str,
+    /// Keep QEMU's default devices (VGA, NIC, IDE/CD-ROM, floppy on `pc`).
+    pub default_devices: bool,
+    /// A pc-dimm of (MiB, stream) in a file of its own, filled on a source with that
+    /// stream of the cluster workload the e2e tests' guest RAM comes from (seed 2026,
+    /// 48 MiB pool), so its pages repeat pages of the main RAM block.
+    pub dimm: Option<(u64, u64)>,
+    /// Further command-line arguments (`-device ...`).
+    pub devices: Vec<String>,
+}
+
+impl Default for Hardware {
+    fn default() -> Self {
+        Hardware {
+            machine: "pc",
+            default_devices: false,
+            dimm: None,
+            devices: Vec::new(),
+        }
+    }
 }
 
 pub struct VmSpec<'a> {
@@ -281,7 +308,13 @@ impl Vm {
 
     /// Starts the VM inside network namespace `netns` (its QMP socket and RAM file
     /// stay on the shared filesystem).
-    pub async fn start_in(netns: Option<&str>, mut spec: VmSpec<'_>) -> Vm {
+    pub async fn start_in(netns: Option<&str>, spec: VmSpec<'_>) -> Vm {
+        Vm::start_with(netns, spec, &Hardware::default()).await
+    }
+
+    /// Starts the VM with the machine and devices of `hw` (the other constructors use
+    /// the bare default: `pc`, no default devices).
+    pub async fn start_with(netns: Option<&str>, mut spec: VmSpec<'_>, hw: &Hardware) -> Vm {
         let ram = shm_ram_path(spec.dir, &spec.name);
         {
             let mut f = std::fs::File::create(&ram).unwrap();
@@ -302,30 +335,9 @@ impl Vm {
             }
             None => Command::new(&spec.build.binary),
         };
-        if let Some(fw) = &spec.build.firmware {
-            cmd.arg("-L").arg(fw);
-        }
-        cmd.args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-smp",
-            "1",
-            "-accel",
-            "tcg",
-        ])
-        .args(["-machine", "pc,memory-backend=pc.ram"])
-        .arg("-m")
-        .arg(format!("{}M", spec.ram_mib))
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-file,id=pc.ram,size={}M,mem-path={},share=on",
-            spec.ram_mib,
-            ram.display()
-        ))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        base_args(&mut cmd, spec.build, hw, spec.ram_mib, &ram);
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         match &spec.kernel {
             Some(k) => {
                 cmd.arg("-kernel").arg(k);
@@ -349,6 +361,28 @@ impl Vm {
                 cmd.args(["-device", "virtio-blk-pci,drive=d0"]);
             }
         }
+        let dimm = hw.dimm.map(|(mib, fill)| {
+            // A second RAM block with content of its own (hot-pluggable memory).
+            let path = ram.with_extension("dimm");
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(mib << 20).unwrap();
+            if !spec.incoming {
+                let mut w = std::io::BufWriter::new(f);
+                let mut stream = testkit::Workload::cluster(2026, 48 << 20).stream(fill, mib << 20);
+                while let Some(p) = stream.next_piece(1 << 20) {
+                    std::io::Write::write_all(&mut w, &p).unwrap();
+                }
+                std::io::Write::flush(&mut w).unwrap();
+            }
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-file,id=dimm0,size={mib}M,mem-path={},share=on",
+                    path.display()
+                ))
+                .args(["-device", "pc-dimm,id=dimm0dev,memdev=dimm0"]);
+            path
+        });
+        cmd.args(&hw.devices);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -358,6 +392,7 @@ impl Vm {
             child,
             qmp,
             ram,
+            dimm,
             log,
         }
     }
@@ -372,6 +407,9 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.ram);
+        if let Some(d) = &self.dimm {
+            let _ = std::fs::remove_file(d);
+        }
     }
 }
 
@@ -694,38 +732,23 @@ impl LinuxVm {
         let serial = spec.dir.join(format!("{}.serial.log", spec.name));
         let _ = std::fs::remove_file(&serial);
         let mut cmd = Command::new(&spec.build.binary);
-        if let Some(fw) = &spec.build.firmware {
-            cmd.arg("-L").arg(fw);
-        }
-        cmd.args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-smp",
-            "1",
-            "-accel",
-            "tcg",
-        ])
-        .args(["-machine", "pc,memory-backend=pc.ram"])
-        .arg("-m")
-        .arg(format!("{}M", spec.ram_mib))
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-file,id=pc.ram,size={}M,mem-path={},share=on",
+        base_args(
+            &mut cmd,
+            spec.build,
+            &Hardware::default(),
             spec.ram_mib,
-            ram.display()
-        ))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-kernel")
-        .arg(spec.kernel)
-        .arg("-initrd")
-        .arg(spec.initrd)
-        .arg("-append")
-        .arg(spec.append);
+            &ram,
+        );
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(spec.kernel)
+            .arg("-initrd")
+            .arg(spec.initrd)
+            .arg("-append")
+            .arg(spec.append);
         if spec.incoming {
             cmd.args(["-incoming", "defer", "-S"]);
         }
@@ -751,6 +774,7 @@ impl LinuxVm {
                 child: guard.0.take().unwrap(),
                 qmp,
                 ram,
+                dimm: None,
                 log,
             },
             serial,
@@ -804,6 +828,37 @@ impl LinuxVm {
 /// Where a VM's RAM file lives: on tmpfs (fast; postcopy could register it with
 /// userfaultfd), named by the process, the test's scratch directory and the VM, so
 /// that tests running at once with the same VM names do not share a file.
+/// The arguments every test VM shares: firmware, machine, RAM in a shared file.
+fn base_args(cmd: &mut Command, build: &QemuBuild, hw: &Hardware, ram_mib: u64, ram: &Path) {
+    if let Some(fw) = &build.firmware {
+        cmd.arg("-L").arg(fw);
+    }
+    if !hw.default_devices {
+        cmd.arg("-nodefaults");
+    }
+    cmd.args([
+        "-no-user-config",
+        "-display",
+        "none",
+        "-smp",
+        "1",
+        "-accel",
+        "tcg",
+    ])
+    .arg("-machine")
+    .arg(format!("{},memory-backend=pc.ram", hw.machine))
+    .arg("-m")
+    .arg(match hw.dimm {
+        None => format!("{ram_mib}M"),
+        Some((mib, _)) => format!("{ram_mib}M,slots=2,maxmem={}M", ram_mib + 2 * mib),
+    })
+    .arg("-object")
+    .arg(format!(
+        "memory-backend-file,id=pc.ram,size={ram_mib}M,mem-path={},share=on",
+        ram.display()
+    ));
+}
+
 fn shm_ram_path(dir: &Path, vm: &str) -> PathBuf {
     let scratch = dir.file_name().and_then(|n| n.to_str()).unwrap_or("vm");
     PathBuf::from(format!(
