@@ -30,6 +30,22 @@ fn cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
     workload_ram(testkit::Workload::cluster(2026, 48 << 20), vm, RAM_MIB)
 }
 
+/// Guest RAM in which no page repeats another (pseudo-random, from `seed`).
+fn unique_ram(seed: u64) -> impl FnMut(&mut std::fs::File) {
+    move |f: &mut std::fs::File| {
+        let mut xof = blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof();
+        let mut w = std::io::BufWriter::new(f);
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..RAM_MIB {
+            xof.fill(&mut buf);
+            w.write_all(&buf).unwrap();
+        }
+        w.flush().unwrap();
+    }
+}
+
 /// Guest RAM of VM `vm` in a cluster whose shared pages are often near-duplicates
 /// (a few words differ per VM: relocated pointers, counters).
 fn near_cluster_ram(vm: u64) -> impl FnMut(&mut std::fs::File) {
@@ -2374,6 +2390,131 @@ async fn an_edge_killed_mid_migration_fails_it_and_a_retry_is_exact() {
             c["connections_completed"].as_u64().unwrap() >= 1
         });
         assert_eq!(st["counters"]["parser_fallbacks"], 0, "{}", a.log());
+    }
+}
+
+/// An operator cancels a migration mid-stream (`migrate_cancel`) and retries it to a
+/// fresh destination: the cancelled connection ends at both edges (nothing left open
+/// or waiting), the source keeps its VM, and the retry is byte-exact, with the pages
+/// that crossed before the cancel sent as references (they reached the far store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_migration_ends_and_its_retry_reuses_what_crossed() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-cancel-{}", build.name));
+        let (pair, fwd, dst) = start_pair(dir.path(), 82 + i as u8, 1);
+        let spec = |name: &str, incoming: bool| VmSpec {
+            build,
+            dir: dir.path(),
+            name: name.into(),
+            ram_mib: RAM_MIB,
+            ram_content: (!incoming).then(|| Box::new(unique_ram(12)) as RamFill<'_>),
+            incoming,
+            kernel: None,
+            disk: None,
+        };
+        let mut src = Vm::start(spec("cancel-src", false)).await;
+        let mut first = Vm::start(spec("cancel-dst0", true)).await;
+        first
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 16u64 << 20}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        let under_way = src
+            .qmp
+            .wait_migrate_until("migration under way", Duration::from_secs(120), |v| {
+                v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 24 << 20
+            })
+            .await;
+        src.qmp.cmd("migrate_cancel", json!({})).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = src.qmp.cmd("query-migrate", json!({})).await;
+            if v["status"] == "cancelled" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && v["status"] != "completed",
+                "QEMU {}: not cancelled: {v}",
+                build.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let st = src.qmp.cmd("query-status", json!({})).await;
+        assert_ne!(st["status"], "postmigrate", "QEMU {}: {st}", build.name);
+        for (edge, name) in [(&pair.a, "a"), (&pair.b, "b")] {
+            edge.wait_for_within(
+                &format!("the cancelled connection to end at edge {name}"),
+                Duration::from_secs(60),
+                |c| {
+                    c["active_connections"] == 0
+                        && c["connections_completed"].as_u64().unwrap()
+                            + c["connections_failed"].as_u64().unwrap()
+                            >= 1
+                },
+            );
+        }
+        drop(first);
+        let refs_before = pair.a.counter("refs_sent");
+        let mut second = Vm::start(spec("cancel-dst1", true)).await;
+        second
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[0])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            .await;
+        src.qmp.wait_migration(Duration::from_secs(300)).await;
+        second
+            .qmp
+            .wait_incoming_done(Duration::from_secs(120))
+            .await;
+        assert_same_file(&src.ram, &second.ram);
+        let st = pair
+            .a
+            .wait_for_within("the retry done", Duration::from_secs(60), |c| {
+                c["active_connections"] == 0 && c["connections_completed"].as_u64().unwrap() >= 1
+            });
+        let c = &st["counters"];
+        assert_eq!(
+            c["parser_fallbacks"],
+            0,
+            "QEMU {}: {}",
+            build.name,
+            pair.a.log()
+        );
+        // Every page is unique, so the retry's references are pages that crossed
+        // before the cancel: at least half of them (the rest were still in flight).
+        let crossed_pages = under_way["ram"]["transferred"].as_u64().unwrap() / 4096;
+        let retry_refs = c["refs_sent"].as_u64().unwrap() - refs_before;
+        eprintln!(
+            "QEMU {}: cancelled after {crossed_pages} pages; retry sent {retry_refs} refs: {c}",
+            build.name
+        );
+        assert!(
+            retry_refs * 2 >= crossed_pages,
+            "QEMU {}: {retry_refs} refs in the retry, {crossed_pages} pages crossed before: {c}",
+            build.name
+        );
     }
 }
 
