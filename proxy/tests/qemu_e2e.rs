@@ -2393,6 +2393,110 @@ async fn an_edge_killed_mid_migration_fails_it_and_a_retry_is_exact() {
     }
 }
 
+/// Both sites move VMs to each other at once through one pair: each edge listens for
+/// its peer's tunnels and forwards its own side's migrations, so each is sender and
+/// receiver at the same time (its own store filled by what arrives, its model of the
+/// peer by what it sends). Two rounds of one migration each way, concurrently: all
+/// four byte-exact and parsed, and the second round in each direction is mostly
+/// references (each edge's model of the other held while it also received).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_both_ways_at_once_through_one_pair() {
+    for (i, build) in builds().iter().enumerate() {
+        let dir = Scratch::new(&format!("qemu-both-ways-{}", build.name));
+        let net = 84 + i as u8;
+        certs(dir.path(), &["a", "b"]);
+        let (tunnel_a, tunnel_b) = (addr(net, 17000), addr(net, 17001));
+        let (fwd_a, dst_b) = (addr(net, 14000), addr(net, 15000));
+        let (fwd_b, dst_a) = (addr(net, 14001), addr(net, 15001));
+        let edge = |name: &str, listen: SocketAddr, fwd: SocketAddr, peer, dst: SocketAddr| {
+            let args = [
+                s("--tunnel-listen"),
+                listen.to_string(),
+                s("--forward"),
+                format!("{fwd}={peer}={dst}"),
+            ];
+            EdgeProc::start(dir.path(), name, &args, listen)
+        };
+        let a = edge("a", tunnel_a, fwd_a, tunnel_b, dst_b);
+        let b = edge("b", tunnel_b, fwd_b, tunnel_a, dst_a);
+        let mut before = (0, 0);
+        for round in 0..2u64 {
+            let (east_name, west_name) = (format!("east{round}"), format!("west{round}"));
+            let east = migrate_one(
+                build,
+                dir.path(),
+                &east_name,
+                fwd_a,
+                dst_b,
+                Some(Box::new(cluster_ram(20))),
+                None,
+            );
+            let west = migrate_one(
+                build,
+                dir.path(),
+                &west_name,
+                fwd_b,
+                dst_a,
+                Some(Box::new(cluster_ram(21))),
+                None,
+            );
+            let (east_pages, west_pages) = tokio::join!(east, west);
+            let mut refs = (0, 0);
+            for (edge, name, pages, r) in [
+                (&a, "a", east_pages, &mut refs.0),
+                (&b, "b", west_pages, &mut refs.1),
+            ] {
+                let st = edge.wait_for_within(
+                    &format!("round {round}'s migration done at edge {name}"),
+                    Duration::from_secs(60),
+                    |c| {
+                        c["active_connections"] == 0
+                            && c["connections_completed"].as_u64().unwrap() >= 2 * (round + 1)
+                    },
+                );
+                let c = &st["counters"];
+                assert_eq!(
+                    c["qemu_streams"],
+                    round + 1,
+                    "QEMU {}: {name}: {c}",
+                    build.name
+                );
+                assert_eq!(
+                    c["parser_fallbacks"],
+                    0,
+                    "QEMU {}: {name}: {}",
+                    build.name,
+                    edge.log()
+                );
+                assert_eq!(
+                    c["connections_failed"], 0,
+                    "QEMU {}: {name}: {c}",
+                    build.name
+                );
+                assert!(
+                    c["protocol_blocks"].as_u64().unwrap() >= pages * (round + 1),
+                    "QEMU {}: {name}: {pages} pages per migration, {c}",
+                    build.name
+                );
+                *r = c["refs_sent"].as_u64().unwrap();
+                if round == 1 {
+                    let again = *r - if name == "a" { before.0 } else { before.1 };
+                    eprintln!(
+                        "QEMU {}: edge {name}: second round {again} refs of {pages} pages",
+                        build.name
+                    );
+                    assert!(
+                        again * 10 >= pages * 9,
+                        "QEMU {}: edge {name}: second round {again} refs of {pages} pages: {c}",
+                        build.name
+                    );
+                }
+            }
+            before = refs;
+        }
+    }
+}
+
 /// An operator cancels a migration mid-stream (`migrate_cancel`) and retries it to a
 /// fresh destination: the cancelled connection ends at both edges (nothing left open
 /// or waiting), the source keeps its VM, and the retry is byte-exact, with the pages
