@@ -2033,8 +2033,8 @@ async fn dirty_bitmaps_travel_with_the_migration() {
     }
 }
 
-/// A VM as deployments run them, not the bare test VM: q35 with QEMU's default
-/// devices, a virtio NIC, USB, a balloon, a serial port, an RNG, a virtio disk, and a
+/// A VM as deployments run them, not the bare test VM: q35 with 4 vCPUs, QEMU's
+/// default devices, a virtio NIC, USB, a balloon, a serial port, an RNG, a virtio disk, and a
 /// pc-dimm whose memory is a second RAM block with content of its own (pages that
 /// repeat the main block's). Both RAM blocks arrive byte-exact, the parser follows
 /// the stream through every device section and both blocks (no fallback; every
@@ -2051,6 +2051,7 @@ async fn a_vm_with_a_full_device_set_migrates_exact_and_parsed() {
         }
         let hw = Hardware {
             machine: "q35",
+            smp: 4,
             default_devices: true,
             dimm: Some((DIMM_MIB, 11)),
             devices: [
@@ -2390,6 +2391,94 @@ async fn an_edge_killed_mid_migration_fails_it_and_a_retry_is_exact() {
             c["connections_completed"].as_u64().unwrap() >= 1
         });
         assert_eq!(st["counters"]["parser_fallbacks"], 0, "{}", a.log());
+    }
+}
+
+/// A VM moved to a newer QEMU, as a site upgrade does: a 7.2 source migrates to a 10.0
+/// destination on 7.2's versioned machine types (`pc-i440fx-7.2` bare, and
+/// `pc-q35-7.2` with the full device set of the test above): byte-exact, and the
+/// source's stream parsed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_from_qemu_7_2_to_10_0() {
+    let all = builds();
+    let (Some(old), Some(new)) = (
+        all.iter().find(|b| b.name == "7.2"),
+        all.iter().find(|b| b.name == "10.0"),
+    ) else {
+        eprintln!("skipped: needs both QEMU 7.2 and 10.0 (SHRINKER_QEMU_ONLY is set)");
+        return;
+    };
+    let dir = Scratch::new("qemu-upgrade");
+    let (pair, fwd, dst) = start_pair(dir.path(), 86, 2);
+    for (k, (machine, full)) in [("pc-i440fx-7.2", false), ("pc-q35-7.2", true)]
+        .into_iter()
+        .enumerate()
+    {
+        let hw = Hardware {
+            machine,
+            smp: 2,
+            default_devices: full,
+            dimm: full.then_some((32, 13)),
+            devices: if full {
+                [
+                    "-netdev user,id=n0",
+                    "-device virtio-net-pci,netdev=n0",
+                    "-device virtio-balloon",
+                ]
+                .iter()
+                .flat_map(|a| a.split(' ').map(String::from))
+                .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        let spec = |build, name: String, incoming: bool| VmSpec {
+            build,
+            dir: dir.path(),
+            name,
+            ram_mib: RAM_MIB,
+            ram_content: (!incoming).then(|| Box::new(cluster_ram(30 + k as u64)) as RamFill<'_>),
+            incoming,
+            kernel: None,
+            disk: None,
+        };
+        let mut src = Vm::start_with(None, spec(old, format!("up{k}-src"), false), &hw).await;
+        let mut dstvm = Vm::start_with(None, spec(new, format!("up{k}-dst"), true), &hw).await;
+        dstvm
+            .qmp
+            .cmd(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:{}", dst[k])}),
+            )
+            .await;
+        src.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        src.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[k])}))
+            .await;
+        src.qmp.wait_migration(Duration::from_secs(300)).await;
+        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+        assert_same_file(&src.ram, &dstvm.ram);
+        let mut pages = nonzero_pages(&src.ram);
+        if let (Some(a), Some(b)) = (&src.dimm, &dstvm.dimm) {
+            assert_same_file(a, b);
+            pages += nonzero_pages(a);
+        }
+        let st = pair.a.wait_for("upgrade migration done", |c| {
+            c["connections_completed"].as_u64().unwrap() > k as u64
+        });
+        let c = &st["counters"];
+        assert_eq!(c["qemu_streams"], k as u64 + 1, "{machine}: {st}");
+        assert_eq!(c["parser_fallbacks"], 0, "{machine}: {}", pair.a.log());
+        let conn = &st["recent_connections"][k];
+        assert!(
+            conn["pages"].as_u64().unwrap() >= pages,
+            "{machine}: {pages} non-zero pages: {conn}"
+        );
     }
 }
 

@@ -230,6 +230,8 @@ pub struct Vm {
 /// in one file): what a VM of a real deployment carries.
 pub struct Hardware {
     pub machine: &'static str,
+    /// vCPUs.
+    pub smp: u32,
     /// Keep QEMU's default devices (VGA, NIC, IDE/CD-ROM, floppy on `pc`).
     pub default_devices: bool,
     /// A pc-dimm of (MiB, stream) in a file of its own, filled on a source with that
@@ -244,6 +246,7 @@ impl Default for Hardware {
     fn default() -> Self {
         Hardware {
             machine: "pc",
+            smp: 1,
             default_devices: false,
             dimm: None,
             devices: Vec::new(),
@@ -836,27 +839,21 @@ fn base_args(cmd: &mut Command, build: &QemuBuild, hw: &Hardware, ram_mib: u64, 
     if !hw.default_devices {
         cmd.arg("-nodefaults");
     }
-    cmd.args([
-        "-no-user-config",
-        "-display",
-        "none",
-        "-smp",
-        "1",
-        "-accel",
-        "tcg",
-    ])
-    .arg("-machine")
-    .arg(format!("{},memory-backend=pc.ram", hw.machine))
-    .arg("-m")
-    .arg(match hw.dimm {
-        None => format!("{ram_mib}M"),
-        Some((mib, _)) => format!("{ram_mib}M,slots=2,maxmem={}M", ram_mib + 2 * mib),
-    })
-    .arg("-object")
-    .arg(format!(
-        "memory-backend-file,id=pc.ram,size={ram_mib}M,mem-path={},share=on",
-        ram.display()
-    ));
+    cmd.args(["-no-user-config", "-display", "none", "-accel", "tcg"])
+        .arg("-smp")
+        .arg(hw.smp.to_string())
+        .arg("-machine")
+        .arg(format!("{},memory-backend=pc.ram", hw.machine))
+        .arg("-m")
+        .arg(match hw.dimm {
+            None => format!("{ram_mib}M"),
+            Some((mib, _)) => format!("{ram_mib}M,slots=2,maxmem={}M", ram_mib + 2 * mib),
+        })
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=pc.ram,size={ram_mib}M,mem-path={},share=on",
+            ram.display()
+        ));
 }
 
 fn shm_ram_path(dir: &Path, vm: &str) -> PathBuf {
