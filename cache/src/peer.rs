@@ -230,8 +230,30 @@ pub struct PeerRegistry {
     inner: Arc<Mutex<PeerMap>>,
 }
 
-/// Peer edge name → (epoch, index for that epoch).
-type PeerMap = HashMap<String, (u64, Arc<PeerIndex>)>;
+/// Peer edge name → its current epoch and index, and the epochs it replaced.
+type PeerMap = HashMap<String, PeerSlot>;
+
+/// Epochs remembered as replaced, per name: a restarted edge never returns to an old
+/// epoch (it draws a fresh random one), so seeing one again means two edges share the
+/// name.
+const DISPLACED_KEPT: usize = 4;
+
+struct PeerSlot {
+    epoch: u64,
+    index: Arc<PeerIndex>,
+    displaced: Vec<u64>,
+}
+
+/// What [`PeerRegistry::lookup`] found.
+#[derive(Debug)]
+pub struct PeerLookup {
+    /// The index for the peer's epoch.
+    pub index: Arc<PeerIndex>,
+    /// The epoch this lookup replaced, when the epoch looked up had itself been
+    /// replaced before: two live edges announce the same name, and each one's
+    /// connections reset the other's index (and whatever else is kept per name).
+    pub name_conflict: Option<u64>,
+}
 
 impl PeerRegistry {
     /// An empty registry.
@@ -248,18 +270,47 @@ impl PeerRegistry {
     /// replaces any old one: no reference learned in an earlier epoch is ever sent.
     /// Connections still holding the old `Arc` keep using it, harmlessly, until they end.
     pub fn index_for(&self, peer: &str, epoch: u64, peer_cache_bytes: u64) -> Arc<PeerIndex> {
+        self.lookup(peer, epoch, peer_cache_bytes).index
+    }
+
+    /// [`index_for`](Self::index_for), also telling whether `peer`'s name is announced
+    /// by two edges at once (an epoch that was replaced came back).
+    pub fn lookup(&self, peer: &str, epoch: u64, peer_cache_bytes: u64) -> PeerLookup {
         let mut map = self.inner.lock();
         match map.get_mut(peer) {
-            Some((e, index)) if *e == epoch => Arc::clone(index),
+            Some(slot) if slot.epoch == epoch => PeerLookup {
+                index: Arc::clone(&slot.index),
+                name_conflict: None,
+            },
             Some(slot) => {
                 let index = Arc::new(PeerIndex::new(peer_cache_bytes));
-                *slot = (epoch, Arc::clone(&index));
-                index
+                let name_conflict = slot.displaced.contains(&epoch).then_some(slot.epoch);
+                slot.displaced.retain(|&e| e != epoch);
+                if slot.displaced.len() == DISPLACED_KEPT {
+                    slot.displaced.remove(0);
+                }
+                slot.displaced.push(slot.epoch);
+                slot.epoch = epoch;
+                slot.index = Arc::clone(&index);
+                PeerLookup {
+                    index,
+                    name_conflict,
+                }
             }
             None => {
                 let index = Arc::new(PeerIndex::new(peer_cache_bytes));
-                map.insert(peer.to_owned(), (epoch, Arc::clone(&index)));
-                index
+                map.insert(
+                    peer.to_owned(),
+                    PeerSlot {
+                        epoch,
+                        index: Arc::clone(&index),
+                        displaced: Vec::new(),
+                    },
+                );
+                PeerLookup {
+                    index,
+                    name_conflict: None,
+                }
             }
         }
     }
@@ -271,7 +322,7 @@ impl PeerRegistry {
             .inner
             .lock()
             .iter()
-            .map(|(name, (epoch, index))| (name.clone(), *epoch, Arc::clone(index)))
+            .map(|(name, slot)| (name.clone(), slot.epoch, Arc::clone(&slot.index)))
             .collect();
         let mut out: Vec<_> = snapshot
             .into_iter()
@@ -430,12 +481,33 @@ mod tests {
         assert!(Arc::ptr_eq(&new, &r.index_for("west", 2, 2 << 20)));
         // Going back to an earlier epoch value is also a change.
         assert!(r.index_for("west", 1, 1 << 20).is_empty());
+        r.index_for("west", 2, 2 << 20);
         // Other peers are untouched.
         assert!(Arc::ptr_eq(&east, &r.index_for("east", 1, 1 << 20)));
         assert_eq!(
             r.peers(),
-            vec![("east".to_owned(), 1, 1), ("west".to_owned(), 1, 0)]
+            vec![("east".to_owned(), 1, 1), ("west".to_owned(), 2, 0)]
         );
         assert!(format!("{r:?}").contains("west"));
+    }
+
+    #[test]
+    fn registry_tells_a_name_announced_by_two_edges_from_a_restart() {
+        let r = PeerRegistry::new();
+        // Restarts: every epoch is new, however many.
+        for epoch in 1..=10 {
+            assert!(r.lookup("west", epoch, 1 << 20).name_conflict.is_none());
+        }
+        // Two edges called "east", epochs 20 and 21, connecting in turns.
+        assert!(r.lookup("east", 20, 1 << 20).name_conflict.is_none());
+        assert!(r.lookup("east", 21, 1 << 20).name_conflict.is_none());
+        assert_eq!(r.lookup("east", 20, 1 << 20).name_conflict, Some(21));
+        assert_eq!(r.lookup("east", 21, 1 << 20).name_conflict, Some(20));
+        // Repeated connections within one epoch are no news.
+        assert!(r.lookup("east", 21, 1 << 20).name_conflict.is_none());
+        // "west"'s restarts left only its last few epochs remembered; an epoch beyond
+        // them is new again.
+        assert!(r.lookup("west", 1, 1 << 20).name_conflict.is_none());
+        assert_eq!(r.lookup("west", 10, 1 << 20).name_conflict, Some(1));
     }
 }

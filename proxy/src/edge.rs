@@ -426,9 +426,20 @@ impl EdgeShared {
             .entry(peer_edge.to_owned())
             .or_default()
             .clone();
+        let lookup = self.peers.lookup(peer_edge, peer_epoch, peer_cache);
+        if let Some(other) = lookup.name_conflict {
+            self.stats.peer_name_conflicts.fetch_add(1, Relaxed);
+            warn!(
+                peer = peer_edge,
+                epochs = format_args!("{peer_epoch:016x} and {other:016x}"),
+                "two live peer edges call themselves {peer_edge:?}: give each edge its own \
+                 --name (until then each one's connections make this edge forget what the \
+                 other holds, so fewer references cross, and their link measurements mix)"
+            );
+        }
         PumpCtx {
             store: Arc::new(self.store.clone()),
-            peer: self.peers.index_for(peer_edge, peer_epoch, peer_cache),
+            peer: lookup.index,
             similar: self.similar.clone(),
             streams: self.streams.clone(),
             encoder: EncoderConfig {

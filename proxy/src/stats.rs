@@ -110,6 +110,11 @@ counters! {
     /// acknowledgment, dropped from this edge's model of the peer (they are sent again
     /// rather than referred to).
     peer_chunks_forgotten,
+    /// Connections from a peer edge whose name another live edge also announces (an
+    /// epoch this edge had seen replaced came back): each one's connections reset
+    /// this edge's model of the other's store, and their link measurements mix. Give
+    /// each edge its own `--name`.
+    peer_name_conflicts,
     /// New chunks verified and stored.
     chunks_stored,
     /// References resolved from the store or a fill.

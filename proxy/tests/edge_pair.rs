@@ -539,9 +539,69 @@ async fn killed_peer_case(name: &str, net: u8, extra: &[String]) -> serde_json::
         s2["counters"]["misses_sent"], 0,
         "stale references were sent to a restarted peer: {s2}"
     );
-    a.wait_for("two completed connections", |c| {
+    let sa = a.wait_for("two completed connections", |c| {
         c["connections_completed"].as_u64().unwrap() >= 2
-    })
+    });
+    // A saw B's epoch change: a restart, not a second edge with the same name.
+    assert_eq!(sa["counters"]["peer_name_conflicts"], 0, "{sa}");
+    sa
+}
+
+/// Two source edges announcing the same name (a configuration copied to a second
+/// site) into one receiving edge: every stream stays exact, and the receiver says
+/// what is wrong (a warning naming the fix, and a counter), since each one's
+/// connections reset its model of the other's store; a restart (new epoch) is not
+/// mistaken for it (`killed_peer_case`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_announcing_one_name_are_reported() {
+    let dir = Scratch::new("same-name");
+    certs(dir.path(), &["west", "b"]);
+    let (tunnel, f1, f2, target) = (
+        addr(27, 17000),
+        addr(27, 14001),
+        addr(27, 14002),
+        addr(27, 15000),
+    );
+    let listener = TcpListener::bind(target).await.unwrap();
+    let mut received = serve_exchange(listener, reply_for).await;
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let _w1 = EdgeProc::start_labelled(
+        None,
+        dir.path(),
+        "west1",
+        "west",
+        &forward(f1, tunnel, target),
+        f1,
+    );
+    let _w2 = EdgeProc::start_labelled(
+        None,
+        dir.path(),
+        "west2",
+        "west",
+        &forward(f2, tunnel, target),
+        f2,
+    );
+    for (id, fwd) in [(1u64, f1), (2, f2), (3, f1), (4, f2)] {
+        let back = exchange(fwd, request_for(id)).await.expect("exchange");
+        assert!(back == reply_for(id), "reply {id} differs");
+        expect_requests(&mut received, id..id + 1, request_for).await;
+    }
+    // The third connection brought back the epoch the second had replaced.
+    let sb = b.wait_for("the name conflict counted", |c| {
+        c["peer_name_conflicts"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(sb["counters"]["connections_failed"], 0, "{sb}");
+    assert!(
+        b.log()
+            .contains("two live peer edges call themselves \"west\""),
+        "{}",
+        b.log()
+    );
 }
 
 #[test]

@@ -76,8 +76,21 @@ impl EdgeProc {
         args: &[String],
         ready: SocketAddr,
     ) -> EdgeProc {
-        let log = dir.join(format!("{name}.log"));
-        let stats = dir.join(format!("{name}.stats.json"));
+        EdgeProc::start_labelled(netns, dir, name, name, args, ready)
+    }
+
+    /// [`EdgeProc::start_in`] for an edge announcing `name` whose log and stats files
+    /// are named after `label` (two edges may announce one name).
+    pub fn start_labelled(
+        netns: Option<&str>,
+        dir: &Path,
+        label: &str,
+        name: &str,
+        args: &[String],
+        ready: SocketAddr,
+    ) -> EdgeProc {
+        let log = dir.join(format!("{label}.log"));
+        let stats = dir.join(format!("{label}.stats.json"));
         let mut cmd = match netns {
             // `ip netns exec` execs the program: the child is the edge itself.
             Some(ns) => {
