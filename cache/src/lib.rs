@@ -33,7 +33,7 @@ mod shard;
 mod similar;
 mod store;
 
-pub use peer::{PeerIndex, PeerIndexStats, PeerLookup, PeerRegistry, RECENT_MARK};
+pub use peer::{NameConflict, PeerIndex, PeerIndexStats, PeerLookup, PeerRegistry, RECENT_MARK};
 pub use shard::{default_shards, DEFAULT_SHARDS, ENTRY_OVERHEAD, MIN_SHARD_BYTES};
 pub use similar::{SimilarIndex, SimilarStats};
 pub use store::{ChunkStore, StoreStats};

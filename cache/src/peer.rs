@@ -242,6 +242,8 @@ struct PeerSlot {
     epoch: u64,
     index: Arc<PeerIndex>,
     displaced: Vec<u64>,
+    /// Name conflicts seen so far.
+    conflicts: u64,
 }
 
 /// What [`PeerRegistry::lookup`] found.
@@ -252,7 +254,17 @@ pub struct PeerLookup {
     /// The epoch this lookup replaced, when the epoch looked up had itself been
     /// replaced before: two live edges announce the same name, and each one's
     /// connections reset the other's index (and whatever else is kept per name).
-    pub name_conflict: Option<u64>,
+    pub name_conflict: Option<NameConflict>,
+}
+
+/// Two live edges announce one name; see [`PeerLookup::name_conflict`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameConflict {
+    /// The epoch of the other edge (the one this lookup replaced).
+    pub other_epoch: u64,
+    /// How many conflicts this name has had, this one included (for logging the
+    /// first and then ever more rarely).
+    pub count: u64,
 }
 
 impl PeerRegistry {
@@ -284,7 +296,13 @@ impl PeerRegistry {
             },
             Some(slot) => {
                 let index = Arc::new(PeerIndex::new(peer_cache_bytes));
-                let name_conflict = slot.displaced.contains(&epoch).then_some(slot.epoch);
+                let name_conflict = slot.displaced.contains(&epoch).then(|| {
+                    slot.conflicts += 1;
+                    NameConflict {
+                        other_epoch: slot.epoch,
+                        count: slot.conflicts,
+                    }
+                });
                 slot.displaced.retain(|&e| e != epoch);
                 if slot.displaced.len() == DISPLACED_KEPT {
                     slot.displaced.remove(0);
@@ -305,6 +323,7 @@ impl PeerRegistry {
                         epoch,
                         index: Arc::clone(&index),
                         displaced: Vec::new(),
+                        conflicts: 0,
                     },
                 );
                 PeerLookup {
@@ -501,13 +520,14 @@ mod tests {
         // Two edges called "east", epochs 20 and 21, connecting in turns.
         assert!(r.lookup("east", 20, 1 << 20).name_conflict.is_none());
         assert!(r.lookup("east", 21, 1 << 20).name_conflict.is_none());
-        assert_eq!(r.lookup("east", 20, 1 << 20).name_conflict, Some(21));
-        assert_eq!(r.lookup("east", 21, 1 << 20).name_conflict, Some(20));
+        let conflict = |other_epoch, count| Some(NameConflict { other_epoch, count });
+        assert_eq!(r.lookup("east", 20, 1 << 20).name_conflict, conflict(21, 1));
+        assert_eq!(r.lookup("east", 21, 1 << 20).name_conflict, conflict(20, 2));
         // Repeated connections within one epoch are no news.
         assert!(r.lookup("east", 21, 1 << 20).name_conflict.is_none());
         // "west"'s restarts left only its last few epochs remembered; an epoch beyond
         // them is new again.
         assert!(r.lookup("west", 1, 1 << 20).name_conflict.is_none());
-        assert_eq!(r.lookup("west", 10, 1 << 20).name_conflict, Some(1));
+        assert_eq!(r.lookup("west", 10, 1 << 20).name_conflict, conflict(1, 1));
     }
 }

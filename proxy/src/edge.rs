@@ -427,15 +427,21 @@ impl EdgeShared {
             .or_default()
             .clone();
         let lookup = self.peers.lookup(peer_edge, peer_epoch, peer_cache);
-        if let Some(other) = lookup.name_conflict {
+        if let Some(conflict) = lookup.name_conflict {
             self.stats.peer_name_conflicts.fetch_add(1, Relaxed);
-            warn!(
-                peer = peer_edge,
-                epochs = format_args!("{peer_epoch:016x} and {other:016x}"),
-                "two live peer edges call themselves {peer_edge:?}: give each edge its own \
-                 --name (until then each one's connections make this edge forget what the \
-                 other holds, so fewer references cross, and their link measurements mix)"
-            );
+            // The first time, then ever more rarely: alternating connections would
+            // otherwise log one warning each.
+            if conflict.count.is_power_of_two() {
+                warn!(
+                    peer = peer_edge,
+                    epochs = format_args!("{peer_epoch:016x} and {:016x}", conflict.other_epoch),
+                    times = conflict.count,
+                    "two live peer edges call themselves {peer_edge:?}: give each edge its \
+                     own --name (until then each one's connections make this edge forget \
+                     what the other holds, so fewer references cross, and their link \
+                     measurements mix)"
+                );
+            }
         }
         PumpCtx {
             store: Arc::new(self.store.clone()),
