@@ -457,10 +457,10 @@ async fn uplink(
         if !flush && enc.batch_len() < BATCH_TARGET {
             continue;
         }
-        let (encoding, slow_link) = {
+        let (encoding, every_try) = {
             let mut g = lock_governor(governor);
             let e = g.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
-            (e, g.link_is_slow())
+            (e, g.worth_every_try())
         };
         let limited = encoding != Encoding::Raw;
         // `auto` picks the level by the link's pace; `always` asks for few bytes
@@ -498,7 +498,7 @@ async fn uplink(
                 // A link far slower than compression is worth every try, at whatever
                 // level the CPU allows (with the CPU ceiling at the fast level, the
                 // back-off skipped 34 batches of four guests over 100 Mbit/s).
-                persistent: thorough || (!off && limited && slow_link),
+                persistent: thorough || (!off && limited && every_try),
                 stream_end: shared.ledger().sent(),
                 grant,
             };
