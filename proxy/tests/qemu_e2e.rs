@@ -1028,25 +1028,7 @@ async fn qemu_tls_is_relayed_exactly() {
                 )
                 .await;
         }
-        dstvm
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[0])}),
-            )
-            .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
-            )
-            .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-            .await;
-        src.qmp.wait_migration(Duration::from_secs(300)).await;
-        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-        assert_same_file(&src.ram, &dstvm.ram);
+        src.migrate_into(&mut dstvm, fwd[0], dst[0]).await;
         let st = pair.a.wait_for("done", |c| {
             c["connections_completed"].as_u64().unwrap() >= 1
         });
@@ -1984,25 +1966,7 @@ async fn dirty_bitmaps_travel_with_the_migration() {
         for vm in [&mut src, &mut dstvm] {
             vm.qmp.cmd("migrate-set-capabilities", caps.clone()).await;
         }
-        dstvm
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[0])}),
-            )
-            .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
-            )
-            .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-            .await;
-        src.qmp.wait_migration(Duration::from_secs(300)).await;
-        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-        assert_same_file(&src.ram, &dstvm.ram);
+        src.migrate_into(&mut dstvm, fwd[0], dst[0]).await;
         // The bitmap's content is loaded after the RAM (it is postcopy-capable
         // state); poll until the destination shows it.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -2079,25 +2043,7 @@ async fn a_vm_with_a_full_device_set_migrates_exact_and_parsed() {
         };
         let mut src = Vm::start_with(None, spec("dev-src", false, &src_disk), &hw).await;
         let mut dstvm = Vm::start_with(None, spec("dev-dst", true, &dst_disk), &hw).await;
-        dstvm
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[0])}),
-            )
-            .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
-            )
-            .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-            .await;
-        src.qmp.wait_migration(Duration::from_secs(300)).await;
-        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-        assert_same_file(&src.ram, &dstvm.ram);
+        src.migrate_into(&mut dstvm, fwd[0], dst[0]).await;
         let (src_dimm, dst_dimm) = (src.dimm.clone().unwrap(), dstvm.dimm.clone().unwrap());
         assert_same_file(&src_dimm, &dst_dimm);
         let pages = nonzero_pages(&src.ram) + nonzero_pages(&src_dimm);
@@ -2444,25 +2390,7 @@ async fn a_vm_moves_from_qemu_7_2_to_10_0() {
         };
         let mut src = Vm::start_with(None, spec(old, format!("up{k}-src"), false), &hw).await;
         let mut dstvm = Vm::start_with(None, spec(new, format!("up{k}-dst"), true), &hw).await;
-        dstvm
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[k])}),
-            )
-            .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
-            )
-            .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[k])}))
-            .await;
-        src.qmp.wait_migration(Duration::from_secs(300)).await;
-        dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-        assert_same_file(&src.ram, &dstvm.ram);
+        src.migrate_into(&mut dstvm, fwd[k], dst[k]).await;
         let mut pages = nonzero_pages(&src.ram);
         if let (Some(a), Some(b)) = (&src.dimm, &dstvm.dimm) {
             assert_same_file(a, b);
@@ -2660,28 +2588,7 @@ async fn a_cancelled_migration_ends_and_its_retry_reuses_what_crossed() {
         drop(first);
         let refs_before = pair.a.counter("refs_sent");
         let mut second = Vm::start(spec("cancel-dst1", true)).await;
-        second
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[0])}),
-            )
-            .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
-            )
-            .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-            .await;
-        src.qmp.wait_migration(Duration::from_secs(300)).await;
-        second
-            .qmp
-            .wait_incoming_done(Duration::from_secs(120))
-            .await;
-        assert_same_file(&src.ram, &second.ram);
+        src.migrate_into(&mut second, fwd[0], dst[0]).await;
         let st = pair
             .a
             .wait_for_within("the retry done", Duration::from_secs(60), |c| {

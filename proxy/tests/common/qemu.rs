@@ -305,6 +305,34 @@ impl Vm {
         }
     }
 
+    /// A precopy migration of this VM into `dst` at full speed: `dst` listens on
+    /// `listen`, this VM connects to `via` (an edge's forward port, or `listen`
+    /// itself), both wait until done, and the guest RAM is compared byte for byte.
+    /// Returns the source's final `query-migrate`.
+    pub async fn migrate_into(
+        &mut self,
+        dst: &mut Vm,
+        via: SocketAddr,
+        listen: SocketAddr,
+    ) -> Value {
+        dst.qmp
+            .cmd("migrate-incoming", json!({"uri": format!("tcp:{listen}")}))
+            .await;
+        self.qmp
+            .cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8u64 << 30}),
+            )
+            .await;
+        self.qmp
+            .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
+            .await;
+        let info = self.qmp.wait_migration(Duration::from_secs(300)).await;
+        dst.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+        assert_same_file(&self.ram, &dst.ram);
+        info
+    }
+
     pub async fn start(spec: VmSpec<'_>) -> Vm {
         Vm::start_in(None, spec).await
     }
