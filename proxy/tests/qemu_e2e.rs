@@ -1900,100 +1900,150 @@ async fn uncommon_modes_stay_exact_and_parsed() {
 
 /// Dirty bitmaps travel inside the migration stream (`dirty-bitmaps` capability, as
 /// when a disk is mirrored separately and only its change tracking moves with the
-/// VM): the bitmap's own section is relayed exactly (the destination gets a bitmap
-/// with the same dirty count), RAM arrives byte-exact, and the parser follows the
-/// stream past that section (no fallback).
+/// VM), in precopy and, with `postcopy-ram` and a switch mid-migration, in postcopy
+/// (where the bitmap's section iterates beside the RAM pushed after the switch): the
+/// bitmap's own section is relayed exactly (the destination gets a bitmap with the
+/// same dirty count), RAM arrives byte-exact, and the parser follows the stream past
+/// that section (no fallback).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dirty_bitmaps_travel_with_the_migration() {
     for (i, build) in builds().iter().enumerate() {
         let dir = Scratch::new(&format!("qemu-bitmap-{}", build.name));
         let (pair, fwd, dst) = start_pair(dir.path(), 72 + i as u8, 1);
-        let (src_disk, dst_disk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
-        for d in [&src_disk, &dst_disk] {
-            std::fs::File::create(d).unwrap().set_len(64 << 20).unwrap();
-        }
-        let mut src = Vm::start(VmSpec {
-            build,
-            dir: dir.path(),
-            name: "bm-src".into(),
-            ram_mib: RAM_MIB,
-            ram_content: Some(Box::new(cluster_ram(9))),
-            incoming: false,
-            kernel: None,
-            disk: Some(src_disk.clone()),
-        })
-        .await;
-        let mut dstvm = Vm::start(VmSpec {
-            build,
-            dir: dir.path(),
-            name: "bm-dst".into(),
-            ram_mib: RAM_MIB,
-            ram_content: None,
-            incoming: true,
-            kernel: None,
-            disk: Some(dst_disk.clone()),
-        })
-        .await;
-        src.qmp
-            .cmd(
-                "block-dirty-bitmap-add",
-                json!({"node": "d0", "name": "bm0", "granularity": 65536}),
-            )
-            .await;
-        // Writes through the block layer mark the bitmap: 4 MiB at 0, 1 MiB at 40 MiB
-        // and sixteen scattered 4 KiB writes (64 + 16 + 16 granules of 64 KiB).
-        let mut writes = vec![(0u64, 4u64 << 20), (40 << 20, 1 << 20)];
-        writes.extend((0..16u64).map(|k| ((8 << 20) + k * (1 << 20), 4096)));
-        for (at, len) in writes {
+        for (k, postcopy) in [false, true].into_iter().enumerate() {
+            let (src_disk, dst_disk) = (
+                dir.path().join(format!("src{k}.raw")),
+                dir.path().join(format!("dst{k}.raw")),
+            );
+            for d in [&src_disk, &dst_disk] {
+                std::fs::File::create(d).unwrap().set_len(64 << 20).unwrap();
+            }
+            let spec = |name: String, incoming: bool, disk: &Path| VmSpec {
+                build,
+                dir: dir.path(),
+                name,
+                ram_mib: RAM_MIB,
+                ram_content: (!incoming).then(|| Box::new(cluster_ram(9)) as RamFill<'_>),
+                incoming,
+                kernel: None,
+                disk: Some(disk.to_path_buf()),
+            };
+            let mut src = Vm::start(spec(format!("bm{k}-src"), false, &src_disk)).await;
+            let mut dstvm = Vm::start(spec(format!("bm{k}-dst"), true, &dst_disk)).await;
             src.qmp
                 .cmd(
-                    "human-monitor-command",
-                    json!({"command-line": format!("qemu-io d0 \"write -P 0x5a {at} {len}\"")}),
+                    "block-dirty-bitmap-add",
+                    json!({"node": "d0", "name": "bm0", "granularity": 65536}),
                 )
                 .await;
-        }
-        let bitmap = |v: &serde_json::Value| -> Option<u64> {
-            v.as_array()?.iter().find(|d| d["device"] == "d0")?["inserted"]["dirty-bitmaps"]
-                .as_array()?
-                .iter()
-                .find(|b| b["name"] == "bm0")?["count"]
-                .as_u64()
-        };
-        let blocks = src.qmp.cmd("query-block", json!({})).await;
-        let count = bitmap(&blocks);
-        assert_eq!(count, Some(96 << 16), "QEMU {}: {blocks}", build.name);
-        let caps = json!({"capabilities": [{"capability": "dirty-bitmaps", "state": true}]});
-        for vm in [&mut src, &mut dstvm] {
-            vm.qmp.cmd("migrate-set-capabilities", caps.clone()).await;
-        }
-        src.migrate_into(&mut dstvm, fwd[0], dst[0]).await;
-        // The bitmap's content is loaded after the RAM (it is postcopy-capable
-        // state); poll until the destination shows it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let got = bitmap(&dstvm.qmp.cmd("query-block", json!({})).await);
-            if got == count {
-                break;
+            // Writes through the block layer mark the bitmap: 4 MiB at 0, 1 MiB at 40
+            // MiB and sixteen scattered 4 KiB writes (64 + 16 + 16 granules of 64 KiB).
+            let mut writes = vec![(0u64, 4u64 << 20), (40 << 20, 1 << 20)];
+            writes.extend((0..16u64).map(|k| ((8 << 20) + k * (1 << 20), 4096)));
+            for (at, len) in writes {
+                src.qmp
+                    .cmd(
+                        "human-monitor-command",
+                        json!({"command-line": format!("qemu-io d0 \"write -P 0x5a {at} {len}\"")}),
+                    )
+                    .await;
             }
+            let bitmap = |v: &serde_json::Value| -> Option<u64> {
+                v.as_array()?.iter().find(|d| d["device"] == "d0")?["inserted"]["dirty-bitmaps"]
+                    .as_array()?
+                    .iter()
+                    .find(|b| b["name"] == "bm0")?["count"]
+                    .as_u64()
+            };
+            let blocks = src.qmp.cmd("query-block", json!({})).await;
+            let count = bitmap(&blocks);
+            assert_eq!(count, Some(96 << 16), "QEMU {}: {blocks}", build.name);
+            let mut caps = vec![json!({"capability": "dirty-bitmaps", "state": true})];
+            if postcopy {
+                caps.push(json!({"capability": "postcopy-ram", "state": true}));
+            }
+            for vm in [&mut src, &mut dstvm] {
+                vm.qmp
+                    .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+                    .await;
+            }
+            if postcopy {
+                dstvm
+                    .qmp
+                    .cmd(
+                        "migrate-incoming",
+                        json!({"uri": format!("tcp:{}", dst[0])}),
+                    )
+                    .await;
+                // Slow enough to switch while precopy is under way.
+                src.qmp
+                    .cmd(
+                        "migrate-set-parameters",
+                        json!({"max-bandwidth": 16u64 << 20}),
+                    )
+                    .await;
+                src.qmp
+                    .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+                    .await;
+                src.qmp
+                    .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
+                        v["status"] == "active"
+                            && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 8 << 20
+                    })
+                    .await;
+                src.qmp.cmd("migrate-start-postcopy", json!({})).await;
+                // Still capped: the switch lands before the pages run out.
+                src.qmp
+                    .wait_migrate_until("postcopy", Duration::from_secs(120), |v| {
+                        v["status"] == "postcopy-active"
+                    })
+                    .await;
+                src.qmp
+                    .cmd(
+                        "migrate-set-parameters",
+                        json!({"max-bandwidth": 8u64 << 30}),
+                    )
+                    .await;
+                src.qmp.wait_migration(Duration::from_secs(300)).await;
+                dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+                assert_same_file(&src.ram, &dstvm.ram);
+            } else {
+                src.migrate_into(&mut dstvm, fwd[0], dst[0]).await;
+            }
+            // The bitmap's content is loaded after the RAM (it is postcopy-capable
+            // state); poll until the destination shows it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let got = bitmap(&dstvm.qmp.cmd("query-block", json!({})).await);
+                if got == count {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "QEMU {} (postcopy {postcopy}): destination bitmap {got:?}, source {count:?}",
+                    build.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let st = pair.a.wait_for("bitmap migration done", |c| {
+                c["connections_completed"].as_u64().unwrap() > k as u64
+            });
+            let c = &st["counters"];
+            assert_eq!(
+                c["parser_fallbacks"],
+                0,
+                "QEMU {} (postcopy {postcopy}): {}",
+                build.name,
+                pair.a.log()
+            );
+            assert_eq!(c["connections_failed"], 0, "QEMU {}: {c}", build.name);
+            let conn = &st["recent_connections"][k];
             assert!(
-                std::time::Instant::now() < deadline,
-                "QEMU {}: destination bitmap {got:?}, source {count:?}",
+                conn["pages"].as_u64().unwrap() >= nonzero_pages(&src.ram),
+                "QEMU {} (postcopy {postcopy}): {conn}",
                 build.name
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let st = pair.a.wait_for("bitmap migration done", |c| {
-            c["connections_completed"].as_u64().unwrap() >= 1
-        });
-        let c = &st["counters"];
-        assert_eq!(
-            c["parser_fallbacks"],
-            0,
-            "QEMU {}: {}",
-            build.name,
-            pair.a.log()
-        );
-        assert_eq!(c["connections_failed"], 0, "QEMU {}: {c}", build.name);
     }
 }
 
