@@ -497,7 +497,8 @@ async fn uplink(
                 limited,
                 // A link far slower than compression is worth every try, at whatever
                 // level the CPU allows (with the CPU ceiling at the fast level, the
-                // back-off skipped 34 batches of four guests over 100 Mbit/s).
+                // back-off skipped 34 batches of four guests over 100 Mbit/s), and so
+                // is a link not measured yet (`CompressGovernor::worth_every_try`).
                 persistent: thorough || (!off && limited && every_try),
                 stream_end: shared.ledger().sent(),
                 grant,
