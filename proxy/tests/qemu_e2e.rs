@@ -809,31 +809,12 @@ async fn postcopy_switched_mid_migration_with_a_writing_guest() {
                     .cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
                     .await;
             }
-            dstvm
-                .qmp
-                .cmd(
-                    "migrate-incoming",
-                    json!({"uri": format!("tcp:{}", dst[0])}),
-                )
-                .await;
             // Slow enough that precopy is still running when postcopy is switched on.
-            src.qmp
-                .cmd(
-                    "migrate-set-parameters",
-                    json!({"max-bandwidth": 64u64 << 20}),
-                )
-                .await;
-            src.qmp
-                .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
+            src.start_migration_into(&mut dstvm, fwd[0], dst[0], 64u64 << 20)
                 .await;
             // Switch once precopy is under way (a fixed pause was the habit; the
             // dirtying guest keeps precopy from converging, so this cannot be late).
-            src.qmp
-                .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
-                    v["status"] == "active"
-                        && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 16 << 20
-                })
-                .await;
+            src.qmp.wait_transferred(16 << 20).await;
             src.qmp.cmd("migrate-start-postcopy", json!({})).await;
             src.qmp
                 .cmd(
@@ -1467,11 +1448,7 @@ async fn postcopy_with_a_running_destination(
     src.qmp
         .cmd("migrate", json!({"uri": format!("tcp:{fwd}")}))
         .await;
-    src.qmp
-        .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
-            v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 4 << 20
-        })
-        .await;
+    src.qmp.wait_transferred(4 << 20).await;
     src.qmp.cmd("migrate-start-postcopy", json!({})).await;
     src.qmp
         .wait_migrate_until("a postcopy page request", Duration::from_secs(120), |v| {
@@ -1995,29 +1972,10 @@ async fn dirty_bitmaps_travel_with_the_migration() {
                     .await;
             }
             if postcopy {
-                dstvm
-                    .qmp
-                    .cmd(
-                        "migrate-incoming",
-                        json!({"uri": format!("tcp:{}", dst[0])}),
-                    )
-                    .await;
                 // Slow enough to switch while precopy is under way.
-                src.qmp
-                    .cmd(
-                        "migrate-set-parameters",
-                        json!({"max-bandwidth": 16u64 << 20}),
-                    )
+                src.start_migration_into(&mut dstvm, fwd[0], dst[0], 16u64 << 20)
                     .await;
-                src.qmp
-                    .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-                    .await;
-                src.qmp
-                    .wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
-                        v["status"] == "active"
-                            && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 8 << 20
-                    })
-                    .await;
+                src.qmp.wait_transferred(8 << 20).await;
                 src.qmp.cmd("migrate-start-postcopy", json!({})).await;
                 // Still capped: the switch lands before the pages run out.
                 src.qmp
@@ -2095,18 +2053,11 @@ async fn a_vm_with_a_full_device_set_migrates_exact_and_parsed() {
             smp: 4,
             default_devices: true,
             dimm: Some((DIMM_MIB, 11)),
-            devices: [
-                "-netdev user,id=n0",
-                "-device virtio-net-pci,netdev=n0",
-                "-device qemu-xhci",
-                "-device usb-tablet",
-                "-device virtio-balloon",
-                "-device virtio-serial",
-                "-device virtio-rng-pci",
-            ]
-            .iter()
-            .flat_map(|a| a.split(' ').map(String::from))
-            .collect(),
+            devices: Hardware::args(
+                "-netdev user,id=n0 -device virtio-net-pci,netdev=n0 -device qemu-xhci \
+                 -device usb-tablet -device virtio-balloon -device virtio-serial \
+                 -device virtio-rng-pci",
+            ),
         };
         let spec = |name: &str, incoming: bool, disk: &Path| VmSpec {
             build,
@@ -2346,30 +2297,16 @@ async fn an_edge_killed_mid_migration_fails_it_and_a_retry_is_exact() {
                 disk: None,
             })
             .await;
-            dstvm
-                .qmp
-                .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
-                .await;
             // Slow enough that the kill lands mid-stream; full speed for the retry.
             let rate: u64 = if victim == "none" { 8 << 30 } else { 16 << 20 };
-            src.qmp
-                .cmd("migrate-set-parameters", json!({"max-bandwidth": rate}))
-                .await;
-            src.qmp
-                .cmd("migrate", json!({"uri": format!("tcp:{fwd}")}))
-                .await;
+            src.start_migration_into(&mut dstvm, fwd, dst, rate).await;
             if victim == "none" {
                 src.qmp.wait_migration(Duration::from_secs(300)).await;
                 dstvm.qmp.wait_incoming_done(Duration::from_secs(120)).await;
                 assert_same_file(&src.ram, &dstvm.ram);
                 break;
             }
-            src.qmp
-                .wait_migrate_until("migration under way", Duration::from_secs(120), |v| {
-                    v["status"] == "active"
-                        && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 8 << 20
-                })
-                .await;
+            src.qmp.wait_transferred(8 << 20).await;
             let survivor_failed_before = if victim == "b" {
                 let before = a.counter("connections_failed");
                 b.kill();
@@ -2443,14 +2380,9 @@ async fn a_vm_moves_from_qemu_7_2_to_10_0() {
             default_devices: full,
             dimm: full.then_some((32, 13)),
             devices: if full {
-                [
-                    "-netdev user,id=n0",
-                    "-device virtio-net-pci,netdev=n0",
-                    "-device virtio-balloon",
-                ]
-                .iter()
-                .flat_map(|a| a.split(' ').map(String::from))
-                .collect()
+                Hardware::args(
+                    "-netdev user,id=n0 -device virtio-net-pci,netdev=n0 -device virtio-balloon",
+                )
             } else {
                 Vec::new()
             },
@@ -2612,28 +2544,9 @@ async fn a_cancelled_migration_ends_and_its_retry_reuses_what_crossed() {
         };
         let mut src = Vm::start(spec("cancel-src", false)).await;
         let mut first = Vm::start(spec("cancel-dst0", true)).await;
-        first
-            .qmp
-            .cmd(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:{}", dst[0])}),
-            )
+        src.start_migration_into(&mut first, fwd[0], dst[0], 16u64 << 20)
             .await;
-        src.qmp
-            .cmd(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 16u64 << 20}),
-            )
-            .await;
-        src.qmp
-            .cmd("migrate", json!({"uri": format!("tcp:{}", fwd[0])}))
-            .await;
-        let under_way = src
-            .qmp
-            .wait_migrate_until("migration under way", Duration::from_secs(120), |v| {
-                v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= 24 << 20
-            })
-            .await;
+        let under_way = src.qmp.wait_transferred(24 << 20).await;
         src.qmp.cmd("migrate_cancel", json!({})).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {

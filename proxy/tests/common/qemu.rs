@@ -242,6 +242,13 @@ pub struct Hardware {
     pub devices: Vec<String>,
 }
 
+impl Hardware {
+    /// Command-line arguments from one line split at spaces (none contains one).
+    pub fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+}
+
 impl Default for Hardware {
     fn default() -> Self {
         Hardware {
@@ -315,22 +322,34 @@ impl Vm {
         via: SocketAddr,
         listen: SocketAddr,
     ) -> Value {
+        self.start_migration_into(dst, via, listen, 8 << 30).await;
+        let info = self.qmp.wait_migration(Duration::from_secs(300)).await;
+        dst.qmp.wait_incoming_done(Duration::from_secs(120)).await;
+        assert_same_file(&self.ram, &dst.ram);
+        info
+    }
+
+    /// Starts a precopy migration of this VM into `dst` (listening on `listen`, reached
+    /// through `via`) capped at `max_bandwidth` bytes/s, and returns at once.
+    pub async fn start_migration_into(
+        &mut self,
+        dst: &mut Vm,
+        via: SocketAddr,
+        listen: SocketAddr,
+        max_bandwidth: u64,
+    ) {
         dst.qmp
             .cmd("migrate-incoming", json!({"uri": format!("tcp:{listen}")}))
             .await;
         self.qmp
             .cmd(
                 "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
+                json!({"max-bandwidth": max_bandwidth}),
             )
             .await;
         self.qmp
             .cmd("migrate", json!({"uri": format!("tcp:{via}")}))
             .await;
-        let info = self.qmp.wait_migration(Duration::from_secs(300)).await;
-        dst.qmp.wait_incoming_done(Duration::from_secs(120)).await;
-        assert_same_file(&self.ram, &dst.ram);
-        info
     }
 
     pub async fn start(spec: VmSpec<'_>) -> Vm {
@@ -538,6 +557,15 @@ impl Qmp {
     /// (`what` names the state waited for). Tests wait for the QEMU state they need
     /// instead of sleeping: a fixed pause that suffices on a quiet machine is outrun on
     /// a busy one.
+    /// Waits until precopy is active with at least `bytes` transferred (so a switch,
+    /// a kill or a cancel lands mid-stream); returns that `query-migrate`.
+    pub async fn wait_transferred(&mut self, bytes: u64) -> Value {
+        self.wait_migrate_until("precopy under way", Duration::from_secs(120), |v| {
+            v["status"] == "active" && v["ram"]["transferred"].as_u64().unwrap_or(0) >= bytes
+        })
+        .await
+    }
+
     pub async fn wait_migrate_until(
         &mut self,
         what: &str,
