@@ -42,6 +42,9 @@ pub struct EncodeArgs {
     /// level).
     #[arg(long)]
     no_zstd_deltas: bool,
+    /// Send every new chunk as it is: no word differences (WORDS frames).
+    #[arg(long)]
+    no_words: bool,
 }
 
 /// Runs the encoding and prints the report.
@@ -58,7 +61,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
         let (wire, s) = encode_image(&image, &a, peer.clone(), similar.clone());
         total += wire;
         println!(
-            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs, {} deltas ({} B of pages as {} B, {} zstd), {} chunks ({} B), {} of {} batches streamed",
+            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs, {} deltas ({} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
             file.display(),
             image.len(),
             started.elapsed().as_secs_f64(),
@@ -69,6 +72,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
             s.zstd_deltas,
             s.chunks,
             s.chunk_bytes,
+            s.word_chunks,
             s.compression.batches_streamed,
             s.compression.batches_compressed,
         );
@@ -112,6 +116,7 @@ fn encode_image(
     if a.no_zstd_deltas {
         enc.set_thorough(false);
     }
+    enc.set_words(!a.no_words);
     let mut ledger = SendLedger::new();
     let mut wire = 0usize;
     for (n, page) in image.chunks(PAGE).enumerate() {

@@ -481,6 +481,8 @@ async fn uplink(
         enc.set_thorough(thorough);
         // On a fast link the CPU is the limit: no delta search at all.
         enc.set_deltas(always || limited);
+        // Word differences only help batches that are compressed.
+        enc.set_words(!off && (always || limited));
         // Compressing with history needs a stream: ask once the link limits.
         let grant = if (always || limited) && !off && !stream_granted {
             ctx.streams.take()

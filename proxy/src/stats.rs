@@ -89,6 +89,9 @@ counters! {
     delta_patch_bytes,
     /// Of `deltas_sent`, those sent as zstd frames with the base as dictionary.
     zstd_deltas_sent,
+    /// Of `chunks_sent`, those sent as the word differences of their bytes (WORDS
+    /// frames: tables of 64-bit values that compress far better so).
+    word_chunks_sent,
     /// Deltas received, rebuilt, verified and stored.
     deltas_applied,
     /// Batches sent zstd-compressed.
@@ -155,6 +158,7 @@ impl EdgeStats {
         self.deltas_sent.fetch_add(s.deltas, Relaxed);
         self.delta_bytes.fetch_add(s.delta_bytes, Relaxed);
         self.zstd_deltas_sent.fetch_add(s.zstd_deltas, Relaxed);
+        self.word_chunks_sent.fetch_add(s.word_chunks, Relaxed);
         self.delta_patch_bytes
             .fetch_add(s.delta_patch_bytes, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);

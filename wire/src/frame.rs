@@ -1,4 +1,4 @@
-//! Tunnel frames (protocol v1) and their incremental decoder.
+//! Tunnel frames (protocol v2; v2 added WORDS) and their incremental decoder.
 //!
 //! After the handshake ([`crate::handshake`]) each direction of a tunnel connection is
 //! a sequence of frames. Every frame starts with a one-byte type; every length is a
@@ -18,8 +18,9 @@
 //! | `0x0a` | REF_RECENT | 32-byte id (a REF whose chunk may still be in flight) |
 //! | `0x0b` | DELTA | flags (bit 0: base sent moments ago, bit 1: zstd payload), 32-byte base id, 32-byte id, varint len, len bytes of payload ([`crate::delta`]) |
 //! | `0x0c` | ZSTREAM | flags (bit 0: fresh context), varint raw len, varint zstd len, one flushed piece of the direction's zstd stream ([`crate::zstream`]) holding data frames |
+//! | `0x0d` | WORDS | u8 stride (1..=64), varint len, len bytes: a CHUNK sent as the word differences of its bytes ([`crate::words`]) |
 //!
-//! LITERAL, CHUNK, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
+//! LITERAL, CHUNK, WORDS, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -35,6 +36,8 @@ pub const MAX_CHUNK: usize = 1 << 20;
 pub const MAX_BATCH_RAW: usize = 4 << 20;
 /// Largest compressed ZBATCH body.
 pub const MAX_BATCH_COMPRESSED: usize = MAX_BATCH_RAW + (MAX_BATCH_RAW >> 7) + 1024;
+/// Largest WORDS stride (in 8-byte words).
+pub const MAX_WORD_STRIDE: u8 = crate::words::MAX_STRIDE;
 /// Longest RESET reason.
 pub const MAX_REASON: usize = 4096;
 
@@ -50,6 +53,7 @@ const T_ZBATCH: u8 = 0x09;
 const T_REF_RECENT: u8 = 0x0a;
 const T_DELTA: u8 = 0x0b;
 const T_ZSTREAM: u8 = 0x0c;
+const T_WORDS: u8 = 0x0d;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +66,15 @@ pub enum Frame {
     Chunk(Bytes),
     /// Deliver the chunk the receiver already holds under this id.
     Ref(ChunkId),
+    /// A [`Frame::Chunk`] whose bytes travel as their word differences at `stride`
+    /// ([`crate::words`]): deliver and keep [`words::restore`](crate::words::restore)
+    /// of them.
+    Words {
+        /// In 8-byte words, 1..=[`MAX_WORD_STRIDE`].
+        stride: u8,
+        /// The chunk's word differences.
+        diffs: Bytes,
+    },
     /// Deliver the chunk under this id, which the sender sent in full only moments ago,
     /// possibly on another connection of the same peer: when the receiver's store lacks
     /// it, its full copy is probably still in flight, so the receiver waits briefly for
@@ -107,6 +120,7 @@ impl Frame {
             self,
             Frame::Literal(_)
                 | Frame::Chunk(_)
+                | Frame::Words { .. }
                 | Frame::Ref(_)
                 | Frame::RefRecent(_)
                 | Frame::Delta { .. }
@@ -121,6 +135,15 @@ impl Frame {
         match self {
             Frame::Literal(data) => encode_bytes(dst, T_LITERAL, data, MAX_LITERAL),
             Frame::Chunk(data) => encode_bytes(dst, T_CHUNK, data, MAX_CHUNK),
+            Frame::Words { stride, diffs } => {
+                debug_assert!((1..=MAX_WORD_STRIDE).contains(stride));
+                debug_assert!(diffs.len() <= MAX_CHUNK);
+                dst.reserve(2 + varint::MAX_VARINT_LEN + diffs.len());
+                dst.put_u8(T_WORDS);
+                dst.put_u8(*stride);
+                varint::put(dst, diffs.len() as u64);
+                dst.put_slice(diffs);
+            }
             Frame::Fill { id, data } => encode_chunk(dst, T_FILL, id, data),
             Frame::Ref(id) => {
                 dst.put_u8(T_REF);
@@ -171,6 +194,7 @@ impl Frame {
     pub fn encoded_len(&self) -> usize {
         match self {
             Frame::Literal(d) | Frame::Chunk(d) => 1 + varint::len(d.len() as u64) + d.len(),
+            Frame::Words { diffs, .. } => 2 + varint::len(diffs.len() as u64) + diffs.len(),
             Frame::Fill { data, .. } => {
                 1 + CHUNK_ID_LEN + varint::len(data.len() as u64) + data.len()
             }
@@ -231,7 +255,7 @@ pub fn encode_zbatch_header(dst: &mut BytesMut, raw_len: usize, compressed_len: 
 /// the sender is not a correct Shrinker edge (or the bytes were damaged).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    /// The type byte is not one of protocol v1's.
+    /// The type byte is not one of the protocol's.
     #[error("unknown frame type 0x{0:02x}")]
     UnknownType(u8),
     /// A varint is longer than 10 bytes or overflows.
@@ -262,6 +286,9 @@ pub enum FrameError {
     /// A DELTA's or ZSTREAM's flags byte has unknown bits set.
     #[error("frame with unknown flags 0x{0:02x}")]
     BadFlags(u8),
+    /// A WORDS frame's stride is 0 or above [`MAX_WORD_STRIDE`].
+    #[error("WORDS frame with stride {0} (allowed 1..={MAX_WORD_STRIDE})")]
+    BadStride(u8),
     /// A ZSTREAM piece does not decode in this stream.
     #[error(transparent)]
     Stream(#[from] crate::zstream::StreamError),
@@ -396,7 +423,10 @@ impl FrameDecoder {
             if raw.len() < header_len + body_len {
                 return Err(FrameError::BatchTruncated);
             }
-            if !matches!(ty, T_LITERAL | T_CHUNK | T_REF | T_REF_RECENT | T_DELTA) {
+            if !matches!(
+                ty,
+                T_LITERAL | T_CHUNK | T_WORDS | T_REF | T_REF_RECENT | T_DELTA
+            ) {
                 return Err(FrameError::BatchContent(type_name(ty)));
             }
             let mut body = raw.split_to(header_len + body_len);
@@ -411,6 +441,7 @@ fn type_name(ty: u8) -> &'static str {
     match ty {
         T_LITERAL => "LITERAL",
         T_CHUNK => "CHUNK",
+        T_WORDS => "WORDS",
         T_REF => "REF",
         T_REF_RECENT => "REF_RECENT",
         T_DELTA => "DELTA",
@@ -450,6 +481,17 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
         T_CHUNK => get_varint(rest, "CHUNK")?
             .map(|(n, l)| capped(n, MAX_CHUNK, "CHUNK").map(|n| (1 + l, n, ty)))
             .transpose()?,
+        T_WORDS => {
+            let Some(&stride) = rest.first() else {
+                return Ok(None);
+            };
+            if !(1..=MAX_WORD_STRIDE).contains(&stride) {
+                return Err(FrameError::BadStride(stride));
+            }
+            get_varint(&rest[1..], "WORDS")?
+                .map(|(n, l)| capped(n, MAX_CHUNK, "WORDS").map(|n| (1, 1 + l + n, ty)))
+                .transpose()?
+        }
         T_FILL => {
             if rest.len() < CHUNK_ID_LEN {
                 return Ok(None);
@@ -525,6 +567,15 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
     Ok(match ty {
         T_LITERAL => Frame::Literal(body),
         T_CHUNK => Frame::Chunk(body),
+        T_WORDS => {
+            let stride = body.get_u8();
+            let (_, l) = get_varint(&body, "WORDS")?.ok_or(FrameError::BadVarint("WORDS"))?;
+            body.advance(l);
+            Frame::Words {
+                stride,
+                diffs: body,
+            }
+        }
         T_FILL => {
             let id = take_id(&mut body);
             let (_, l) = get_varint(&body, "FILL")?.ok_or(FrameError::BadVarint("FILL"))?;

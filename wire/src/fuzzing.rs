@@ -756,6 +756,7 @@ impl Tunnel {
                     f,
                     Frame::Literal(_)
                         | Frame::Chunk(_)
+                        | Frame::Words { .. }
                         | Frame::Ref(_)
                         | Frame::RefRecent(_)
                         | Frame::Delta { .. }
@@ -1034,4 +1035,35 @@ pub fn qemu_segment(data: &[u8]) {
     assert!(joined == rest, "segments do not rebuild the stream");
     let r = seg.report();
     assert!(r.blocks_lost <= r.blocks + r.blocks_lost);
+}
+
+// ---------------------------------------------------------------------------------------
+// word_differences
+// ---------------------------------------------------------------------------------------
+
+/// `word_differences`: byte 0 picks the stride (1..=[`crate::words::MAX_STRIDE`]), the
+/// rest is a chunk. Differences and restore are inverse both ways (a WORDS frame's
+/// payload is arbitrary bytes from the peer, and any of them restores to the one chunk
+/// whose differences they are); lengths are kept; whatever [`crate::words::choose`]
+/// picks restores to the chunk.
+pub fn word_differences(data: &[u8]) {
+    let Some((&first, chunk)) = data.split_first() else {
+        return;
+    };
+    let stride = first % crate::words::MAX_STRIDE + 1;
+    let diffs = crate::words::difference(chunk, stride);
+    assert_eq!(diffs.len(), chunk.len(), "differences changed the length");
+    assert!(
+        crate::words::restore(&diffs, stride) == chunk,
+        "restore does not undo difference"
+    );
+    let restored = crate::words::restore(chunk, stride);
+    assert!(
+        crate::words::difference(&restored, stride) == chunk,
+        "difference does not undo restore"
+    );
+    if let Some((s, d)) = crate::words::choose(chunk) {
+        assert!((1..=crate::words::MAX_STRIDE).contains(&s), "stride {s}");
+        assert!(crate::words::restore(&d, s) == chunk, "chosen form differs");
+    }
 }

@@ -10,6 +10,8 @@
 //! - [`page_hash`]: BLAKE3 of many 4 KiB blocks side by side (SIMD lanes full).
 //! - [`verified`]: [`VerifiedChunk`] / [`UnverifiedChunk`], trust as a type.
 //! - [`store`]: the traits the session needs from the shared cache.
+//! - [`delta`], [`words`]: near-duplicate chunks as deltas; tables of 64-bit words as
+//!   their differences.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod id;
@@ -29,8 +31,9 @@ pub mod handshake;
 pub mod segment;
 pub mod session;
 pub mod varint;
+pub mod words;
 pub mod zstream;
 
 pub use chunk::{ChunkParams, Chunker};
-pub use frame::{Frame, FrameDecoder, FrameError};
+pub use frame::{Frame, FrameDecoder, FrameError, MAX_WORD_STRIDE};
 pub use segment::{Segment, Segmenter};

@@ -128,6 +128,11 @@ fn replay_delta_patch() {
 }
 
 #[test]
+fn replay_word_differences() {
+    replay("word_differences", fuzzing::word_differences);
+}
+
+#[test]
 fn qemu_segment_corpus() {
     replay("qemu_segment", fuzzing::qemu_segment);
 }
@@ -260,9 +265,14 @@ fn write_seeds(target: &str, seeds: &Seeds, entry: fn(&[u8])) {
 fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let chunk = Bytes::from(noise(600, 1));
     let id = ChunkId::of(&chunk);
+    let table = Bytes::from(wire::words::difference(&tabley(512, 1, 0x5000), 1));
     let every = vec![
         Frame::Literal(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n")),
         Frame::Chunk(chunk.clone()),
+        Frame::Words {
+            stride: 1,
+            diffs: table.clone(),
+        },
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Delta {
@@ -287,10 +297,28 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let data_frames = vec![
         Frame::Literal(Bytes::from_static(b"hello")),
         Frame::Chunk(chunk.clone()),
+        Frame::Words {
+            stride: 8,
+            diffs: table.clone(),
+        },
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Ref(id),
     ];
+    let encoder_tables = encoder_output(
+        &[tabley(512, 1, 0x9000), tabley(512, 8, 0x77)].concat(),
+        CompressMode::Always,
+        Some(18),
+    );
+    let mut words = 0;
+    let (mut wire_bytes, mut dec) = (
+        BytesMut::from(&encoder_tables[..]),
+        frame::FrameDecoder::new(),
+    );
+    while let Some(f) = dec.decode(&mut wire_bytes).expect("the encoder's frames") {
+        words += usize::from(matches!(f, Frame::Words { .. }));
+    }
+    assert!(words > 0, "the table seed holds no WORDS frame");
     let mut mixed = enc(&every[..3]);
     mixed.extend(zbatch(&data_frames));
     mixed.extend(enc(&[Frame::Ack(9), Frame::End]));
@@ -356,6 +384,16 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             "literal-too-long",
             with_header(&[0, 0], &[0x01, 0x81, 0x80, 0x40]),
         ),
+        // WORDS with a stride of 0 and of 65 (the largest is 64).
+        (
+            "words-stride-0",
+            with_header(&[0, 0], &[0x0d, 0x00, 0x08, 1, 2, 3, 4, 5, 6, 7, 8]),
+        ),
+        (
+            "words-stride-65",
+            with_header(&[1, 0], &[0x0d, 0x41, 0x08, 1, 2, 3, 4, 5, 6, 7, 8]),
+        ),
+        ("encoder-tables", with_header(&[3, 21], &encoder_tables)),
     ]
 }
 
@@ -457,6 +495,10 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             patch: wire::delta::encode(&blocks[0], &edited0, 4096).expect("patch"),
         },
         Frame::Chunk(fresh.clone()),
+        Frame::Words {
+            stride: 1,
+            diffs: Bytes::from(wire::words::difference(&tabley(256, 1, 0xabc000), 1)),
+        },
         Frame::Fill {
             id: ids[3],
             data: blocks[3].clone(),
@@ -570,6 +612,13 @@ fn tunnel_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         (
+            "tables-always-stream",
+            with_header(
+                &h(0x07 | 0x10 | 0x40, 0x40, [3, 11], [3, 12]),
+                &[tabley(1024, 1, 0x4000), tabley(1024, 8, 0x99)].concat(),
+            ),
+        ),
+        (
             "zeros-forget",
             with_header(
                 &h(0x02 | 0x40 | 0x10, 0x01 | 0x10, [2, 63], [3, 7]),
@@ -601,6 +650,42 @@ fn generate_seed_corpus() {
         fuzzing::tunnel_roundtrip,
     );
     write_seeds("delta_patch", &delta_seeds(), fuzzing::delta_patch);
+    write_seeds("word_differences", &word_seeds(), fuzzing::word_differences);
+}
+
+/// Tables of 64-bit words growing by a constant, every `k`-th word stepping (1: a
+/// page table; 8: 64-byte records): content the encoder sends as word differences.
+fn tabley(words: u64, k: u64, seed: u64) -> Vec<u8> {
+    (0..words)
+        .flat_map(|i| {
+            let w = if i % k == 0 {
+                seed.wrapping_add(i / k * 0x1000) | 0x63
+            } else {
+                seed.rotate_left((i % k) as u32).wrapping_add(i / k * 0x40)
+            };
+            w.to_le_bytes()
+        })
+        .collect()
+}
+
+fn word_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("empty", vec![]),
+        (
+            "page-table",
+            [&[0u8][..], &tabley(512, 1, 0x1234_5000)].concat(),
+        ),
+        (
+            "records",
+            [&[7u8][..], &tabley(512, 8, 0xffff_ea00_0000_0000)].concat(),
+        ),
+        (
+            "odd-tail",
+            [&[63u8][..], &tabley(100, 1, 77)[..797]].concat(),
+        ),
+        ("noise", [&[200u8][..], &noise(4096, 31)].concat()),
+        ("zeros", vec![0u8; 4097]),
+    ]
 }
 
 fn delta_seeds() -> Vec<(&'static str, Vec<u8>)> {

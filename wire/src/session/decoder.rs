@@ -12,6 +12,7 @@ use crate::id::ChunkId;
 use crate::page_hash::PageHasher;
 use crate::store::ContentStore;
 use crate::verified::{UnverifiedChunk, VerifiedChunk};
+use crate::words;
 
 /// Decoder settings.
 #[derive(Clone, Debug)]
@@ -147,6 +148,13 @@ impl Decoder {
         if frames.is_empty() {
             return Ok(());
         }
+        // A WORDS frame is a CHUNK in other clothes: restored first, it is hashed
+        // with the others.
+        for frame in frames.iter_mut() {
+            if let Frame::Words { stride, diffs } = frame {
+                *frame = Frame::Chunk(Bytes::from(words::restore(diffs, *stride)));
+            }
+        }
         let blocks: Vec<Bytes> = frames
             .iter()
             .filter_map(|f| match f {
@@ -177,6 +185,10 @@ impl Decoder {
         }
         let item = match frame {
             Frame::Literal(data) => Pending::Ready(data),
+            Frame::Words { stride, diffs } => {
+                let chunk = Frame::Chunk(Bytes::from(words::restore(&diffs, stride)));
+                return self.handle_hashed(chunk, None);
+            }
             Frame::Chunk(data) => {
                 // Named by its own hash: verified by construction, cannot poison.
                 let chunk = match hashed {

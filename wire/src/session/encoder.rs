@@ -56,6 +56,8 @@ pub struct EncoderStats {
     pub delta_patch_bytes: u64,
     /// Of `deltas`, those sent as zstd frames with the base as dictionary.
     pub zstd_deltas: u64,
+    /// Of `chunks`, those sent as word differences (WORDS frames, [`crate::words`]).
+    pub word_chunks: u64,
     /// What compressing its batches did.
     pub compression: CompressStats,
 }
@@ -97,6 +99,9 @@ pub struct Encoder {
     deltas: bool,
     /// Also try zstd deltas (costs two compressions per candidate chunk).
     thorough: bool,
+    /// Send new chunks that hold regular 64-bit words as their differences (a pass or
+    /// two over each new chunk; pays only when batches are compressed).
+    words: bool,
     /// zstd level (zstd deltas use it, capped).
     level: i32,
     /// Context for zstd deltas, made on first use.
@@ -134,6 +139,7 @@ impl Encoder {
             similar: None,
             deltas: true,
             thorough: true,
+            words: true,
             level: config.level,
             delta_zstd: None,
             compressor: BatchCompressor::new(config.compress, config.level),
@@ -168,6 +174,13 @@ impl Encoder {
     /// driver decides; on by default). Chunks sent while off are not remembered.
     pub fn set_deltas(&mut self, deltas: bool) {
         self.deltas = deltas;
+    }
+
+    /// Whether to send new chunks of regular 64-bit words as their differences
+    /// ([`crate::words`]): it only helps batches that are compressed, so the driver
+    /// turns it off where they are not (on by default).
+    pub fn set_words(&mut self, words: bool) {
+        self.words = words;
     }
 
     /// Compresses batches as pieces of one zstd stream keeping `2^window_log` bytes of
@@ -255,7 +268,22 @@ impl Encoder {
             self.stats.chunks += 1;
             self.stats.chunk_bytes += data.len() as u64;
             self.batch_payload += data.len();
-            Frame::Chunk(data).encode(&mut self.batch);
+            let words = if self.words {
+                crate::words::choose(&data)
+            } else {
+                None
+            };
+            match words {
+                Some((stride, diffs)) => {
+                    self.stats.word_chunks += 1;
+                    Frame::Words {
+                        stride,
+                        diffs: Bytes::from(diffs),
+                    }
+                    .encode(&mut self.batch);
+                }
+                None => Frame::Chunk(data).encode(&mut self.batch),
+            }
         }
     }
 

@@ -26,7 +26,7 @@ pub use ledger::SendLedger;
 use crate::id::ChunkId;
 use crate::verified::HashMismatch;
 
-/// A tunnel peer broke protocol v1's rules. Fatal for that tunnel connection only.
+/// A tunnel peer broke the tunnel protocol's rules. Fatal for that tunnel connection only.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
     /// A CHUNK or FILL whose bytes do not hash to its id: refused, never cached.
