@@ -31,7 +31,7 @@ pub const MAX_STRIDE: u8 = 64;
 /// The strides tried: neighbouring words (tables, pointer arrays) and 64-byte records.
 const STRIDES: [u8; 2] = [1, 8];
 
-/// How much cheaper (in [`cost`] units: 4 per non-zero byte) the transformed chunk
+/// How much cheaper (in [`Price`] units: 4 per non-zero byte) the transformed chunk
 /// must look, per byte of chunk: three quarters of a unit, 3,072 for a 4 KiB page (a
 /// quarter of it in non-zero bytes).
 const MARGIN_PER_4_BYTES: usize = 3;
@@ -84,35 +84,73 @@ pub fn choose(chunk: &[u8]) -> Option<(u8, Vec<u8>)> {
     // Each form must beat the best so far by the margin: the first stride tried wins
     // near-ties (on real guests, letting a second stride win by a hair cost 0.2%).
     let margin = chunk.len() / 4 * MARGIN_PER_4_BYTES;
-    let mut bar = cost(chunk);
+    let prices = prices(chunk);
+    let mut bar = prices[0];
     let mut best = None;
-    for stride in STRIDES {
-        let diffs = difference(chunk, stride);
-        let c = cost(&diffs);
-        if c + margin < bar {
-            bar = c;
-            best = Some((stride, diffs));
+    for (k, stride) in STRIDES.into_iter().enumerate() {
+        if prices[k + 1] + margin < bar {
+            bar = prices[k + 1];
+            best = Some(stride);
         }
     }
-    best
+    best.map(|stride| (stride, difference(chunk, stride)))
 }
 
-/// A rough price of `bytes` to an LZ coder: a word repeating one of the two words
-/// before it costs 1; any other word 4 per non-zero byte.
-fn cost(bytes: &[u8]) -> usize {
-    let mut total = 0;
-    let (mut prev1, mut prev2) = (None, None);
-    for w in bytes.chunks_exact(8) {
-        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        total += if Some(w) == prev1 || Some(w) == prev2 {
+/// The [`Price`] of the chunk as it is and of its differences at each of
+/// [`STRIDES`], in one pass (only the chosen form is then built).
+fn prices(chunk: &[u8]) -> [usize; 1 + STRIDES.len()] {
+    let word = |i: usize| u64::from_le_bytes(chunk[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let mut prices = [Price::default(); 1 + STRIDES.len()];
+    for i in 0..chunk.len() / 8 {
+        let w = word(i);
+        prices[0].add(w);
+        for (price, stride) in prices[1..].iter_mut().zip(STRIDES) {
+            let s = usize::from(stride);
+            price.add(if i >= s {
+                w.wrapping_sub(word(i - s))
+            } else {
+                w
+            });
+        }
+    }
+    prices.map(|p| p.total)
+}
+
+/// A rough price of a run of words to an LZ coder: a word repeating one of the two
+/// words before it costs 1; any other word 4 per non-zero byte. (The two words
+/// "before" the first are an arbitrary pair: a price is an estimate.)
+#[derive(Clone, Copy)]
+struct Price {
+    total: usize,
+    prev: [u64; 2],
+}
+
+impl Default for Price {
+    fn default() -> Self {
+        Price {
+            total: 0,
+            prev: [0x5bd1_e995_5bd1_e995, 0x9e37_79b9_7f4a_7c15],
+        }
+    }
+}
+
+impl Price {
+    fn add(&mut self, w: u64) {
+        self.total += if w == self.prev[0] || w == self.prev[1] {
             1
         } else {
-            4 * (8 - w.to_le_bytes().iter().filter(|&&b| b == 0).count())
+            4 * nonzero_bytes(w)
         };
-        prev2 = prev1;
-        prev1 = Some(w);
+        self.prev = [w, self.prev[0]];
     }
-    total
+}
+
+/// Non-zero bytes of `w`.
+fn nonzero_bytes(w: u64) -> usize {
+    // Each byte's high bit set iff the byte is non-zero.
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let high = ((w & LOW7).wrapping_add(LOW7) | w) & !LOW7;
+    high.count_ones() as usize
 }
 
 fn word(bytes: &[u8], i: usize) -> u64 {
@@ -173,6 +211,24 @@ mod tests {
             .collect();
         assert_eq!(choose(&random), None);
         assert_eq!(choose(&[0u8; 4096]), None, "zeros compress as they are");
+    }
+
+    #[test]
+    fn nonzero_bytes_are_counted_exactly() {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Zero out a random set of bytes.
+            let w = x & (x >> 8).wrapping_mul(0xff);
+            for v in [x, w, w & 0x8080_8080_8080_8080, w & 0x0101_0101_0101_0101] {
+                let naive = v.to_le_bytes().iter().filter(|&&b| b != 0).count();
+                assert_eq!(nonzero_bytes(v), naive, "{v:#x}");
+            }
+        }
+        assert_eq!(nonzero_bytes(0), 0);
+        assert_eq!(nonzero_bytes(u64::MAX), 8);
     }
 
     #[test]
