@@ -386,6 +386,68 @@ async fn malformed_frames_reset_the_target_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
+    // An edge of an older (or newer) release: its hello carries another version. The
+    // tunnel must end before the target is ever connected, with a log line naming
+    // both versions and what to do.
+    let dir = Scratch::new("version");
+    let (tunnel, target) = (addr(20, 17000), addr(20, 15000));
+    let listener = TcpListener::bind(target).await.unwrap();
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--insecure-plaintext"),
+        ],
+        tunnel,
+    );
+    let mut hello = bytes::BytesMut::new();
+    wire::handshake::Hello {
+        edge: "old".into(),
+        epoch: 1,
+        cache_bytes: 0,
+        window: 1 << 20,
+        target: target.to_string(),
+        open_seq: 1,
+    }
+    .encode(&mut hello);
+    let ours = wire::handshake::VERSION;
+    for other in [1, ours + 1] {
+        assert_ne!(other, ours);
+        let mut old = hello.clone();
+        old[4..6].copy_from_slice(&other.to_be_bytes());
+        let mut raw = TcpStream::connect(tunnel).await.unwrap();
+        raw.write_all(&old).await.unwrap();
+        // The edge closes the tunnel connection without a reply.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got))
+            .await
+            .expect("the edge must close the tunnel connection");
+        assert!(got.is_empty(), "no reply to a hello of v{other}: {got:?}");
+        let text = format!(
+            "peer speaks tunnel protocol v{other}; this edge speaks v{ours}: upgrade the older edge"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !b.log().contains(&text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line naming the versions: {}",
+                b.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), listener.accept())
+            .await
+            .is_err(),
+        "the target was connected for a refused peer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_and_reset_propagate() {
     let dir = Scratch::new("halfclose");
     certs(dir.path(), &["a", "b"]);
