@@ -336,12 +336,14 @@ async fn garbage_on_the_tunnel_port_closes_only_that_connection() {
     assert!(log.contains("TLS handshake failed"), "{log}");
 }
 
-/// With plaintext tunnels (lab mode), garbage after a valid handshake is a protocol
-/// error for that connection only, and the target sees a reset, not a clean end.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_frames_reset_the_target_connection() {
-    let dir = Scratch::new("frames");
-    let (tunnel, target) = (addr(15, 17000), addr(15, 15000));
+/// A receiving edge with a plaintext tunnel listener (lab mode) on `net`, the target
+/// listener it would connect to, and the hello a connecting edge would send for it:
+/// tests that speak the tunnel protocol by hand.
+async fn plaintext_receiver(
+    dir: &Scratch,
+    net: u8,
+) -> (EdgeProc, TcpListener, std::net::SocketAddr, bytes::BytesMut) {
+    let (tunnel, target) = (addr(net, 17000), addr(net, 15000));
     let listener = TcpListener::bind(target).await.unwrap();
     let b = EdgeProc::start(
         dir.path(),
@@ -353,7 +355,6 @@ async fn malformed_frames_reset_the_target_connection() {
         ],
         tunnel,
     );
-    let mut raw = TcpStream::connect(tunnel).await.unwrap();
     let mut hello = bytes::BytesMut::new();
     wire::handshake::Hello {
         edge: "raw".into(),
@@ -364,6 +365,16 @@ async fn malformed_frames_reset_the_target_connection() {
         open_seq: 1,
     }
     .encode(&mut hello);
+    (b, listener, tunnel, hello)
+}
+
+/// With plaintext tunnels (lab mode), garbage after a valid handshake is a protocol
+/// error for that connection only, and the target sees a reset, not a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_reset_the_target_connection() {
+    let dir = Scratch::new("frames");
+    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 15).await;
+    let mut raw = TcpStream::connect(tunnel).await.unwrap();
     raw.write_all(&hello).await.unwrap();
     let (mut at_target, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
@@ -391,28 +402,7 @@ async fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
     // tunnel must end before the target is ever connected, with a log line naming
     // both versions and what to do.
     let dir = Scratch::new("version");
-    let (tunnel, target) = (addr(20, 17000), addr(20, 15000));
-    let listener = TcpListener::bind(target).await.unwrap();
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[
-            s("--tunnel-listen"),
-            tunnel.to_string(),
-            s("--insecure-plaintext"),
-        ],
-        tunnel,
-    );
-    let mut hello = bytes::BytesMut::new();
-    wire::handshake::Hello {
-        edge: "old".into(),
-        epoch: 1,
-        cache_bytes: 0,
-        window: 1 << 20,
-        target: target.to_string(),
-        open_seq: 1,
-    }
-    .encode(&mut hello);
+    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 20).await;
     let ours = wire::handshake::VERSION;
     for other in [1, ours + 1] {
         assert_ne!(other, ours);
