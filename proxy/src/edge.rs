@@ -25,6 +25,7 @@ use crate::conn::{pump, ConnError, Outcome, PumpCtx};
 use crate::error::EdgeError;
 use crate::governor::LinkHistory;
 use crate::io::{ConnWan, WanCountingIo};
+use crate::order::OpenOrder;
 use crate::spare::{secure, Secured, Spares};
 use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
@@ -50,6 +51,12 @@ pub(crate) struct EdgeShared {
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) tls_connector: Option<tokio_rustls::TlsConnector>,
     conn_ids: AtomicU64,
+    /// Sequence numbers of the connections this edge forwards (Hello `open_seq`):
+    /// unique within the epoch, so a peer can name one as another's predecessor.
+    open_seqs: AtomicU64,
+    /// Which of the peers' connections have been connected to their targets: a
+    /// connection waits for the one its Hello names (`crate::order`).
+    open_order: OpenOrder,
     limit: Arc<Semaphore>,
     started: Instant,
     recent: std::sync::Mutex<std::collections::VecDeque<ConnSummary>>,
@@ -160,6 +167,8 @@ impl Edge {
             tls_acceptor,
             tls_connector,
             conn_ids: AtomicU64::new(0),
+            open_seqs: AtomicU64::new(0),
+            open_order: OpenOrder::default(),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             started: Instant::now(),
             recent: Default::default(),
@@ -585,11 +594,12 @@ async fn accept_forward(
     tracker: TaskTracker,
 ) {
     let listen = route.listen();
-    let mut seq: u64 = 0;
-    // Per target, the turn the next connection to it waits for: a migration's channels
-    // reach their destination in accept order; connections to other targets (other
-    // VMs behind a transparent listener) do not wait for each other.
-    let mut turns: std::collections::HashMap<String, oneshot::Receiver<()>> = Default::default();
+    // Per target, the turn the next connection to it waits for, and the sequence
+    // number of the connection before it: a migration's channels reach their
+    // destination in accept order; connections to other targets (other VMs behind a
+    // transparent listener) do not wait for each other.
+    let mut turns: std::collections::HashMap<String, (oneshot::Receiver<()>, HelloInFlight)> =
+        Default::default();
     loop {
         let permit = tokio::select! {
             p = shared.limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -624,15 +634,24 @@ async fn accept_forward(
                 }
             },
         };
-        seq += 1;
+        let seq = shared.open_seqs.fetch_add(1, Relaxed) + 1;
         if turns.len() >= TURNS_KEPT {
             // A finished turn (released or dropped) no longer holds anyone back.
-            turns.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+            turns.retain(|_, (rx, _)| {
+                matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+            });
         }
         let (release, next_wait) = oneshot::channel::<()>();
+        let ours = HelloInFlight::new(seq);
+        let (wait, prev) = match turns.insert(fwd.target.clone(), (next_wait, ours.clone())) {
+            Some((rx, prev)) => (Some(rx), Some(prev)),
+            None => (None, None),
+        };
         let turn = OpenTurn {
-            wait: turns.insert(fwd.target.clone(), next_wait),
+            wait,
             release,
+            prev,
+            ours,
         };
         let id = shared.conn_ids.fetch_add(1, Relaxed);
         shared.stats.connections_accepted.fetch_add(1, Relaxed);
@@ -651,12 +670,48 @@ async fn accept_forward(
     }
 }
 
-/// A connection's place in its forward's handshake order: wait for the previous
-/// connection's handshake (`wait` resolves, or errors when it is dropped), then let the
+/// A connection's place in its forward's handshake order: wait until the previous
+/// connection sent its Hello (`wait` resolves, or errors when it is dropped), send
+/// ours naming that one while its reply is still outstanding (`prev`), then let the
 /// next one go (dropping `release`).
 struct OpenTurn {
     wait: Option<oneshot::Receiver<()>>,
     release: oneshot::Sender<()>,
+    prev: Option<HelloInFlight>,
+    ours: HelloInFlight,
+}
+
+/// A connection's sequence number, and whether its Hello is on its way: sent, with
+/// no reply yet. Only then must the peer hold the next connection back for it; one
+/// answered (connected) or failed is not waited for, and a restarted peer never
+/// hears of it.
+#[derive(Clone)]
+struct HelloInFlight {
+    seq: u64,
+    flying: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HelloInFlight {
+    fn new(seq: u64) -> Self {
+        HelloInFlight {
+            seq,
+            flying: Arc::default(),
+        }
+    }
+
+    /// The sequence number to name in the next Hello: this one's while it flies.
+    fn to_wait_for(&self) -> u64 {
+        if self.flying.load(std::sync::atomic::Ordering::Acquire) {
+            self.seq
+        } else {
+            0
+        }
+    }
+
+    fn set(&self, flying: bool) {
+        self.flying
+            .store(flying, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Client side: open a tunnel to the peer for one accepted local connection. `wan`
@@ -673,11 +728,12 @@ async fn forward_one(
     let _ = local.set_nodelay(true);
     let cfg = &shared.config;
     // The peer must connect to the target in the order we accepted: QEMU 7.2 tells a
-    // migration's main channel from its multifd channels only by accept order. The
-    // peer connects to the target when our Hello arrives, so each connection's Hello
-    // waits for the previous one's reply (bounded by the connect timeout). TCP and TLS
-    // come first, in parallel (or come ready-made: a spare): N channels cost 2 + N
-    // round trips at most, not 3 N. Data flows in parallel.
+    // migration's main channel from its multifd channels only by accept order. Our
+    // Hellos leave in that order, each naming the connection before it, and the peer
+    // connects a connection to the target only after the one it names
+    // (`crate::order`): the Hellos cross the WAN side by side, so N channels cost the
+    // round trips of one. TCP and TLS come first, in parallel (or come ready-made: a
+    // spare).
     let (secured, from_spare) = match spare.take().await {
         Some(s) => (Ok(s), true),
         None => (secure(shared, &fwd.peer).await, false),
@@ -687,24 +743,30 @@ async fn forward_one(
     if let Some(prev) = turn.wait {
         let _ = timeout(cfg.connect_timeout, prev).await;
     }
-    let _release_next = turn.release;
+    // Dropped (the next connection goes) once our Hello is written, or on any failure.
+    let mut release = Some(turn.release);
     let secured = match secured {
         Ok(s) => s,
         Err(msg) => return Err(reset_local(local, msg)),
     };
-    let opened = match open(shared, fwd, seq, secured, wan).await {
+    let after = turn.prev.as_ref().map_or(0, HelloInFlight::to_wait_for);
+    // Flying from before the next connection may go until our reply (or failure).
+    turn.ours.set(true);
+    let landed = Landed(&turn.ours);
+    let opened = match open(shared, fwd, (seq, after), secured, wan, &mut release).await {
         // A spare the peer dropped since the keeper last looked (a restarted peer):
         // nothing was read from the local side yet, so connect afresh.
         Err(Failed::Connection(msg)) if from_spare => {
             shared.stats.spares_stale.fetch_add(1, Relaxed);
             debug!("spare tunnel connection was dead ({msg}); connecting afresh");
             match secure(shared, &fwd.peer).await {
-                Ok(fresh) => open(shared, fwd, seq, fresh, wan).await,
+                Ok(fresh) => open(shared, fwd, (seq, after), fresh, wan, &mut release).await,
                 Err(msg) => Err(Failed::Connection(msg)),
             }
         }
         other => other,
     };
+    drop(landed);
     let (tunnel, rbuf, reply) = match opened {
         Ok(x) => x,
         Err(Failed::Connection(msg) | Failed::Handshake(msg)) => {
@@ -720,10 +782,19 @@ async fn forward_one(
             ),
         ));
     }
-    drop(_release_next);
+    drop(release);
     debug!(peer_edge = %reply.edge, "tunnel open");
     let ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
     pump(local, tunnel, rbuf, ctx).await
+}
+
+/// Marks a Hello as no longer flying when dropped (answered, or the connection failed).
+struct Landed<'a>(&'a HelloInFlight);
+
+impl Drop for Landed<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
 }
 
 /// Why opening a tunnel failed.
@@ -735,14 +806,17 @@ enum Failed {
     Handshake(String),
 }
 
-/// Sends our Hello on a secured tunnel connection and reads the peer's reply; `wan`
-/// takes over that connection's byte counts.
+/// Sends our Hello (`seq` = this connection's and its predecessor's sequence numbers)
+/// on a secured tunnel connection, lets the next connection go once it is written
+/// (drops `release`), and reads the peer's reply; `wan` takes over that connection's
+/// byte counts.
 async fn open(
     shared: &EdgeShared,
     fwd: &Forward,
-    seq: u64,
+    seq: (u64, u64),
     secured: Secured,
     wan: &mut Arc<ConnWan>,
+    release: &mut Option<oneshot::Sender<()>>,
 ) -> Result<(Tunnel, BytesMut, HelloReply), Failed> {
     let cfg = &shared.config;
     *wan = secured.wan;
@@ -755,7 +829,8 @@ async fn open(
             cache_bytes: cfg.cache_bytes,
             window: cfg.window,
             target: fwd.target.clone(),
-            open_seq: seq,
+            open_seq: seq.0,
+            after_seq: seq.1,
         }
         .encode(&mut out);
         let sent = async {
@@ -765,6 +840,9 @@ async fn open(
         sent.await.map_err(|e| {
             Failed::Connection(format!("sending handshake to peer edge {}: {e}", fwd.peer))
         })?;
+        // On its way: the peer connects the next connection after this one, whichever
+        // Hello arrives first.
+        release.take();
         let mut rbuf = BytesMut::with_capacity(8192);
         let reply = loop {
             match HelloReply::decode(&mut rbuf) {
@@ -922,7 +1000,7 @@ async fn accept_one(
         Err(_) => return Err(format!("no TLS handshake within {:?}", cfg.connect_timeout)),
     };
     // The peer sends its Hello when its connection's turn comes (after the previous
-    // connection of its forward got a reply, itself bounded by the connect timeout),
+    // connection of its forward sent its own, itself bounded by the connect timeout),
     // so the Hello may come up to one connect timeout after TLS, plus a round trip;
     // or the connection is the peer's warm spare, kept up to `spare::MAX_AGE`.
     let hello_within = (cfg.connect_timeout * 2).max(crate::spare::HELLO_WAIT_MIN);
@@ -962,7 +1040,28 @@ async fn accept_one(
         Ok(Err(msg)) => return Err(msg),
         Err(_) => return Err(format!("no handshake within {hello_within:?}")),
     };
+    // The connection before this one in the peer's order goes to the target first.
+    // Waited for half the connect timeout at most, so that the peer, which waits one
+    // connect timeout for our reply, still gets it when that connection was lost.
+    let order = &shared.open_order;
+    if !order
+        .wait_for(
+            &hello.edge,
+            hello.epoch,
+            hello.after_seq,
+            cfg.connect_timeout / 2,
+        )
+        .await
+    {
+        shared.stats.open_order_expired.fetch_add(1, Relaxed);
+        debug!(
+            seq = hello.open_seq,
+            after = hello.after_seq,
+            "the connection before this one never arrived; connecting anyway"
+        );
+    }
     let target = connect_target(cfg, &hello.target).await;
+    order.done(&hello.edge, hello.epoch, hello.open_seq);
     let mut out = BytesMut::new();
     HelloReply {
         edge: cfg.name.clone(),

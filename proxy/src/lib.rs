@@ -23,6 +23,7 @@ mod governor;
 pub mod inspect;
 pub mod io;
 pub mod metrics;
+mod order;
 pub mod size;
 mod spare;
 pub mod stats;

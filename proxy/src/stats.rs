@@ -46,6 +46,9 @@ counters! {
     tunnels_accepted,
     /// Tunnel connections refused: TLS failure, bad handshake, unreachable target.
     tunnels_rejected,
+    /// Peer connections connected to their target without the connection their Hello
+    /// named as coming before it: that one never arrived within the connect timeout.
+    open_order_expired,
     /// Proxied connections open now (gauge).
     active_connections,
     /// Proxied connections that ended cleanly (both directions delivered).

@@ -342,19 +342,20 @@ async fn garbage_on_the_tunnel_port_closes_only_that_connection() {
 async fn plaintext_receiver(
     dir: &Scratch,
     net: u8,
+    extra: &[String],
 ) -> (EdgeProc, TcpListener, std::net::SocketAddr, bytes::BytesMut) {
     let (tunnel, target) = (addr(net, 17000), addr(net, 15000));
     let listener = TcpListener::bind(target).await.unwrap();
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
+    let args = [
         &[
             s("--tunnel-listen"),
             tunnel.to_string(),
             s("--insecure-plaintext"),
         ],
-        tunnel,
-    );
+        extra,
+    ]
+    .concat();
+    let b = EdgeProc::start(dir.path(), "b", &args, tunnel);
     let mut hello = bytes::BytesMut::new();
     wire::handshake::Hello {
         edge: "raw".into(),
@@ -363,6 +364,7 @@ async fn plaintext_receiver(
         window: 1 << 20,
         target: target.to_string(),
         open_seq: 1,
+        after_seq: 0,
     }
     .encode(&mut hello);
     (b, listener, tunnel, hello)
@@ -373,7 +375,7 @@ async fn plaintext_receiver(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_reset_the_target_connection() {
     let dir = Scratch::new("frames");
-    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 15).await;
+    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 15, &[]).await;
     let mut raw = TcpStream::connect(tunnel).await.unwrap();
     raw.write_all(&hello).await.unwrap();
     let (mut at_target, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
@@ -402,7 +404,7 @@ async fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
     // tunnel must end before the target is ever connected, with a log line naming
     // both versions and what to do.
     let dir = Scratch::new("version");
-    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 20).await;
+    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 20, &[]).await;
     let ours = wire::handshake::VERSION;
     for other in [1, ours + 1] {
         assert_ne!(other, ours);
@@ -435,6 +437,82 @@ async fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
             .is_err(),
         "the target was connected for a refused peer"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_predecessor_never_arrives_waits_a_bounded_time() {
+    // A Hello naming a connection before it that never comes (its tunnel connection
+    // died on the way): the edge holds it back half a connect timeout, then connects
+    // it anyway (counted), in time for the peer, which waits a whole one for the reply.
+    let dir = Scratch::new("order-lost");
+    let (b, listener, tunnel, _) =
+        plaintext_receiver(&dir, 28, &[s("--connect-timeout"), s("2")]).await;
+    let mut hello = bytes::BytesMut::new();
+    wire::handshake::Hello {
+        edge: "raw".into(),
+        epoch: 1,
+        cache_bytes: 0,
+        window: 1 << 20,
+        target: listener.local_addr().unwrap().to_string(),
+        open_seq: 42,
+        after_seq: 41,
+    }
+    .encode(&mut hello);
+    let started = std::time::Instant::now();
+    let mut raw = TcpStream::connect(tunnel).await.unwrap();
+    raw.write_all(&hello).await.unwrap();
+    let (_at_target, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("connected after the bounded wait")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "did not wait for the connection before it ({waited:?})"
+    );
+    let mut rbuf = bytes::BytesMut::new();
+    let reply = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(r) = wire::handshake::HelloReply::decode(&mut rbuf).unwrap() {
+                return r;
+            }
+            assert!(raw.read_buf(&mut rbuf).await.unwrap() > 0, "closed");
+        }
+    })
+    .await
+    .expect("a reply within the peer's connect timeout");
+    assert_eq!(reply.result, Ok(()));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "reply too late for the peer"
+    );
+    b.wait_for("the expired wait counted", |c| {
+        c["open_order_expired"].as_u64().unwrap() == 1
+    });
+    // A connection naming one that did arrive goes at once.
+    let mut next = bytes::BytesMut::new();
+    wire::handshake::Hello {
+        edge: "raw".into(),
+        epoch: 1,
+        cache_bytes: 0,
+        window: 1 << 20,
+        target: listener.local_addr().unwrap().to_string(),
+        open_seq: 43,
+        after_seq: 42,
+    }
+    .encode(&mut next);
+    let started = std::time::Instant::now();
+    let mut raw2 = TcpStream::connect(tunnel).await.unwrap();
+    raw2.write_all(&next).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "waited for one already connected"
+    );
+    assert_eq!(b.counter("open_order_expired"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

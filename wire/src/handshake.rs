@@ -9,7 +9,7 @@
 //! Layout (all integers big-endian):
 //! ```text
 //! "SHRK" u16 version u8 kind(1 = hello, 2 = reply) u16 body_len body
-//! hello body: str8 edge, u64 epoch, u64 cache_bytes, u64 window, str16 target, u64 open_seq
+//! hello body: str8 edge, u64 epoch, u64 cache_bytes, u64 window, str16 target, u64 open_seq, u64 after_seq
 //! reply body: str8 edge, u64 epoch, u64 cache_bytes, u64 window, u8 status(0 = ok), str16 reason
 //! ```
 
@@ -42,8 +42,14 @@ pub struct Hello {
     pub window: u64,
     /// Where the accepting edge must connect (`host:port`).
     pub target: String,
-    /// Per-forward sequence number of this connection (accept order at the sender).
+    /// Sequence number of this connection at the sender (accept order; unique within
+    /// the sender's epoch).
     pub open_seq: u64,
+    /// The `open_seq` of the connection accepted before this one for the same target
+    /// (0: none). The accepting edge connects this one to the target only after that
+    /// one: a migration's channels reach QEMU in the order they were opened, while
+    /// their Hellos cross the WAN without waiting for each other.
+    pub after_seq: u64,
 }
 
 /// Sent by the accepting edge.
@@ -90,6 +96,7 @@ impl Hello {
         body.put_u64(self.window);
         put_str16(&mut body, &self.target);
         body.put_u64(self.open_seq);
+        body.put_u64(self.after_seq);
         put_envelope(dst, KIND_HELLO, &body);
     }
 
@@ -109,6 +116,7 @@ impl Hello {
             window: get_u64(b)?,
             target: get_str16_max(b, MAX_TARGET, "target too long")?,
             open_seq: get_u64(b)?,
+            after_seq: get_u64(b)?,
         };
         if b.has_remaining() {
             return Err(HandshakeError::Malformed("trailing bytes"));
@@ -277,6 +285,7 @@ mod tests {
             window: 64 << 20,
             target: "10.0.0.1:4444".into(),
             open_seq: 7,
+            after_seq: 6,
         };
         let mut enc = BytesMut::new();
         h.encode(&mut enc);
@@ -321,6 +330,7 @@ mod tests {
             window: 3,
             target: "h".repeat(MAX_TARGET),
             open_seq: 4,
+            after_seq: 0,
         };
         let mut enc = BytesMut::new();
         h.encode(&mut enc);
@@ -334,6 +344,7 @@ mod tests {
         body.put_u16((MAX_TARGET + 1) as u16);
         body.put_slice("h".repeat(MAX_TARGET + 1).as_bytes());
         body.put_u64(4);
+        body.put_u64(0);
         let mut msg = BytesMut::new();
         put_envelope(&mut msg, KIND_HELLO, &body);
         assert_eq!(

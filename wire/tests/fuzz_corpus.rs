@@ -405,6 +405,7 @@ fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
         window: 64 << 20,
         target: "10.0.0.1:4444".into(),
         open_seq: 7,
+        after_seq: 6,
     };
     let ok = HelloReply {
         edge: "site-b".into(),
