@@ -263,16 +263,24 @@ impl Encoder {
             } else {
                 Frame::Ref(id).encode(&mut self.batch);
             }
-        } else if !self.try_delta(chunk, ledger) {
-            ledger.carry(id);
-            self.stats.chunks += 1;
-            self.stats.chunk_bytes += data.len() as u64;
-            self.batch_payload += data.len();
+        } else {
+            // A table of words first: as differences it compresses better than as a
+            // delta against a similar page (bench encode on four real guests: −0.4%),
+            // and needs no delta search; it is still remembered as a base.
             let words = if self.words {
                 crate::words::choose(&data)
             } else {
                 None
             };
+            if words.is_some() {
+                self.remember(chunk);
+            } else if self.try_delta(chunk, ledger) {
+                return;
+            }
+            ledger.carry(id);
+            self.stats.chunks += 1;
+            self.stats.chunk_bytes += data.len() as u64;
+            self.batch_payload += data.len();
             match words {
                 Some((stride, diffs)) => {
                     self.stats.word_chunks += 1;
@@ -284,6 +292,17 @@ impl Encoder {
                 }
                 None => Frame::Chunk(data).encode(&mut self.batch),
             }
+        }
+    }
+
+    /// Remembers a chunk sent whole as a future delta base (what [`Self::try_delta`]
+    /// does after its search).
+    fn remember(&mut self, chunk: VerifiedChunk) {
+        let Some(similar) = self.similar.as_ref().filter(|_| self.deltas) else {
+            return;
+        };
+        if let Some(sketch) = Sketch::of(chunk.data()) {
+            similar.remember(chunk, &sketch);
         }
     }
 
