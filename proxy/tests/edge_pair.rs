@@ -356,6 +356,12 @@ async fn plaintext_receiver(
     ]
     .concat();
     let b = EdgeProc::start(dir.path(), "b", &args, tunnel);
+    (b, listener, tunnel, raw_hello(target, 1, 0))
+}
+
+/// The Hello of connection `open_seq` of a hand-made peer edge "raw" (epoch 1), to
+/// be connected after connection `after_seq`.
+fn raw_hello(target: std::net::SocketAddr, open_seq: u64, after_seq: u64) -> bytes::BytesMut {
     let mut hello = bytes::BytesMut::new();
     wire::handshake::Hello {
         edge: "raw".into(),
@@ -363,11 +369,11 @@ async fn plaintext_receiver(
         cache_bytes: 0,
         window: 1 << 20,
         target: target.to_string(),
-        open_seq: 1,
-        after_seq: 0,
+        open_seq,
+        after_seq,
     }
     .encode(&mut hello);
-    (b, listener, tunnel, hello)
+    hello
 }
 
 /// With plaintext tunnels (lab mode), garbage after a valid handshake is a protocol
@@ -447,17 +453,8 @@ async fn a_connection_whose_predecessor_never_arrives_waits_a_bounded_time() {
     let dir = Scratch::new("order-lost");
     let (b, listener, tunnel, _) =
         plaintext_receiver(&dir, 28, &[s("--connect-timeout"), s("2")]).await;
-    let mut hello = bytes::BytesMut::new();
-    wire::handshake::Hello {
-        edge: "raw".into(),
-        epoch: 1,
-        cache_bytes: 0,
-        window: 1 << 20,
-        target: listener.local_addr().unwrap().to_string(),
-        open_seq: 42,
-        after_seq: 41,
-    }
-    .encode(&mut hello);
+    let target = listener.local_addr().unwrap();
+    let hello = raw_hello(target, 42, 41);
     let started = std::time::Instant::now();
     let mut raw = TcpStream::connect(tunnel).await.unwrap();
     raw.write_all(&hello).await.unwrap();
@@ -490,17 +487,7 @@ async fn a_connection_whose_predecessor_never_arrives_waits_a_bounded_time() {
         c["open_order_expired"].as_u64().unwrap() == 1
     });
     // A connection naming one that did arrive goes at once.
-    let mut next = bytes::BytesMut::new();
-    wire::handshake::Hello {
-        edge: "raw".into(),
-        epoch: 1,
-        cache_bytes: 0,
-        window: 1 << 20,
-        target: listener.local_addr().unwrap().to_string(),
-        open_seq: 43,
-        after_seq: 42,
-    }
-    .encode(&mut next);
+    let next = raw_hello(target, 43, 42);
     let started = std::time::Instant::now();
     let mut raw2 = TcpStream::connect(tunnel).await.unwrap();
     raw2.write_all(&next).await.unwrap();
