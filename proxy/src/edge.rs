@@ -782,7 +782,6 @@ async fn forward_one(
             ),
         ));
     }
-    drop(release);
     debug!(peer_edge = %reply.edge, "tunnel open");
     let ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
     pump(local, tunnel, rbuf, ctx).await

@@ -200,16 +200,7 @@ mod tests {
     fn text_and_random_bytes_stay_as_they_are() {
         let text = b"The quick brown fox jumps over the lazy dog. ".repeat(92);
         assert_eq!(choose(&text[..4096]), None);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..512)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect();
-        assert_eq!(choose(&random), None);
+        assert_eq!(choose(&crate::fuzzing::noise(4096, 5)), None);
         assert_eq!(choose(&[0u8; 4096]), None, "zeros compress as they are");
     }
 

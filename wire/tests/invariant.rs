@@ -821,31 +821,12 @@ fn word_tables_cross_as_differences_and_rebuild_exactly() {
             },
         );
         enc.set_words(words);
-        let mut ledger = SendLedger::new();
-        for page in input.chunks(4096) {
-            enc.handle_segment(
-                wire::Segment::Block(Bytes::copy_from_slice(page)),
-                &mut ledger,
-            );
-        }
-        enc.handle_end();
-        let wire_bytes = enc.take_batch(true).unwrap();
         let mut dec = Decoder::new(store, DecoderConfig::default());
-        let mut buf = BytesMut::from(&wire_bytes[..]);
-        let mut fdec = FrameDecoder::new();
-        let mut frames = Vec::new();
-        while let Some(f) = fdec.decode(&mut buf).unwrap() {
-            frames.push(f);
-        }
-        assert!(buf.is_empty());
-        dec.handle_frames(&mut frames).unwrap();
-        let out: Vec<u8> = std::iter::from_fn(|| dec.poll_output())
-            .flat_map(|b| b.to_vec())
-            .collect();
-        assert!(out == input, "rebuilt stream differs (words {words})");
-        assert!(dec.is_finished());
+        // The frames of the batch go to the decoder together, as the edge hands over
+        // a read's frames (WORDS restored before the pages are hashed side by side).
+        let wire_len = pages_through(&mut enc, &mut dec, &input, true, true);
         assert_eq!(dec.stats().chunks_stored, 64);
-        (enc.stats(), wire_bytes.len())
+        (enc.stats(), wire_len)
     };
     let (with, with_bytes) = send(true);
     let (without, without_bytes) = send(false);
@@ -872,29 +853,51 @@ fn send_pages_in_turn(inputs: [Vec<u8>; 2]) -> Vec<(EncoderStats, DecoderStats, 
     for input in inputs {
         let mut enc =
             Encoder::new(peer.clone(), EncoderConfig::default()).with_deltas(similar.clone());
-        let mut ledger = SendLedger::new();
         let mut dec = Decoder::new(store.clone(), DecoderConfig::default());
-        for page in input.chunks(4096) {
-            enc.handle_segment(
-                wire::Segment::Block(Bytes::copy_from_slice(page)),
-                &mut ledger,
-            );
-        }
-        enc.handle_end();
-        let wire_bytes = enc.take_batch(false).unwrap();
-        let mut buf = BytesMut::from(&wire_bytes[..]);
-        let mut fdec = FrameDecoder::new();
-        while let Some(f) = fdec.decode(&mut buf).unwrap() {
-            dec.handle_frame(f).unwrap();
-        }
-        let out: Vec<u8> = std::iter::from_fn(|| dec.poll_output())
-            .flat_map(|b| b.to_vec())
-            .collect();
-        assert!(out == input, "rebuilt stream differs");
-        assert!(dec.is_finished());
-        results.push((enc.stats().clone(), dec.stats().clone(), wire_bytes.len()));
+        let wire_len = pages_through(&mut enc, &mut dec, &input, false, false);
+        results.push((enc.stats().clone(), dec.stats().clone(), wire_len));
     }
     results
+}
+
+/// Encodes `input` as 4 KiB blocks (as the QEMU and NBD parsers cut them) into one
+/// batch (`link_limited` feeds the compression policy), decodes it with `dec` frame by
+/// frame or all `together`, checks the stream is rebuilt exactly and finished, and
+/// returns the batch's wire size.
+fn pages_through(
+    enc: &mut Encoder,
+    dec: &mut Decoder,
+    input: &[u8],
+    link_limited: bool,
+    together: bool,
+) -> usize {
+    let mut ledger = SendLedger::new();
+    for page in input.chunks(4096) {
+        enc.handle_segment(
+            wire::Segment::Block(Bytes::copy_from_slice(page)),
+            &mut ledger,
+        );
+    }
+    enc.handle_end();
+    let wire_bytes = enc.take_batch(link_limited).unwrap();
+    let mut buf = BytesMut::from(&wire_bytes[..]);
+    let mut fdec = FrameDecoder::new();
+    let mut frames = Vec::new();
+    while let Some(f) = fdec.decode(&mut buf).unwrap() {
+        if together {
+            frames.push(f);
+        } else {
+            dec.handle_frame(f).unwrap();
+        }
+    }
+    assert!(buf.is_empty(), "the batch ends inside a frame");
+    dec.handle_frames(&mut frames).unwrap();
+    let out: Vec<u8> = std::iter::from_fn(|| dec.poll_output())
+        .flat_map(|b| b.to_vec())
+        .collect();
+    assert!(out == input, "rebuilt stream differs");
+    assert!(dec.is_finished());
+    wire_bytes.len()
 }
 
 /// Sends `input` over one connection with compression always on, in small batches,
