@@ -82,6 +82,10 @@ pub struct ClusterArgs {
     /// Write all figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Copy the run's logs and counter files (each edge's, relay's, tunnel's and the
+    /// link emulator's) into this directory before the scratch directory is removed.
+    #[arg(long)]
+    pub keep_logs: Option<PathBuf>,
 }
 
 /// Figures of one scenario.
@@ -1067,7 +1071,27 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             )?,
         )?;
     }
+    if let Some(keep) = &args.keep_logs {
+        keep_logs(&dir, keep)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Copies the `.log` and `.json` files of the scratch directory `dir` into `keep`.
+fn keep_logs(dir: &Path, keep: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(keep)
+        .with_context(|| format!("creating {} for the logs", keep.display()))?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("log" | "json")
+        ) {
+            std::fs::copy(&path, keep.join(entry.file_name()))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
     Ok(())
 }
 

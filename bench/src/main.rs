@@ -9,6 +9,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod analyse;
 mod chart;
 mod cluster;
 mod encode;
@@ -44,6 +45,8 @@ enum Cmd {
     Encode(encode::EncodeArgs),
     /// Page hashing speed: one page at a time vs side by side (as the edges hash).
     Hash(hash::HashArgs),
+    /// What every new chunk costs before compression (delta sketch, word price), ns/B.
+    Analyse(analyse::AnalyseArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Ztunnel(a) => return ztunnel::run(a),
         Cmd::Encode(a) => return encode::run(a),
         Cmd::Hash(a) => return hash::run(a),
+        Cmd::Analyse(a) => return analyse::run(a),
         _ => {}
     }
     let rt = tokio::runtime::Runtime::new()?;
@@ -72,7 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Cmd::Pair(a) => pair::run(a).await,
             Cmd::Relay(a) => relay::run(a).await,
             Cmd::Shaper(a) => shaper::run(a).await,
-            Cmd::Cluster(_) | Cmd::Ztunnel(_) | Cmd::Encode(_) | Cmd::Hash(_) => {
+            Cmd::Cluster(_) | Cmd::Ztunnel(_) | Cmd::Encode(_) | Cmd::Hash(_) | Cmd::Analyse(_) => {
                 unreachable!("handled above")
             }
         }

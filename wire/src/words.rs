@@ -98,20 +98,36 @@ pub fn choose(chunk: &[u8]) -> Option<(u8, Vec<u8>)> {
 
 /// The [`Price`] of the chunk as it is and of its differences at each of
 /// [`STRIDES`], in one pass (only the chosen form is then built).
+///
+/// This runs on every new chunk while batches are compressed, as often as the delta
+/// search's sketch, so the words come from one pass over the bytes and the ones a
+/// stride looks back at from a small ring, not from indexing the chunk again.
 fn prices(chunk: &[u8]) -> [usize; 1 + STRIDES.len()] {
-    let word = |i: usize| u64::from_le_bytes(chunk[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    const RING: usize = 8;
+    const _: () = {
+        let mut k = 0;
+        while k < STRIDES.len() {
+            assert!(
+                STRIDES[k] as usize <= RING,
+                "a stride reaches past the ring"
+            );
+            k += 1;
+        }
+    };
+    let mut ring = [0u64; RING];
     let mut prices = [Price::default(); 1 + STRIDES.len()];
-    for i in 0..chunk.len() / 8 {
-        let w = word(i);
+    for (i, bytes) in chunk.chunks_exact(8).enumerate() {
+        let w = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
         prices[0].add(w);
         for (price, stride) in prices[1..].iter_mut().zip(STRIDES) {
             let s = usize::from(stride);
             price.add(if i >= s {
-                w.wrapping_sub(word(i - s))
+                w.wrapping_sub(ring[(i - s) % RING])
             } else {
                 w
             });
         }
+        ring[i % RING] = w;
     }
     prices.map(|p| p.total)
 }
@@ -136,11 +152,10 @@ impl Default for Price {
 
 impl Price {
     fn add(&mut self, w: u64) {
-        self.total += if w == self.prev[0] || w == self.prev[1] {
-            1
-        } else {
-            4 * nonzero_bytes(w)
-        };
+        // Both sides computed, then picked: no branch to mispredict on every word.
+        let repeat = (w == self.prev[0]) | (w == self.prev[1]);
+        let cost = 4 * nonzero_bytes(w);
+        self.total += if repeat { 1 } else { cost };
         self.prev = [w, self.prev[0]];
     }
 }
@@ -150,7 +165,9 @@ fn nonzero_bytes(w: u64) -> usize {
     // Each byte's high bit set iff the byte is non-zero.
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     let high = ((w & LOW7).wrapping_add(LOW7) | w) & !LOW7;
-    high.count_ones() as usize
+    // One bit per byte: a multiply sums them into the top byte (cheaper than
+    // `count_ones` without a POPCNT target feature, which a portable build lacks).
+    ((high >> 7).wrapping_mul(0x0101_0101_0101_0101) >> 56) as usize
 }
 
 fn word(bytes: &[u8], i: usize) -> u64 {

@@ -1,0 +1,83 @@
+//! Speed of what the sending edge does with every new chunk while batches are
+//! compressed, before compression: the delta search's sketch (`wire::delta::Sketch`)
+//! and the word-difference price (`wire::words::choose`), on the 4 KiB pages of real
+//! files (guest RAM images, or the new pages `scripts/new_pages.py` extracts), with
+//! BLAKE3 side by side (`PageHasher`, what every page gets) as the yardstick.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use wire::page_hash::{PageHasher, PAGE};
+
+/// Arguments of `shrinker-bench analyse`.
+#[derive(clap::Args, Debug)]
+pub struct AnalyseArgs {
+    /// Files whose 4 KiB pages are analysed (a partial last page is left out).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Runs over all pages (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+/// Runs each analysis over every page, `runs` times, and prints ns per byte.
+pub fn run(a: AnalyseArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.runs > 0, "--runs must be positive");
+    let mut data = Vec::new();
+    for f in &a.files {
+        data.extend(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    let pages: Vec<&[u8]> = data.chunks_exact(PAGE).collect();
+    anyhow::ensure!(!pages.is_empty(), "no whole 4 KiB page in the files");
+    let bytes = pages.len() * PAGE;
+    let mut hasher = PageHasher::new();
+    let mut ids = Vec::with_capacity(pages.len());
+    let (mut hash, mut sketch, mut words) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sketched, mut chosen) = (0usize, 0usize);
+    for run in 0..a.runs {
+        let t = Instant::now();
+        ids.clear();
+        for group in pages.chunks(64) {
+            hasher.hash_all(group, &mut ids);
+        }
+        hash.push(ns_per_byte(bytes, t));
+        let t = Instant::now();
+        sketched = pages
+            .iter()
+            .filter(|p| wire::delta::Sketch::of(p).is_some())
+            .count();
+        sketch.push(ns_per_byte(bytes, t));
+        let t = Instant::now();
+        chosen = pages
+            .iter()
+            .filter(|p| wire::words::choose(p).is_some())
+            .count();
+        words.push(ns_per_byte(bytes, t));
+        eprintln!(
+            "run {}: BLAKE3 {:.3}, sketch {:.3}, word price {:.3} ns/B",
+            run + 1,
+            hash[run],
+            sketch[run],
+            words[run]
+        );
+    }
+    println!(
+        "{} pages, median of {}: BLAKE3 side by side {:.3} ns/B, sketch {:.3} ns/B ({sketched} with features), word price {:.3} ns/B ({chosen} as differences)",
+        pages.len(),
+        a.runs,
+        median(&mut hash),
+        median(&mut sketch),
+        median(&mut words)
+    );
+    Ok(())
+}
+
+fn ns_per_byte(bytes: usize, since: Instant) -> f64 {
+    since.elapsed().as_nanos() as f64 / bytes as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
