@@ -83,10 +83,17 @@ cargo build --release --locked -p shrinker-proxy
 
 log "benchmark smoke (2 real QEMU VMs at once through every path, RAM compared)"
 cargo build --release --locked -p shrinker-bench
+smoke_logs=$(mktemp -d)
 ./target/release/shrinker-bench cluster --vms 2 --ram-mib 32 --pool-mib 16 \
   --rate-mbit 400 --delay-ms 2 --concurrent \
-  --scenarios direct,relay,edge,zstd3,zstd3-long27,zstd3-long30-shared
+  --scenarios direct,relay,edge,zstd3,zstd3-long27,zstd3-long30-shared \
+  --keep-logs "$smoke_logs"
+test -s "$smoke_logs/edge-a.json"
+test -s "$smoke_logs/edge-b.log"
+rm -rf "$smoke_logs"
 # Page hashing side by side in release code (it checks every id against blake3::hash).
 ./target/release/shrinker-bench hash --mib 16 --runs 1
+# The per-new-chunk analysis on the pages of a real file (the edge binary itself).
+./target/release/shrinker-bench analyse target/release/shrinker --runs 1
 
 log "all tests passed"
