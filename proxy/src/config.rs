@@ -149,6 +149,11 @@ pub struct EdgeArgs {
     /// is compressed on its own). The peer edge keeps the same history to decode.
     #[arg(long, value_name = "SIZE")]
     pub stream_mem: Option<ByteSize>,
+    /// Memory for reading tunnels ahead of local sockets that are slow to take what
+    /// arrives, beyond 256 KiB per connection (e.g. 64MiB; 0: none). Chunks further on
+    /// may be what a sibling connection waits for (QEMU's multifd channels).
+    #[arg(long, value_name = "SIZE")]
+    pub read_ahead_mem: Option<ByteSize>,
     /// Most unacknowledged bytes per connection in flight to the peer (bounds memory
     /// kept to answer misses; must cover bandwidth x RTT).
     #[arg(long, value_name = "SIZE")]
@@ -193,6 +198,7 @@ pub struct EdgeFile {
     cache_mem: Option<ByteSize>,
     delta_mem: Option<ByteSize>,
     stream_mem: Option<ByteSize>,
+    read_ahead_mem: Option<ByteSize>,
     window: Option<ByteSize>,
     compress: Option<String>,
     stats_json: Option<PathBuf>,
@@ -250,6 +256,9 @@ pub struct EdgeConfig {
     pub delta_bytes: u64,
     /// Memory for compression streams in bytes (0: none).
     pub stream_bytes: u64,
+    /// Memory for reading tunnels ahead of slow local sockets, beyond each
+    /// connection's own 256 KiB.
+    pub read_ahead_bytes: u64,
     /// Flow-control window per connection direction.
     pub window: u64,
     /// Compression mode.
@@ -274,6 +283,9 @@ pub const DEFAULT_DELTA_MEM: u64 = 512 << 20;
 /// Default memory for compression streams: about 25 connections compressing at once
 /// with 8 MiB of history each.
 pub const DEFAULT_STREAM_MEM: u64 = 256 << 20;
+/// Default read-ahead memory: a few QEMU multifd sync rounds of a migration whose
+/// destination stalls one channel while it waits for another.
+pub const DEFAULT_READ_AHEAD_MEM: u64 = 64 << 20;
 /// Default window: 64 MiB covers 1 Gbit/s x 500 ms or 10 Gbit/s x 50 ms.
 pub const DEFAULT_WINDOW: u64 = 64 << 20;
 
@@ -398,6 +410,10 @@ impl EdgeArgs {
                 .stream_mem
                 .or(file.stream_mem)
                 .map_or(DEFAULT_STREAM_MEM, |s| s.0),
+            read_ahead_bytes: self
+                .read_ahead_mem
+                .or(file.read_ahead_mem)
+                .map_or(DEFAULT_READ_AHEAD_MEM, |s| s.0),
             window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
             compress,
             stats_json: self.stats_json.clone().or(file.stats_json),

@@ -42,6 +42,7 @@ use crate::delivery::DeliveryMarks;
 use crate::governor::{
     CompressGovernor, Encoding, LinkHistory, LinkMeter, FAST_LEVEL, STRONG_LEVEL,
 };
+use crate::read_ahead::{ReadAhead, ReadAheadBudget};
 use crate::stats::EdgeStats;
 
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
@@ -103,6 +104,8 @@ pub(crate) struct PumpCtx {
     pub(crate) similar: Option<Arc<dyn SimilarChunks>>,
     /// Memory for context-keeping compression streams.
     pub(crate) streams: Arc<StreamBudget>,
+    /// Memory for reading the tunnel ahead of a slow local socket.
+    pub(crate) read_ahead: Arc<ReadAheadBudget>,
     pub(crate) encoder: EncoderConfig,
     pub(crate) chunk: ChunkParams,
     /// Our send window.
@@ -631,6 +634,9 @@ async fn downlink<T: AsyncRead>(
     let mut failures_synced = Instant::now();
     let mut tunnel_eof = false;
     let mut outq: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    // Bytes in `outq`, and the memory this connection may take to read ahead of them.
+    let mut held = 0u64;
+    let mut read_ahead = ReadAhead::new(ctx.read_ahead.clone());
     // Data frames decoded from one read, handed to the decoder together (their chunks
     // hashed side by side) before any control frame that follows them.
     let mut data_frames: Vec<Frame> = Vec::new();
@@ -691,20 +697,20 @@ async fn downlink<T: AsyncRead>(
         // Everything resolved goes out in as few writes as possible: a page arrives as
         // a small literal (its record header) and a chunk, and one write each cost two
         // syscalls per 4 KiB page.
-        let mut out_bytes = 0u64;
+        // They are written while the tunnel is read further (`read_ahead`): a chunk
+        // behind them may be what a sibling connection's application waits for.
         while let Some(out) = dec.poll_output() {
-            out_bytes += out.len() as u64;
+            held += out.len() as u64;
             outq.push_back(out);
         }
-        if !outq.is_empty() {
+        if let Some(e) = broken {
+            let written = held;
             tokio::select! {
                 r = write_all_vectored(lw, &mut outq) => if let Err(e) = r { return Err(fail(ConnError::LocalWrite(e))) },
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
-            shared.lan_out.fetch_add(out_bytes, Relaxed);
-            ctx.stats.lan_bytes_out.fetch_add(out_bytes, Relaxed);
-        }
-        if let Some(e) = broken {
+            shared.lan_out.fetch_add(written, Relaxed);
+            ctx.stats.lan_bytes_out.fetch_add(written, Relaxed);
             return Err(fail(e));
         }
         while let Some(c) = dec.poll_control() {
@@ -744,7 +750,7 @@ async fn downlink<T: AsyncRead>(
                 failures_synced = now;
             }
         }
-        if dec.is_finished() && !local_shut {
+        if dec.is_finished() && outq.is_empty() && !local_shut {
             local_shut = true;
             // Half-close: the peer's application finished sending.
             if let Err(e) = lw.shutdown().await {
@@ -753,11 +759,11 @@ async fn downlink<T: AsyncRead>(
                 }
             }
         }
-        if dec.is_finished() && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0
-        {
+        if local_shut && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0 {
             return Ok(dec.stats().clone());
         }
-        if tunnel_eof {
+        // What arrived before the tunnel closed is delivered first.
+        if tunnel_eof && outq.is_empty() {
             return Err(fail(ConnError::TunnelClosed));
         }
         if dec.has_unacked() && ack_deadline.is_none() {
@@ -768,7 +774,16 @@ async fn downlink<T: AsyncRead>(
             rbuf.reserve(READ_CAP);
         }
         tokio::select! {
-            r = tr.read_buf(&mut rbuf) => match r {
+            r = write_some(lw, &mut outq), if !outq.is_empty() => match r {
+                Ok(n) => {
+                    held -= n;
+                    read_ahead.drained(held);
+                    shared.lan_out.fetch_add(n, Relaxed);
+                    ctx.stats.lan_bytes_out.fetch_add(n, Relaxed);
+                }
+                Err(e) => return Err(fail(ConnError::LocalWrite(e))),
+            },
+            r = tr.read_buf(&mut rbuf), if !tunnel_eof && read_ahead.may_read(held) => match r {
                 Ok(0) => tunnel_eof = true,
                 Ok(_) => {}
                 Err(e) => return Err(fail(ConnError::TunnelRead(e))),
@@ -877,30 +892,42 @@ async fn write_all_vectored(
     lw: &mut LocalWrite<'_>,
     bufs: &mut std::collections::VecDeque<Bytes>,
 ) -> io::Result<()> {
-    use bytes::Buf;
     while !bufs.is_empty() {
-        let iov: Vec<io::IoSlice<'_>> = bufs
-            .iter()
-            .take(MAX_IOV)
-            .map(|b| io::IoSlice::new(b))
-            .collect();
-        let mut n = lw.write_vectored(&iov).await?;
-        drop(iov);
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let front = bufs.front_mut().expect("wrote more than queued");
-            if front.len() <= n {
-                n -= front.len();
-                bufs.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
+        write_some(lw, bufs).await?;
     }
     Ok(())
+}
+
+/// One vectored write of the front of `bufs`, which it advances: the bytes written.
+/// Cancel-safe (a write that has not completed has written nothing), so it can race
+/// the tunnel's reads.
+async fn write_some(
+    lw: &mut LocalWrite<'_>,
+    bufs: &mut std::collections::VecDeque<Bytes>,
+) -> io::Result<u64> {
+    use bytes::Buf;
+    let iov: Vec<io::IoSlice<'_>> = bufs
+        .iter()
+        .take(MAX_IOV)
+        .map(|b| io::IoSlice::new(b))
+        .collect();
+    let written = lw.write_vectored(&iov).await?;
+    drop(iov);
+    if written == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    let mut n = written;
+    while n > 0 {
+        let front = bufs.front_mut().expect("wrote more than queued");
+        if front.len() <= n {
+            n -= front.len();
+            bufs.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+    Ok(written as u64)
 }
 
 /// Writes all of `data` unless the connection is aborted meanwhile.

@@ -26,6 +26,7 @@ use crate::error::EdgeError;
 use crate::governor::LinkHistory;
 use crate::io::{ConnWan, WanCountingIo};
 use crate::order::OpenOrder;
+use crate::read_ahead::ReadAheadBudget;
 use crate::spare::{secure, Secured, Spares};
 use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
@@ -46,6 +47,8 @@ pub(crate) struct EdgeShared {
     similar: Option<Arc<dyn SimilarChunks>>,
     /// Memory for context-keeping compression streams.
     streams: Arc<StreamBudget>,
+    /// Memory for downlinks reading the tunnel ahead of a slow local socket.
+    read_ahead: Arc<ReadAheadBudget>,
     peers: PeerRegistry,
     pub(crate) stats: Arc<EdgeStats>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -162,6 +165,7 @@ impl Edge {
             similar: (config.delta_bytes > 0)
                 .then(|| Arc::new(SimilarIndex::new(config.delta_bytes)) as Arc<dyn SimilarChunks>),
             streams: StreamBudget::new(config.stream_bytes),
+            read_ahead: ReadAheadBudget::new(config.read_ahead_bytes),
             peers: PeerRegistry::new(),
             stats: Arc::new(EdgeStats::default()),
             tls_acceptor,
@@ -457,6 +461,7 @@ impl EdgeShared {
             peer: lookup.index,
             similar: self.similar.clone(),
             streams: self.streams.clone(),
+            read_ahead: self.read_ahead.clone(),
             encoder: EncoderConfig {
                 compress: self.config.compress,
                 level: 1,

@@ -24,6 +24,7 @@ pub mod inspect;
 pub mod io;
 pub mod metrics;
 mod order;
+mod read_ahead;
 pub mod size;
 mod spare;
 pub mod stats;

@@ -1117,10 +1117,17 @@ async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
             });
         }
     });
+    // Without read-ahead, B stops reading connection 2's tunnel once its target
+    // stops reading (with it, B would store the whole body and nothing would wait).
     let b = EdgeProc::start(
         dir.path(),
         "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--read-ahead-mem"),
+            s("0"),
+        ],
         tunnel,
     );
     let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
@@ -1191,6 +1198,129 @@ async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
     });
     c3_task.await.unwrap();
     let _ = c2_task.await;
+    drop(a);
+}
+
+/// A target that does not read one connection until a sibling's data has arrived,
+/// while the sibling's data refers to chunks that connection carries far behind what
+/// the target would take: QEMU's multifd channels at a sync point. The receiving edge
+/// must read on past the stalled socket, storing those chunks, instead of leaving the
+/// sibling's references to wait out their deferral (500 ms without progress) and
+/// then cost a MISS/FILL round trip each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_local_socket_does_not_hold_back_chunks_a_sibling_waits_for() {
+    let dir = Scratch::new("read-ahead");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, fwd, target) = (addr(29, 17000), addr(29, 14000), addr(29, 15000));
+    // The target reads connection 1 only after connection 2 has ended; it reports
+    // each connection like `serve_exchange`.
+    let listener = TcpListener::bind(target).await.unwrap();
+    let (report, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let ended_2 = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let (report, ended_2) = (report.clone(), ended_2.clone());
+            tokio::spawn(async move {
+                let mut idb = [0u8; 8];
+                c.read_exact(&mut idb).await.unwrap();
+                let id = u64::from_le_bytes(idb);
+                if id == 1 {
+                    ended_2.notified().await;
+                }
+                let mut h = blake3::Hasher::new();
+                h.update(&idb);
+                let (mut buf, mut n) = (vec![0u8; 64 * 1024], 8u64);
+                while let Ok(k) = c.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    h.update(&buf[..k]);
+                    n += k as u64;
+                }
+                let _ = c.shutdown().await;
+                if id == 2 {
+                    ended_2.notify_one();
+                }
+                let _ = report.send((id, n, h.finalize()));
+            });
+        }
+    });
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, tunnel, target), fwd);
+    // Connection 0 leaves 40 MiB of chunks at B. Connection 1 sends them again (a few
+    // hundred kilobytes of references for ten times what the socket buffers between B
+    // and the target hold), then 1 MiB nobody has sent.
+    let known = random_bytes(30, 40 << 20);
+    let fresh = random_bytes(31, 1 << 20);
+    let sent_0 = with_id(0, &known);
+    assert!(exchange(fwd, sent_0.clone()).await.unwrap().is_empty());
+    let count = |c: &serde_json::Value, k: &str| c[k].as_u64().unwrap();
+    let mut body_1 = known.clone();
+    body_1.extend_from_slice(&fresh);
+    let sent_1 = with_id(1, &body_1);
+    let c1_task = tokio::spawn(exchange(fwd, sent_1.clone()));
+    // A encodes all of connection 1 (its references are few bytes on the WAN) ...
+    let through_1 = (sent_0.len() + sent_1.len()) as u64;
+    a.wait_for("connection 1 read by A", |c| {
+        count(c, "lan_bytes_in") >= through_1
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a_1 = a.wait_for("A's counters", |_| true)["counters"].clone();
+    // ... and B reads all of it, though its target has not taken a byte of it.
+    let wan_1 = count(&a_1, "wan_bytes_out");
+    b.wait_for("all A sent read by B", |c| {
+        count(c, "wan_bytes_in") >= wan_1
+    });
+    // Connection 2's copy of the fresh bytes: references to those chunks.
+    let refs_before_2 = count(&a_1, "refs_sent") + count(&a_1, "refs_recent_sent");
+    let sent_2 = with_id(2, &fresh);
+    let started_2 = std::time::Instant::now();
+    assert!(exchange(fwd, sent_2.clone()).await.unwrap().is_empty());
+    let took_2 = started_2.elapsed();
+    assert!(tokio::time::timeout(Duration::from_secs(60), c1_task)
+        .await
+        .expect("connection 1 in time")
+        .unwrap()
+        .unwrap()
+        .is_empty());
+    let mut got = HashMap::new();
+    for _ in 0..3 {
+        let (id, n, h) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.insert(id, (n, h));
+    }
+    for (id, sent) in [(0, &sent_0), (1, &sent_1), (2, &sent_2)] {
+        assert_eq!(
+            got[&id],
+            (sent.len() as u64, blake3::hash(sent)),
+            "connection {id} differs at the target"
+        );
+    }
+    let a_end = a.wait_for("the three connections done", |c| {
+        count(c, "connections_completed") == 3
+    })["counters"]
+        .clone();
+    assert!(
+        count(&a_end, "refs_sent") + count(&a_end, "refs_recent_sent") > refs_before_2 + 8,
+        "connection 2 was not sent as references to connection 1's chunks: {a_end}"
+    );
+    let counters = b.wait_for("the three connections done", |c| {
+        count(c, "connections_completed") == 3
+    })["counters"]
+        .clone();
+    assert_eq!(
+        counters["misses_sent"].as_u64().unwrap(),
+        0,
+        "connection 2's references waited for chunks B did not read (took {took_2:?}): {}",
+        b.log()
+    );
     drop(a);
 }
 
