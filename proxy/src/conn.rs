@@ -640,10 +640,23 @@ async fn downlink<T: AsyncRead>(
     // Data frames decoded from one read, handed to the decoder together (their chunks
     // hashed side by side) before any control frame that follows them.
     let mut data_frames: Vec<Frame> = Vec::new();
+    // A protocol error is acted on after delivering what preceded it: nothing more is
+    // read or decoded, the output queued before it is written, then the connection
+    // fails.
+    let mut broken: Option<ConnError> = None;
+    // Bytes written to the local socket (the logical offset the peer's ACKs count),
+    // and the ACKs the decoder gave that wait for them, oldest first: the peer learns
+    // that bytes are delivered only once they are in the local socket, as when
+    // nothing was read ahead (its connection completes on our final ACK). Each goes
+    // as soon as the socket took its bytes, so the peer's window keeps moving while
+    // we read ahead.
+    let mut written = 0u64;
+    let mut acks_held: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    // When deferred references are next looked at again: a deadline kept across loop
+    // passes, so that frequent writes do not keep putting it off.
+    let mut next_recheck = Instant::now();
     loop {
-        // A protocol error is acted on after delivering what preceded it.
-        let mut broken: Option<ConnError> = None;
-        loop {
+        while broken.is_none() {
             let frame = match fdec.decode(&mut rbuf) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -703,18 +716,26 @@ async fn downlink<T: AsyncRead>(
             held += out.len() as u64;
             outq.push_back(out);
         }
-        if let Some(e) = broken {
-            let written = held;
-            tokio::select! {
-                r = write_all_vectored(lw, &mut outq) => if let Err(e) = r { return Err(fail(ConnError::LocalWrite(e))) },
-                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+        if outq.is_empty() {
+            if let Some(e) = broken.take() {
+                return Err(fail(e));
             }
-            shared.lan_out.fetch_add(written, Relaxed);
-            ctx.stats.lan_bytes_out.fetch_add(written, Relaxed);
-            return Err(fail(e));
         }
         while let Some(c) = dec.poll_control() {
-            let _ = ctrl_tx.send(c);
+            match c {
+                Frame::Ack(offset) => acks_held.push_back(offset),
+                other => {
+                    let _ = ctrl_tx.send(other);
+                }
+            }
+        }
+        let mut ack = None;
+        while let Some(offset) = acks_held.front().copied().filter(|&o| o <= written) {
+            acks_held.pop_front();
+            ack = Some(offset);
+        }
+        if let Some(offset) = ack {
+            let _ = ctrl_tx.send(Frame::Ack(offset));
         }
         if dec.has_deferred() {
             // Wait as long as deferred references keep resolving or chunks keep
@@ -777,13 +798,14 @@ async fn downlink<T: AsyncRead>(
             r = write_some(lw, &mut outq), if !outq.is_empty() => match r {
                 Ok(n) => {
                     held -= n;
+                    written += n;
                     read_ahead.drained(held);
                     shared.lan_out.fetch_add(n, Relaxed);
                     ctx.stats.lan_bytes_out.fetch_add(n, Relaxed);
                 }
                 Err(e) => return Err(fail(ConnError::LocalWrite(e))),
             },
-            r = tr.read_buf(&mut rbuf), if !tunnel_eof && read_ahead.may_read(held) => match r {
+            r = tr.read_buf(&mut rbuf), if !tunnel_eof && broken.is_none() && read_ahead.may_read(held) => match r {
                 Ok(0) => tunnel_eof = true,
                 Ok(_) => {}
                 Err(e) => return Err(fail(ConnError::TunnelRead(e))),
@@ -792,7 +814,8 @@ async fn downlink<T: AsyncRead>(
                 dec.handle_idle();
                 ack_deadline = None;
             }
-            _ = tokio::time::sleep(DEFER_RECHECK), if defer_deadline.is_some() => {
+            _ = tokio::time::sleep_until(next_recheck), if defer_deadline.is_some() => {
+                next_recheck = Instant::now() + DEFER_RECHECK;
                 let r = if defer_deadline.is_some_and(|d| Instant::now() >= d) {
                     defer_deadline = None;
                     dec.expire_deferred()
@@ -888,16 +911,6 @@ async fn writer<T: AsyncWrite>(
 const MAX_IOV: usize = 512;
 
 /// Writes all of `bufs` (emptying it) with vectored writes.
-async fn write_all_vectored(
-    lw: &mut LocalWrite<'_>,
-    bufs: &mut std::collections::VecDeque<Bytes>,
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        write_some(lw, bufs).await?;
-    }
-    Ok(())
-}
-
 /// One vectored write of the front of `bufs`, which it advances: the bytes written.
 /// Cancel-safe (a write that has not completed has written nothing), so it can race
 /// the tunnel's reads.

@@ -17,6 +17,9 @@
 //! holds with memory taken in [`STEP`]s from an edge-wide budget (`--read-ahead-mem`)
 //! and gives it back as the local side drains, so the edge's memory stays bounded
 //! however many connections have stalled consumers (up to one read's output over).
+//! Acknowledgements still wait for the local socket (`conn::downlink` holds each ACK
+//! until its bytes are written), so the peer's window also bounds what is held, and
+//! the peer never completes a connection on bytes that are only queued here.
 //! Most held bytes are chunks the store holds too (the same buffers), but literal
 //! bytes and evicted chunks are not, so the bound counts every byte.
 
