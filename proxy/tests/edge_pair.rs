@@ -1065,6 +1065,43 @@ fn cutting_relay(
     cut
 }
 
+/// A target on `listener` that reads each connection's 8-byte id and hands the
+/// connection to `serve(id, connection)`, one task each.
+fn serve_by_id<F, Fut>(listener: TcpListener, serve: F)
+where
+    F: Fn(u64, TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let mut idb = [0u8; 8];
+                c.read_exact(&mut idb).await.unwrap();
+                serve(u64::from_le_bytes(idb), c).await;
+            });
+        }
+    });
+}
+
+/// Reads connection `id` to its end and half-closes it: what `serve_exchange`
+/// reports (bytes received with the id, and their hash).
+async fn read_to_end_hashed(id: u64, c: &mut TcpStream) -> (u64, u64, blake3::Hash) {
+    let mut h = blake3::Hasher::new();
+    h.update(&id.to_le_bytes());
+    let (mut buf, mut n) = (vec![0u8; 64 * 1024], 8u64);
+    while let Ok(k) = c.read(&mut buf).await {
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    let _ = c.shutdown().await;
+    (id, n, h.finalize())
+}
+
 /// `len` bytes that no other seed gives: every chunk new to any store.
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
@@ -1090,31 +1127,15 @@ async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
     let (report, mut received) = tokio::sync::mpsc::unbounded_channel();
     let reset_2 = std::sync::Arc::new(tokio::sync::Notify::new());
     let reset = reset_2.clone();
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            let (report, reset) = (report.clone(), reset.clone());
-            tokio::spawn(async move {
-                let mut idb = [0u8; 8];
-                c.read_exact(&mut idb).await.unwrap();
-                let id = u64::from_le_bytes(idb);
-                if id == 2 {
-                    reset.notified().await;
-                    let _ = c.set_zero_linger();
-                    return;
-                }
-                let mut h = blake3::Hasher::new();
-                h.update(&idb);
-                let (mut buf, mut n) = (vec![0u8; 64 * 1024], 8u64);
-                while let Ok(k) = c.read(&mut buf).await {
-                    if k == 0 {
-                        break;
-                    }
-                    h.update(&buf[..k]);
-                    n += k as u64;
-                }
-                let _ = c.shutdown().await;
-                let _ = report.send((id, n, h.finalize()));
-            });
+    serve_by_id(listener, move |id, mut c| {
+        let (report, reset) = (report.clone(), reset.clone());
+        async move {
+            if id == 2 {
+                reset.notified().await;
+                let _ = c.set_zero_linger();
+                return;
+            }
+            let _ = report.send(read_to_end_hashed(id, &mut c).await);
         }
     });
     // Without read-ahead, B stops reading connection 2's tunnel once its target
@@ -1217,32 +1238,17 @@ async fn a_stalled_local_socket_does_not_hold_back_chunks_a_sibling_waits_for() 
     let listener = TcpListener::bind(target).await.unwrap();
     let (report, mut received) = tokio::sync::mpsc::unbounded_channel();
     let ended_2 = std::sync::Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            let (report, ended_2) = (report.clone(), ended_2.clone());
-            tokio::spawn(async move {
-                let mut idb = [0u8; 8];
-                c.read_exact(&mut idb).await.unwrap();
-                let id = u64::from_le_bytes(idb);
-                if id == 1 {
-                    ended_2.notified().await;
-                }
-                let mut h = blake3::Hasher::new();
-                h.update(&idb);
-                let (mut buf, mut n) = (vec![0u8; 64 * 1024], 8u64);
-                while let Ok(k) = c.read(&mut buf).await {
-                    if k == 0 {
-                        break;
-                    }
-                    h.update(&buf[..k]);
-                    n += k as u64;
-                }
-                let _ = c.shutdown().await;
-                if id == 2 {
-                    ended_2.notify_one();
-                }
-                let _ = report.send((id, n, h.finalize()));
-            });
+    serve_by_id(listener, move |id, mut c| {
+        let (report, ended_2) = (report.clone(), ended_2.clone());
+        async move {
+            if id == 1 {
+                ended_2.notified().await;
+            }
+            let got = read_to_end_hashed(id, &mut c).await;
+            if id == 2 {
+                ended_2.notify_one();
+            }
+            let _ = report.send(got);
         }
     });
     let b = EdgeProc::start(
@@ -1335,22 +1341,18 @@ async fn bytes_read_ahead_are_acknowledged_only_once_written() {
     let dir = Scratch::new("ack-written");
     certs(dir.path(), &["a", "b"]);
     let (tunnel, fwd, target) = (addr(29, 17100), addr(29, 14100), addr(29, 15100));
-    let listener = TcpListener::bind(target).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut idb = [0u8; 8];
-                c.read_exact(&mut idb).await.unwrap();
-                // The reply direction ends at once, then a megabyte is read slowly
-                // (the edge reads ahead meanwhile), then the connection is reset.
-                let _ = c.shutdown().await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let mut buf = vec![0u8; 1 << 20];
-                let _ = c.read_exact(&mut buf).await;
-                let _ = c.set_zero_linger();
-            });
-        }
-    });
+    // The reply direction ends at once, then a megabyte is read slowly (the edge reads
+    // ahead meanwhile), then the connection is reset.
+    serve_by_id(
+        TcpListener::bind(target).await.unwrap(),
+        |_, mut c| async move {
+            let _ = c.shutdown().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut buf = vec![0u8; 1 << 20];
+            let _ = c.read_exact(&mut buf).await;
+            let _ = c.set_zero_linger();
+        },
+    );
     let b = EdgeProc::start(
         dir.path(),
         "b",
