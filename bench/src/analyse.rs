@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+
+use crate::hash::median;
 use wire::page_hash::{PageHasher, PAGE};
 
 /// Arguments of `shrinker-bench analyse`.
@@ -75,9 +77,4 @@ pub fn run(a: AnalyseArgs) -> anyhow::Result<()> {
 
 fn ns_per_byte(bytes: usize, since: Instant) -> f64 {
     since.elapsed().as_nanos() as f64 / bytes as f64
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

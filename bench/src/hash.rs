@@ -72,7 +72,8 @@ fn gbps(bytes: usize, since: Instant) -> f64 {
     bytes as f64 / since.elapsed().as_secs_f64() / 1e9
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The middle value of `v` (the upper one of an even count), sorting `v`.
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

@@ -910,7 +910,6 @@ async fn writer<T: AsyncWrite>(
 /// Most buffers handed to one `writev` (Linux's IOV_MAX is 1024).
 const MAX_IOV: usize = 512;
 
-/// Writes all of `bufs` (emptying it) with vectored writes.
 /// One vectored write of the front of `bufs`, which it advances: the bytes written.
 /// Cancel-safe (a write that has not completed has written nothing), so it can race
 /// the tunnel's reads.
