@@ -154,6 +154,11 @@ pub struct EdgeArgs {
     /// may be what a sibling connection waits for (QEMU's multifd channels).
     #[arg(long, value_name = "SIZE")]
     pub read_ahead_mem: Option<ByteSize>,
+    /// Memory for local data read ahead of the tunnel (read, not yet written to the
+    /// peer), beyond 256 KiB per connection (e.g. 64MiB; 0: each connection its 256 KiB
+    /// alone). Bounds the sending edge's memory however many connections send at once.
+    #[arg(long, value_name = "SIZE")]
+    pub send_ahead_mem: Option<ByteSize>,
     /// Most unacknowledged bytes per connection in flight to the peer (bounds memory
     /// kept to answer misses; must cover bandwidth x RTT).
     #[arg(long, value_name = "SIZE")]
@@ -199,6 +204,7 @@ pub struct EdgeFile {
     delta_mem: Option<ByteSize>,
     stream_mem: Option<ByteSize>,
     read_ahead_mem: Option<ByteSize>,
+    send_ahead_mem: Option<ByteSize>,
     window: Option<ByteSize>,
     compress: Option<String>,
     stats_json: Option<PathBuf>,
@@ -259,6 +265,9 @@ pub struct EdgeConfig {
     /// Memory for reading tunnels ahead of slow local sockets, beyond each
     /// connection's own 256 KiB.
     pub read_ahead_bytes: u64,
+    /// Memory for local data read ahead of the tunnel, beyond each connection's own
+    /// 256 KiB.
+    pub send_ahead_bytes: u64,
     /// Flow-control window per connection direction.
     pub window: u64,
     /// Compression mode.
@@ -286,6 +295,9 @@ pub const DEFAULT_STREAM_MEM: u64 = 256 << 20;
 /// Default read-ahead memory: a few QEMU multifd sync rounds of a migration whose
 /// destination stalls one channel while it waits for another.
 pub const DEFAULT_READ_AHEAD_MEM: u64 = 64 << 20;
+/// Default send-ahead memory: 16 MiB each for four busy connections (a multifd
+/// migration), a quarter MiB more each for 256 (the sending edge's memory bound).
+pub const DEFAULT_SEND_AHEAD_MEM: u64 = 64 << 20;
 /// Default window: 64 MiB covers 1 Gbit/s x 500 ms or 10 Gbit/s x 50 ms.
 pub const DEFAULT_WINDOW: u64 = 64 << 20;
 
@@ -414,6 +426,10 @@ impl EdgeArgs {
                 .read_ahead_mem
                 .or(file.read_ahead_mem)
                 .map_or(DEFAULT_READ_AHEAD_MEM, |s| s.0),
+            send_ahead_bytes: self
+                .send_ahead_mem
+                .or(file.send_ahead_mem)
+                .map_or(DEFAULT_SEND_AHEAD_MEM, |s| s.0),
             window: self.window.or(file.window).map_or(DEFAULT_WINDOW, |s| s.0),
             compress,
             stats_json: self.stats_json.clone().or(file.stats_json),

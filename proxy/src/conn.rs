@@ -48,6 +48,10 @@ use crate::stats::EdgeStats;
 /// Local reads are taken in bursts up to this size: large enough to amortise hashing
 /// and frame overhead, small enough to keep per-connection memory low.
 const READ_CAP: usize = 256 * 1024;
+/// Read buffer of a connection whose reads stay small (the sending side's ACKs, an idle
+/// return path): at 256 connections, a [`READ_CAP`] buffer in each direction of each
+/// was ~100 MiB of the sending edge's heap, most of it never filled.
+const SMALL_READ: usize = 16 * 1024;
 /// Encoded bytes gathered before a batch goes to the writer while bulk data flows.
 const BATCH_TARGET: usize = 256 * 1024;
 /// A burst shorter than this that ends with the socket drained is an interactive
@@ -106,6 +110,13 @@ pub(crate) struct PumpCtx {
     pub(crate) streams: Arc<StreamBudget>,
     /// Memory for reading the tunnel ahead of a slow local socket.
     pub(crate) read_ahead: Arc<ReadAheadBudget>,
+    /// Memory for local data read ahead of the tunnel (the uplink's side of the same
+    /// rule: each connection its base, the rest edge-wide).
+    pub(crate) send_ahead: Arc<ReadAheadBudget>,
+    /// Bulk compressions running at once, edge-wide: one per core. More only queue for
+    /// the CPU, and each running one holds a zstd context (1–3 MiB; 256 connections
+    /// compressing at once held ~100 MiB of them).
+    pub(crate) compress_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) encoder: EncoderConfig,
     pub(crate) chunk: ChunkParams,
     /// Our send window.
@@ -185,6 +196,12 @@ struct Shared {
     abort: CancellationToken,
     error: Mutex<Option<ConnError>>,
     lan_in: AtomicU64,
+    /// Local bytes whose frames the writer has handed to the tunnel (the stream offset
+    /// of the last batch written): `lan_in` minus this is what the connection holds
+    /// on the way out.
+    written: AtomicU64,
+    /// Signalled by the writer after each batch (the uplink may wait for memory).
+    wrote: Notify,
     lan_out: AtomicU64,
     fills_sent: AtomicU64,
     /// Every connection to the same peer records its writes here: the governor reads
@@ -271,6 +288,8 @@ where
         abort: CancellationToken::new(),
         error: Mutex::new(None),
         lan_in: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        wrote: Notify::new(),
         lan_out: AtomicU64::new(0),
         fills_sent: AtomicU64::new(0),
         peer_link: ctx.link_history.clone(),
@@ -281,7 +300,8 @@ where
         stats: ctx.stats.clone(),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
-    let (data_tx, data_rx) = mpsc::channel::<Bytes>(DATA_QUEUE);
+    // Wire bytes of a batch, and the local stream offset it ends at.
+    let (data_tx, data_rx) = mpsc::channel::<(Bytes, u64)>(DATA_QUEUE);
     // One batch waits while the previous one is compressed.
     let (batch_tx, batch_rx) = mpsc::channel::<TakenBatch>(1);
     let governor = Mutex::new(CompressGovernor::new(
@@ -359,6 +379,19 @@ struct TakenBatch {
     grant: Option<StreamGrant>,
 }
 
+/// Makes room for the next read: [`READ_CAP`] once reads come that large (half of
+/// [`SMALL_READ`] or more), [`SMALL_READ`] while they stay small.
+fn reserve_read(buf: &mut BytesMut, last_read: usize) {
+    let want = if last_read >= SMALL_READ / 2 {
+        READ_CAP
+    } else {
+        SMALL_READ
+    };
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
+    }
+}
+
 fn lock_governor(g: &Mutex<CompressGovernor>) -> MutexGuard<'_, CompressGovernor> {
     g.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -383,8 +416,10 @@ async fn uplink(
     }
     // Whether the compressor holds a stream grant (returned when the connection ends).
     let mut stream_granted = false;
-    let mut buf = BytesMut::with_capacity(READ_CAP);
+    let mut buf = BytesMut::new();
+    let mut last_read = 0;
     let mut segs = Vec::new();
+    let mut send_ahead = ReadAhead::new(ctx.send_ahead.clone());
     let fail = |e| shared.fail(e, &ctrl_tx);
     let mut eof = false;
     while !eof {
@@ -400,11 +435,41 @@ async fn uplink(
             }
         }
         lock_governor(governor).waited(wait_start.elapsed());
-        if buf.capacity() - buf.len() < READ_CAP / 4 {
-            buf.reserve(READ_CAP);
+        // Memory: what this connection holds between its local socket and the tunnel
+        // (read, encoded, queued, being compressed) beyond its base must be covered by
+        // the edge's send-ahead budget; at 256 concurrent connections, each queueing
+        // batches faster than the tunnels took them, the sending edge's heap grew past
+        // 1 GiB. Refused, the connection sends what it has and waits for its own
+        // writer, which needs nothing from other connections: every connection always
+        // keeps its base, so none can starve another.
+        let held_since = Instant::now();
+        let (mut counted, mut must_flush) = (false, false);
+        loop {
+            let held = (shared.lan_in.load(Relaxed)).saturating_sub(shared.written.load(Relaxed));
+            send_ahead.drained(held);
+            if send_ahead.may_read(held) {
+                break;
+            }
+            if !counted {
+                ctx.stats.send_ahead_waits.fetch_add(1, Relaxed);
+                counted = true;
+            }
+            if !buf.is_empty() || enc.batch_len() > 0 {
+                must_flush = true;
+                break;
+            }
+            tokio::select! {
+                _ = shared.wrote.notified() => {}
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            }
         }
+        lock_governor(governor).waited(held_since.elapsed());
+        reserve_read(&mut buf, last_read);
         let read_start = Instant::now();
-        let first = if buf.is_empty() && enc.batch_len() == 0 {
+        let first = if must_flush {
+            // Out of memory to read more: cut and send what is here.
+            None
+        } else if buf.is_empty() && enc.batch_len() == 0 {
             tokio::select! {
                 r = lr.read_buf(&mut buf) => Some(r),
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
@@ -443,6 +508,7 @@ async fn uplink(
                     Err(e) => return Err(fail(ConnError::LocalRead(e))),
                 }
             }
+            last_read = burst;
             shared.lan_in.fetch_add(burst as u64, Relaxed);
             ctx.stats.lan_bytes_in.fetch_add(burst as u64, Relaxed);
         }
@@ -532,7 +598,7 @@ async fn uplink(
 /// CPU, and the uplink alone kept one core busy while the other idled.
 async fn compressor(
     mut batch_rx: mpsc::Receiver<TakenBatch>,
-    data_tx: mpsc::Sender<Bytes>,
+    data_tx: mpsc::Sender<(Bytes, u64)>,
     ctrl_tx: mpsc::UnboundedSender<Frame>,
     shared: &Shared,
     ctx: &PumpCtx,
@@ -558,7 +624,15 @@ async fn compressor(
         end_sent |= taken.batch.end();
         let attempts = comp.stats().attempts();
         let (done, out, took) = if raw >= OFFLOAD_MIN && comp.may_try(limited) {
+            let slot = tokio::select! {
+                s = ctx.compress_slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => return Err(ConnError::Aborted),
+                },
+                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+            };
             let job = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let (started, cpu) = (std::time::Instant::now(), thread_cpu_time());
                 let out = comp.compress(taken.batch, limited);
                 (comp, out, (started.elapsed(), thread_cpu_time() - cpu))
@@ -584,7 +658,7 @@ async fn compressor(
         }
         let send_start = Instant::now();
         tokio::select! {
-            r = data_tx.send(out) => if r.is_err() { return Err(ConnError::Aborted) },
+            r = data_tx.send((out, taken_end)) => if r.is_err() { return Err(ConnError::Aborted) },
             _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
         }
         lock_governor(governor).waited(send_start.elapsed());
@@ -637,6 +711,8 @@ async fn downlink<T: AsyncRead>(
     // Bytes in `outq`, and the memory this connection may take to read ahead of them.
     let mut held = 0u64;
     let mut read_ahead = ReadAhead::new(ctx.read_ahead.clone());
+    // Size of the last tunnel read (see `reserve_read`).
+    let mut last_read = 0;
     // Data frames decoded from one read, handed to the decoder together (their chunks
     // hashed side by side) before any control frame that follows them.
     let mut data_frames: Vec<Frame> = Vec::new();
@@ -791,9 +867,7 @@ async fn downlink<T: AsyncRead>(
             ack_deadline = Some(Instant::now() + ACK_DELAY);
         }
         let deadline = ack_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
-            rbuf.reserve(READ_CAP);
-        }
+        reserve_read(&mut rbuf, last_read);
         tokio::select! {
             r = write_some(lw, &mut outq), if !outq.is_empty() => match r {
                 Ok(n) => {
@@ -807,7 +881,7 @@ async fn downlink<T: AsyncRead>(
             },
             r = tr.read_buf(&mut rbuf), if !tunnel_eof && broken.is_none() && read_ahead.may_read(held) => match r {
                 Ok(0) => tunnel_eof = true,
-                Ok(_) => {}
+                Ok(n) => last_read = n,
                 Err(e) => return Err(fail(ConnError::TunnelRead(e))),
             },
             _ = tokio::time::sleep_until(deadline), if ack_deadline.is_some() => {
@@ -835,7 +909,7 @@ async fn downlink<T: AsyncRead>(
 async fn writer<T: AsyncWrite>(
     tw: &mut WriteHalf<T>,
     mut ctrl_rx: mpsc::UnboundedReceiver<Frame>,
-    mut data_rx: mpsc::Receiver<Bytes>,
+    mut data_rx: mpsc::Receiver<(Bytes, u64)>,
     shared: &Shared,
 ) -> Result<(), ConnError> {
     let mut scratch = BytesMut::with_capacity(COALESCE);
@@ -863,10 +937,12 @@ async fn writer<T: AsyncWrite>(
                     None => ctrl_open = false,
                 },
                 b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
-                    Some(b) => {
+                    Some((b, end)) => {
                         write_or_abort(tw, &b, shared).await?;
                         shared.peer_link.meter().record(b.len());
                         shared.own_link.record(b.len());
+                        shared.written.store(end, Relaxed);
+                        shared.wrote.notify_one();
                     }
                     None => data_open = false,
                 },

@@ -49,6 +49,9 @@ pub(crate) struct EdgeShared {
     streams: Arc<StreamBudget>,
     /// Memory for downlinks reading the tunnel ahead of a slow local socket.
     read_ahead: Arc<ReadAheadBudget>,
+    send_ahead: Arc<ReadAheadBudget>,
+    /// Bulk compressions that may run at once (see `PumpCtx::compress_slots`).
+    compress_slots: Arc<tokio::sync::Semaphore>,
     peers: PeerRegistry,
     pub(crate) stats: Arc<EdgeStats>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -166,6 +169,10 @@ impl Edge {
                 .then(|| Arc::new(SimilarIndex::new(config.delta_bytes)) as Arc<dyn SimilarChunks>),
             streams: StreamBudget::new(config.stream_bytes),
             read_ahead: ReadAheadBudget::new(config.read_ahead_bytes),
+            send_ahead: ReadAheadBudget::new(config.send_ahead_bytes),
+            compress_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             peers: PeerRegistry::new(),
             stats: Arc::new(EdgeStats::default()),
             tls_acceptor,
@@ -462,6 +469,8 @@ impl EdgeShared {
             similar: self.similar.clone(),
             streams: self.streams.clone(),
             read_ahead: self.read_ahead.clone(),
+            send_ahead: self.send_ahead.clone(),
+            compress_slots: self.compress_slots.clone(),
             encoder: EncoderConfig {
                 compress: self.config.compress,
                 level: 1,

@@ -108,6 +108,10 @@ counters! {
     /// Batches sent without trying compression: the link was not the bottleneck, or
     /// compression was backing off after batches that did not pay.
     batches_raw,
+    /// Times a connection stopped reading its local socket because what it held on the
+    /// way to the peer used up its share of `--send-ahead-mem` (it waited for its
+    /// tunnel writes).
+    send_ahead_waits,
     /// MISS requests this edge sent (a reference it could not resolve).
     misses_sent,
     /// FILLs this edge sent in answer to a peer's MISS.

@@ -1,7 +1,9 @@
 //! Every shipped example configuration parses and validates.
 
 use clap::Parser;
-use proxy::config::{DEFAULT_DELTA_MEM, DEFAULT_READ_AHEAD_MEM, DEFAULT_STREAM_MEM};
+use proxy::config::{
+    DEFAULT_DELTA_MEM, DEFAULT_READ_AHEAD_MEM, DEFAULT_SEND_AHEAD_MEM, DEFAULT_STREAM_MEM,
+};
 
 #[derive(Parser)]
 struct Cli {
@@ -76,28 +78,46 @@ fn flags_override_the_file_and_tables_work() {
     assert_eq!(cfg.forwards[0].target, "10.0.0.1:4444");
     // Memory budgets: defaults, then the file, then a flag over the file.
     assert_eq!(
-        (cfg.stream_bytes, cfg.delta_bytes, cfg.read_ahead_bytes),
+        (
+            cfg.stream_bytes,
+            cfg.delta_bytes,
+            cfg.read_ahead_bytes,
+            cfg.send_ahead_bytes
+        ),
         (
             DEFAULT_STREAM_MEM,
             DEFAULT_DELTA_MEM,
-            DEFAULT_READ_AHEAD_MEM
+            DEFAULT_READ_AHEAD_MEM,
+            DEFAULT_SEND_AHEAD_MEM
         )
     );
     let budgets = dir.join("budgets.toml");
     std::fs::write(
         &budgets,
-        "tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\nread_ahead_mem = \"8MiB\"\n",
+        "tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\nread_ahead_mem = \"8MiB\"\nsend_ahead_mem = \"2MiB\"\n",
     )
     .unwrap();
     let from_file = |extra: &[&str]| {
         let args = [&["x", "--config", budgets.to_str().unwrap()][..], extra].concat();
         let c = Cli::parse_from(args).edge.resolve().unwrap();
-        (c.stream_bytes, c.delta_bytes, c.read_ahead_bytes)
+        (
+            c.stream_bytes,
+            c.delta_bytes,
+            c.read_ahead_bytes,
+            c.send_ahead_bytes,
+        )
     };
-    assert_eq!(from_file(&[]), (64 << 20, 0, 8 << 20));
+    assert_eq!(from_file(&[]), (64 << 20, 0, 8 << 20, 2 << 20));
     assert_eq!(
-        from_file(&["--stream-mem", "0", "--read-ahead-mem", "1MiB"]),
-        (0, 0, 1 << 20)
+        from_file(&[
+            "--stream-mem",
+            "0",
+            "--read-ahead-mem",
+            "1MiB",
+            "--send-ahead-mem",
+            "0"
+        ]),
+        (0, 0, 1 << 20, 0)
     );
     // Transparent listeners: short form, table, and a flag replacing the file's.
     let transparent = |name: &str, text: &str, extra: &[&str]| {

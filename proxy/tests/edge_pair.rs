@@ -1516,3 +1516,52 @@ async fn prometheus_metrics_are_served() {
     let post = http(metrics, "POST /metrics HTTP/1.1\r\n\r\n").await;
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
 }
+
+/// With no send-ahead memory beyond each connection's own 256 KiB, connections that
+/// refer to each other's chunks (32 at once, the same 4 MiB each, so most of them
+/// wait at B for chunks a sibling carries) still all complete byte-exact: a
+/// connection out of memory waits only for its own tunnel writes, never for a
+/// sibling. And the bound is in force: connections did wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_sharing_chunks_complete_within_their_send_ahead_base() {
+    let body = payload(40, 4 << 20);
+    let request = move |id: u64| with_id(id, &body);
+    let ExchangePair {
+        _dir,
+        a,
+        b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair(
+        "send-ahead",
+        31,
+        |_| Vec::new(),
+        &[s("--send-ahead-mem"), s("0")],
+        &[],
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for id in 0..32u64 {
+        let data = request(id);
+        tasks.push(tokio::spawn(async move {
+            (id, exchange(fwd, data).await.expect("exchange"))
+        }));
+    }
+    expect_replies(tasks, |_| Vec::new()).await;
+    expect_requests(&mut received, 0..32, &request).await;
+    let sa = a.wait_for("32 completed connections", |c| {
+        c["connections_completed"] == 32
+    });
+    let ca = &sa["counters"];
+    assert_eq!(ca["connections_failed"], 0, "{ca}");
+    assert!(
+        ca["send_ahead_waits"].as_u64().unwrap() > 0,
+        "no connection waited for send-ahead memory: {ca}"
+    );
+    assert!(
+        ca["refs_sent"].as_u64().unwrap() > 1000,
+        "the connections did not refer to each other's chunks: {ca}"
+    );
+    assert_eq!(b.counter("connections_failed"), 0, "{}", b.log());
+}

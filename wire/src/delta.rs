@@ -115,62 +115,19 @@ fn gear_table() -> &'static [u64; 256] {
 }
 
 /// `target` compressed as one zstd frame with `base` as its dictionary, if that works
-/// and comes out at most `limit` bytes.
+/// and comes out at most `limit` bytes. The context comes from [`crate::zpool`]:
+/// creating one per chunk (it allocates and clears its match tables) cost more than a
+/// tenth of the delta search, and keeping one per connection costs memory.
 pub fn zstd_encode(base: &[u8], target: &[u8], level: i32, limit: usize) -> Option<Vec<u8>> {
-    DeltaCompressor::new().encode(base, target, level, limit)
+    if target.len() > MAX_TARGET {
+        return None;
+    }
+    crate::zpool::compress(target, Some(base), level).filter(|out| out.len() <= limit)
 }
 
-/// Makes zstd deltas with one reused zstd context: creating a context per chunk (it
-/// allocates and clears its match tables) cost more than a tenth of the delta search.
-pub struct DeltaCompressor {
-    cctx: zstd::zstd_safe::CCtx<'static>,
-}
-
-impl std::fmt::Debug for DeltaCompressor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeltaCompressor").finish()
-    }
-}
-
-impl Default for DeltaCompressor {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl DeltaCompressor {
-    /// A compressor with a fresh context.
-    pub fn new() -> Self {
-        DeltaCompressor {
-            cctx: zstd::zstd_safe::CCtx::create(),
-        }
-    }
-
-    /// [`zstd_encode`], with this compressor's context.
-    pub fn encode(
-        &mut self,
-        base: &[u8],
-        target: &[u8],
-        level: i32,
-        limit: usize,
-    ) -> Option<Vec<u8>> {
-        if target.len() > MAX_TARGET {
-            return None;
-        }
-        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
-        self.cctx
-            .compress_using_dict(&mut out, target, base, level)
-            .ok()?;
-        (out.len() <= limit).then_some(out)
-    }
-
-    /// Size of `target` compressed on its own at `level` (its length if zstd fails).
-    pub fn alone(&mut self, target: &[u8], level: i32) -> usize {
-        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
-        self.cctx
-            .compress(&mut out, target, level)
-            .map_or(target.len(), |_| out.len())
-    }
+/// Size of `target` compressed on its own at `level` (its length if zstd fails).
+pub fn zstd_alone(target: &[u8], level: i32) -> usize {
+    crate::zpool::compress(target, None, level).map_or(target.len(), |out| out.len())
 }
 
 /// Rebuilds a target from `base` and a zstd frame made by [`zstd_encode`].

@@ -32,6 +32,7 @@ pub mod segment;
 pub mod session;
 pub mod varint;
 pub mod words;
+pub mod zpool;
 pub mod zstream;
 
 pub use chunk::{ChunkParams, Chunker};

@@ -85,7 +85,6 @@ pub struct BatchCompressor {
     /// Try every batch while the link is limited (the link is far slower than
     /// compression: a batch that did not pay cost only idle CPU).
     persistent: bool,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
     stream: Option<StreamCompressor>,
     stats: CompressStats,
 }
@@ -107,7 +106,6 @@ impl BatchCompressor {
             policy: CompressPolicy::new(mode),
             level,
             persistent: true,
-            zstd: None,
             stream: None,
             stats: CompressStats::default(),
         }
@@ -115,14 +113,7 @@ impl BatchCompressor {
 
     /// Sets the zstd level for the next batches.
     pub fn set_level(&mut self, level: i32) {
-        if level != self.level {
-            self.level = level;
-            if let Some(z) = &mut self.zstd {
-                if z.set_compression_level(level).is_err() {
-                    self.zstd = None;
-                }
-            }
-        }
+        self.level = level;
     }
 
     /// The zstd level in use.
@@ -240,17 +231,13 @@ impl BatchCompressor {
         self.stream.as_mut()?.compress(raw, level)
     }
 
-    /// The batch as one zstd frame of its own.
+    /// The batch as one zstd frame of its own (with a context of the process's pool:
+    /// a batch on its own needs none of its own).
     fn compress_alone(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
         if raw.len() > frame::MAX_BATCH_RAW {
             return None;
         }
-        let level = self.level;
-        let z = match &mut self.zstd {
-            Some(z) => z,
-            None => self.zstd.insert(zstd::bulk::Compressor::new(level).ok()?),
-        };
-        z.compress(raw).ok()
+        crate::zpool::compress(raw, None, self.level)
     }
 
     /// Counters so far.

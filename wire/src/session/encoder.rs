@@ -104,8 +104,6 @@ pub struct Encoder {
     words: bool,
     /// zstd level (zstd deltas use it, capped).
     level: i32,
-    /// Context for zstd deltas, made on first use.
-    delta_zstd: Option<delta::DeltaCompressor>,
     /// Compresses the batches [`Encoder::take_batch`] hands out (a driver that
     /// compresses elsewhere takes [`Encoder::take_raw_batch`] and leaves it idle).
     compressor: BatchCompressor,
@@ -141,7 +139,6 @@ impl Encoder {
             thorough: true,
             words: true,
             level: config.level,
-            delta_zstd: None,
             compressor: BatchCompressor::new(config.compress, config.level),
             hasher: PageHasher::new(),
             batch: BytesMut::new(),
@@ -334,15 +331,10 @@ impl Encoder {
             let mut payload = delta::encode(&base_data, data, data.len() / DELTA_MAX_SHARE);
             if payload.is_none() && self.thorough && zstd_tries < ZSTD_DELTA_CANDIDATES {
                 zstd_tries += 1;
-                let z = self
-                    .delta_zstd
-                    .get_or_insert_with(delta::DeltaCompressor::new);
-                let alone = *alone.get_or_insert_with(|| z.alone(data, zstd_level));
+                let alone = *alone.get_or_insert_with(|| delta::zstd_alone(data, zstd_level));
                 let limit =
                     (alone * ZSTD_DELTA_SHARE_NUM / ZSTD_DELTA_SHARE_DEN).saturating_sub(70);
-                payload = z
-                    .encode(&base_data, data, zstd_level, limit)
-                    .map(Bytes::from);
+                payload = delta::zstd_encode(&base_data, data, zstd_level, limit).map(Bytes::from);
                 zstd = payload.is_some();
             }
             if let Some(patch) = payload {

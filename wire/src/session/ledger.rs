@@ -65,7 +65,10 @@ impl SendLedger {
         self.queue.push_back((self.sent, id));
         let e = self.pinned.entry(id).or_insert_with(|| {
             self.pinned_bytes += data.len();
-            (data.clone(), 0)
+            // A copy: `data` is usually a slice of a whole local read (256 KiB), which
+            // a pin would keep alive until the peer's ACK; at 256 concurrent
+            // connections such buffers were most of the sending edge's heap.
+            (Bytes::copy_from_slice(data), 0)
         });
         e.1 += 1;
     }
