@@ -171,7 +171,7 @@ impl Edge {
             read_ahead: ReadAheadBudget::new(config.read_ahead_bytes),
             send_ahead: ReadAheadBudget::new(config.send_ahead_bytes),
             compress_slots: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
+                std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
             )),
             peers: PeerRegistry::new(),
             stats: Arc::new(EdgeStats::default()),

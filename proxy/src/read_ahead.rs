@@ -22,6 +22,17 @@
 //! the peer never completes a connection on bytes that are only queued here.
 //! Most held bytes are chunks the store holds too (the same buffers), but literal
 //! bytes and evicted chunks are not, so the bound counts every byte.
+//!
+//! The uplink reads its local socket ahead of the tunnel by the same rule, with its
+//! own budget (`--send-ahead-mem`): what a connection holds between its local socket
+//! and the tunnel (read, encoded, queued for compression or for the writer) beyond
+//! [`BASE`] must be covered by steps from the budget, or the connection sends what it
+//! has and waits for its own tunnel writes. With 256 connections starting at once,
+//! each queueing batches faster than its tunnel took them, the sending edge's heap
+//! had grown past 1 GiB. Waiting only for its own writer (never for a budget a
+//! sibling holds) keeps it free of the cycles an acknowledgement-based bound ran into:
+//! writes need nothing from siblings, while acknowledgements can wait at the peer for
+//! a chunk a sibling carries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
