@@ -91,6 +91,16 @@ smoke_logs=$(mktemp -d)
 test -s "$smoke_logs/edge-a.json"
 test -s "$smoke_logs/edge-b.log"
 rm -rf "$smoke_logs"
+# A run that fails keeps its logs too (here: a scenario name it does not know, after
+# one that ran).
+if ./target/release/shrinker-bench cluster --vms 1 --ram-mib 16 --pool-mib 8 \
+  --rate-mbit 400 --delay-ms 2 --scenarios edge,no-such-scenario \
+  --keep-logs "$smoke_logs" > /dev/null 2>&1; then
+  echo "a cluster run with an unknown scenario succeeded" >&2
+  exit 1
+fi
+test -s "$smoke_logs/edge-a.log"
+rm -rf "$smoke_logs"
 # Page hashing side by side in release code (it checks every id against blake3::hash).
 ./target/release/shrinker-bench hash --mib 16 --runs 1
 # The per-new-chunk analysis on the pages of a real file (the edge binary itself).

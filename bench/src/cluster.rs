@@ -83,7 +83,8 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Copy the run's logs and counter files (each edge's, relay's, tunnel's and the
-    /// link emulator's) into this directory before the scratch directory is removed.
+    /// link emulator's) into this directory before the scratch directory is removed,
+    /// whether the run succeeded or failed.
     #[arg(long)]
     pub keep_logs: Option<PathBuf>,
 }
@@ -971,7 +972,16 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         // Left behind by a failed migration.
         let _ = std::fs::remove_file(format!("/dev/shm/shrinker-bench-dst-{pid}-{vm}"));
     }
-    result?;
+    if let Err(e) = result {
+        // A failed run's logs are the ones most worth reading.
+        if let Some(keep) = &args.keep_logs {
+            match keep_logs(&dir, keep) {
+                Ok(()) => eprintln!("logs of the failed run kept in {}", keep.display()),
+                Err(k) => eprintln!("keeping the logs failed too: {k:#}"),
+            }
+        }
+        return Err(e);
+    }
     println!(
         "\n{} VMs x {} MiB RAM{} (shared pool {} MiB), WAN {} Mbit/s, {} ms one way, {} migrations{}:",
         args.vms,
