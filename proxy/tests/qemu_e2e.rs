@@ -429,17 +429,7 @@ async fn cluster_wan_bytes_near_ideal() {
             c["connections_completed"].as_u64().unwrap() >= 4
         });
         let wan = st["counters"]["wan_bytes_out"].as_u64().unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["inspect", "--json", "--compress", "always"])
-            .args(&files)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = inspect_report(&files);
         let total = &report["total"];
         let ideal = total["ideal_bytes"].as_u64().unwrap();
         let distinct = total["distinct_blocks"].as_u64().unwrap();
@@ -532,13 +522,7 @@ async fn near_duplicate_pages_cross_as_deltas() {
         let deltas = c["deltas_sent"].as_u64().unwrap();
         let applied = pair.b.counter("deltas_applied");
         assert_eq!(deltas, applied, "every delta rebuilt at the far edge");
-        let out = std::process::Command::new(BIN)
-            .args(["inspect", "--json", "--compress", "always"])
-            .args(&files)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = inspect_report(&files);
         let ideal = report["total"]["ideal_bytes"].as_u64().unwrap();
         let all: Vec<u8> = files
             .iter()
@@ -1332,24 +1316,9 @@ async fn multifd_cluster_wan_bytes_near_ideal() {
             build.name
         );
         let wan = c["wan_bytes_out"].as_u64().unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["inspect", "--json", "--compress", "always"])
-            .args(&files)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = inspect_report(&files);
         let ideal = report["total"]["ideal_bytes"].as_u64().unwrap();
-        let kinds: Vec<&str> = report["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["kind"].as_str().unwrap())
-            .collect();
+        let kinds = inspected_kinds(&report);
         assert_eq!(
             kinds.iter().filter(|k| **k == "qemu-multifd").count(),
             16,
@@ -1676,24 +1645,9 @@ async fn disk_and_ram_cluster_wan_bytes_near_ideal() {
             .map(|r| r["pages"].as_u64().unwrap())
             .sum();
         let first_ram = recent.iter().find(|r| r["kind"] == "qemu-main").unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["inspect", "--json", "--compress", "always"])
-            .args(&captures)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = inspect_report(&captures);
         let ideal = report["total"]["ideal_bytes"].as_u64().unwrap();
-        let kinds: Vec<&str> = report["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["kind"].as_str().unwrap())
-            .collect();
+        let kinds = inspected_kinds(&report);
         assert_eq!(
             kinds.iter().filter(|k| **k == "nbd-client").count(),
             4,
@@ -1728,13 +1682,7 @@ async fn disk_and_ram_cluster_wan_bytes_near_ideal() {
             .iter()
             .filter(|p| p.extension().is_some_and(|e| e == "nbd"))
             .collect();
-        let out = std::process::Command::new(BIN)
-            .args(["inspect", "--json", "--compress", "always"])
-            .args(&disks)
-            .output()
-            .unwrap();
-        let disk_ideal = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["total"]
-            ["ideal_bytes"]
+        let disk_ideal = inspect_report(&disks)["total"]["ideal_bytes"]
             .as_u64()
             .unwrap();
         eprintln!(
@@ -2730,4 +2678,30 @@ async fn postcopy_recovers_through_the_pair_after_an_edge_is_killed() {
         );
         drop(b);
     }
+}
+
+/// `shrinker inspect --json --compress always` over `files`: its report (the test fails
+/// when the command does).
+fn inspect_report<P: AsRef<std::ffi::OsStr>>(files: &[P]) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["inspect", "--json", "--compress", "always"])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The kind of stream `inspect` recognised in each file of `report`.
+fn inspected_kinds(report: &serde_json::Value) -> Vec<&str> {
+    report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect()
 }
