@@ -292,16 +292,10 @@ impl Encoder {
         }
     }
 
-    /// Where delta bases are kept, while deltas are on (a handle of its own: the
-    /// callers update `self` while they use it).
-    fn delta_bases(&self) -> Option<Arc<dyn SimilarChunks>> {
-        self.similar.clone().filter(|_| self.deltas)
-    }
-
     /// Remembers a chunk sent whole as a future delta base (what [`Self::try_delta`]
     /// does after its search).
     fn remember(&mut self, chunk: VerifiedChunk) {
-        let Some(similar) = self.delta_bases() else {
+        let Some(similar) = self.similar.as_ref().filter(|_| self.deltas) else {
             return;
         };
         if let Some(sketch) = Sketch::of(chunk.data()) {
@@ -313,7 +307,7 @@ impl Encoder {
     /// known and the patch is small; remembers the chunk either way. Returns whether a
     /// DELTA was sent.
     fn try_delta(&mut self, chunk: VerifiedChunk, ledger: &mut SendLedger) -> bool {
-        let Some(similar) = self.delta_bases() else {
+        let Some(similar) = self.similar.as_ref().filter(|_| self.deltas) else {
             return false;
         };
         let (id, data) = (*chunk.id(), chunk.data());
