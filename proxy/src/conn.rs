@@ -435,7 +435,6 @@ async fn uplink(
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
         }
-        lock_governor(governor).waited(wait_start.elapsed());
         // Memory: what this connection holds between its local socket and the tunnel
         // (read, encoded, queued, being compressed) beyond its base must be covered by
         // the edge's send-ahead budget; at 256 concurrent connections, each queueing
@@ -443,10 +442,12 @@ async fn uplink(
         // 1 GiB. Refused, the connection sends what it has and waits for its own
         // writer, which needs nothing from other connections: every connection always
         // keeps its base, so none can starve another.
-        let held_since = Instant::now();
         let (mut counted, mut must_flush) = (false, false);
         loop {
-            let held = (shared.lan_in.load(Relaxed)).saturating_sub(shared.written.load(Relaxed));
+            let held = shared
+                .lan_in
+                .load(Relaxed)
+                .saturating_sub(shared.written.load(Relaxed));
             send_ahead.drained(held);
             if send_ahead.may_read(held) {
                 break;
@@ -464,7 +465,8 @@ async fn uplink(
                 _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
             }
         }
-        lock_governor(governor).waited(held_since.elapsed());
+        // Both waits (window, then memory) in one report: each is for the link.
+        lock_governor(governor).waited(wait_start.elapsed());
         reserve_read(&mut buf, last_read);
         let read_start = Instant::now();
         let first = if must_flush {

@@ -49,6 +49,7 @@ pub(crate) struct EdgeShared {
     streams: Arc<StreamBudget>,
     /// Memory for downlinks reading the tunnel ahead of a slow local socket.
     read_ahead: Arc<ReadAheadBudget>,
+    /// Memory for uplinks reading local data ahead of the tunnel.
     send_ahead: Arc<ReadAheadBudget>,
     /// Bulk compressions that may run at once (see `PumpCtx::compress_slots`).
     compress_slots: Arc<tokio::sync::Semaphore>,

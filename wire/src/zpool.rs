@@ -53,7 +53,8 @@ pub fn compress(src: &[u8], dict: Option<&[u8]>, level: i32) -> Option<Vec<u8>> 
 }
 
 /// Idle contexts now kept.
-pub fn idle_contexts() -> usize {
+#[cfg(test)]
+fn idle_contexts() -> usize {
     idle().len()
 }
 
