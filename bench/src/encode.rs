@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use cache::{PeerIndex, SimilarIndex};
+use cache::{GroupMap, PeerIndex, SimilarIndex};
 use wire::segment::Segment;
 use wire::session::{CompressMode, Encoder, EncoderConfig, EncoderStats, SendLedger};
-use wire::{PeerHoldings, SimilarChunks};
+use wire::{GroupIndex, PeerHoldings, SimilarChunks};
 
 const PAGE: usize = 4096;
 const BATCH: usize = 256 * 1024;
@@ -35,6 +35,9 @@ pub struct EncodeArgs {
     /// Memory for delta bases in MiB (0: no deltas).
     #[arg(long, default_value_t = 512)]
     delta_mib: u64,
+    /// Memory for groups of block ids in MiB (0: references one by one).
+    #[arg(long, default_value_t = 64)]
+    group_mib: u64,
     /// Also compress all images as one zstd -3 --long=30 stream.
     #[arg(long)]
     baseline: bool,
@@ -52,20 +55,24 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
     let peer: Arc<dyn PeerHoldings> = Arc::new(PeerIndex::new(u64::MAX / 2));
     let similar = (a.delta_mib > 0)
         .then(|| Arc::new(SimilarIndex::new(a.delta_mib << 20)) as Arc<dyn SimilarChunks>);
+    let groups = (a.group_mib > 0)
+        .then(|| Arc::new(GroupMap::new(a.group_mib << 20)) as Arc<dyn GroupIndex>);
     let mut total = 0usize;
     let mut images = Vec::new();
     for file in &a.files {
         let image = std::fs::read(file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
         let started = Instant::now();
-        let (wire, s) = encode_image(&image, &a, peer.clone(), similar.clone());
+        let (wire, s) = encode_image(&image, &a, peer.clone(), similar.clone(), groups.clone());
         total += wire;
         println!(
-            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs, {} deltas ({} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
+            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs ({} in runs, {} runs), {} deltas ({} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
             file.display(),
             image.len(),
             started.elapsed().as_secs_f64(),
             s.refs,
+            s.group_refs,
+            s.follows,
             s.deltas,
             s.delta_bytes,
             s.delta_patch_bytes,
@@ -103,6 +110,7 @@ fn encode_image(
     a: &EncodeArgs,
     peer: Arc<dyn PeerHoldings>,
     similar: Option<Arc<dyn SimilarChunks>>,
+    groups: Option<Arc<dyn GroupIndex>>,
 ) -> (usize, EncoderStats) {
     let config = EncoderConfig {
         compress: CompressMode::Always,
@@ -112,6 +120,9 @@ fn encode_image(
     if let Some(similar) = similar {
         enc = enc.with_deltas(similar);
     }
+    if let Some(groups) = groups {
+        enc = enc.with_groups(groups);
+    }
     enc.set_stream((a.stream_window_log > 0).then_some(a.stream_window_log));
     if a.no_zstd_deltas {
         enc.set_thorough(false);
@@ -119,18 +130,20 @@ fn encode_image(
     enc.set_words(!a.no_words);
     let mut ledger = SendLedger::new();
     let mut wire = 0usize;
+    let mut segments = Vec::new();
     for (n, page) in image.chunks(PAGE).enumerate() {
         let zero = page.iter().all(|&b| b == 0);
         // QEMU's page header: the page's offset with its flags in the low bits.
         let header = ((n * PAGE) as u64 | if zero { 0x2 } else { 0x8 }).to_be_bytes();
-        enc.handle_segment(
-            Segment::Opaque(Bytes::copy_from_slice(&header)),
-            &mut ledger,
-        );
+        segments.push(Segment::Opaque(Bytes::copy_from_slice(&header)));
         if zero {
-            enc.handle_segment(Segment::Opaque(Bytes::from_static(&[0])), &mut ledger);
+            segments.push(Segment::Opaque(Bytes::from_static(&[0])));
         } else {
-            enc.handle_segment(Segment::Block(Bytes::copy_from_slice(page)), &mut ledger);
+            segments.push(Segment::Block(Bytes::copy_from_slice(page)));
+        }
+        // As the edge does: the segments of one read (here 64 pages) together.
+        if n % 64 == 63 {
+            enc.handle_segments(&mut segments, &mut ledger);
         }
         if enc.batch_len() >= BATCH {
             wire += enc.take_batch(true).map_or(0, |b| b.len());
@@ -141,6 +154,7 @@ fn encode_image(
             .handle_control(wire::Frame::Ack(sent))
             .expect("acknowledging what was sent");
     }
+    enc.handle_segments(&mut segments, &mut ledger);
     enc.handle_end();
     while let Some(b) = enc.take_batch(true) {
         wire += b.len();

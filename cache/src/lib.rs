@@ -16,6 +16,8 @@
 //! - [`SimilarIndex`] (module `similar`): chunks this edge sent, with a map from their
 //!   sketch features ([`wire::delta::Sketch`]) to their ids: where a delta's base comes
 //!   from. Its own byte budget, so it never disturbs the receiving store.
+//! - [`GroupMap`] (module `groups`): groups of block ids ([`wire::group`]) this edge
+//!   formed, found by any member id: where FOLLOW frames come from. Its own budget.
 //! - module `shard` (private): the sharded, byte-weighted LRU map under both. Ids are
 //!   BLAKE3 hashes, so [`ChunkId::shard_key`](wire::ChunkId::shard_key) spreads them
 //!   evenly over [`DEFAULT_SHARDS`] mutexes; each shard gets an equal slice of the
@@ -28,11 +30,13 @@
 //! and evicted chunks are dropped after unlocking). Counters are relaxed atomics.
 #![warn(missing_docs, unreachable_pub)]
 
+mod groups;
 mod peer;
 mod shard;
 mod similar;
 mod store;
 
+pub use groups::{GroupMap, GroupStats};
 pub use peer::{NameConflict, PeerIndex, PeerIndexStats, PeerLookup, PeerRegistry, RECENT_MARK};
 pub use shard::{default_shards, DEFAULT_SHARDS, ENTRY_OVERHEAD, MIN_SHARD_BYTES};
 pub use similar::{SimilarIndex, SimilarStats};

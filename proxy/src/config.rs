@@ -144,6 +144,11 @@ pub struct EdgeArgs {
     /// (e.g. 1GiB; 0 turns deltas off).
     #[arg(long, value_name = "SIZE")]
     pub delta_mem: Option<ByteSize>,
+    /// Memory for runs of block ids this edge sent (groups), so a run the peer saw
+    /// before crosses as one reference and a byte per block instead of 33 bytes per
+    /// block (e.g. 256MiB; about 1/32 of the referenced content it covers; 0: off).
+    #[arg(long, value_name = "SIZE")]
+    pub group_mem: Option<ByteSize>,
     /// Memory for context-keeping compression streams, 8 MiB of history each, granted
     /// to connections while the link is the bottleneck (e.g. 256MiB; 0: every batch
     /// is compressed on its own). The peer edge keeps the same history to decode.
@@ -202,6 +207,7 @@ pub struct EdgeFile {
     insecure_plaintext: Option<bool>,
     cache_mem: Option<ByteSize>,
     delta_mem: Option<ByteSize>,
+    group_mem: Option<ByteSize>,
     stream_mem: Option<ByteSize>,
     read_ahead_mem: Option<ByteSize>,
     send_ahead_mem: Option<ByteSize>,
@@ -260,6 +266,8 @@ pub struct EdgeConfig {
     pub cache_bytes: u64,
     /// Memory for delta bases in bytes (0: no deltas).
     pub delta_bytes: u64,
+    /// Memory for groups of block ids sent, in bytes (0: references one by one).
+    pub group_bytes: u64,
     /// Memory for compression streams in bytes (0: none).
     pub stream_bytes: u64,
     /// Memory for reading tunnels ahead of slow local sockets, beyond each
@@ -289,6 +297,10 @@ pub const DEFAULT_CACHE: u64 = 1 << 30;
 /// Default memory for delta bases: the pages of a few VMs already sent, so the next
 /// similar VM's near-duplicate pages find their base.
 pub const DEFAULT_DELTA_MEM: u64 = 512 << 20;
+/// Default memory for groups of block ids: ~4 GiB of referenced content at 1/64
+/// (an entry costs ~128 bytes for each 4 KiB block it covers, a quarter of the
+/// budget holds the ids themselves).
+pub const DEFAULT_GROUP_MEM: u64 = 64 << 20;
 /// Default memory for compression streams: about 25 connections compressing at once
 /// with 8 MiB of history each.
 pub const DEFAULT_STREAM_MEM: u64 = 256 << 20;
@@ -418,6 +430,10 @@ impl EdgeArgs {
                 .delta_mem
                 .or(file.delta_mem)
                 .map_or(DEFAULT_DELTA_MEM, |s| s.0),
+            group_bytes: self
+                .group_mem
+                .or(file.group_mem)
+                .map_or(DEFAULT_GROUP_MEM, |s| s.0),
             stream_bytes: self
                 .stream_mem
                 .or(file.stream_mem)

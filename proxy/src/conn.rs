@@ -33,7 +33,8 @@ use wire::session::{
     EncoderStats, RawBatch, SendLedger, SessionError,
 };
 use wire::{
-    ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, PeerHoldings, SimilarChunks,
+    ChunkParams, ContentStore, Frame, FrameDecoder, FrameError, GroupIndex, PeerHoldings,
+    SimilarChunks,
 };
 
 use crate::budget::{StreamBudget, StreamGrant};
@@ -106,6 +107,8 @@ pub(crate) struct PumpCtx {
     pub(crate) peer: Arc<dyn PeerHoldings>,
     /// Where delta bases come from (`None`: no deltas).
     pub(crate) similar: Option<Arc<dyn SimilarChunks>>,
+    /// Groups of block ids sent, for runs of references (`None`: one by one).
+    pub(crate) groups: Option<Arc<dyn GroupIndex>>,
     /// Memory for context-keeping compression streams.
     pub(crate) streams: Arc<StreamBudget>,
     /// Memory for reading the tunnel ahead of a slow local socket.
@@ -414,6 +417,9 @@ async fn uplink(
     let mut enc = Encoder::new(ctx.peer.clone(), ctx.encoder.clone());
     if let Some(similar) = &ctx.similar {
         enc = enc.with_deltas(similar.clone());
+    }
+    if let Some(groups) = &ctx.groups {
+        enc = enc.with_groups(groups.clone());
     }
     // Whether the compressor holds a stream grant (returned when the connection ends).
     let mut stream_granted = false;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use cache::{ChunkStore, PeerRegistry, SimilarIndex};
+use cache::{ChunkStore, GroupMap, PeerRegistry, SimilarIndex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 use wire::handshake::{Hello, HelloReply};
 use wire::session::EncoderConfig;
-use wire::{ChunkParams, SimilarChunks};
+use wire::{ChunkParams, GroupIndex, SimilarChunks};
 
 use crate::budget::StreamBudget;
 use crate::config::{EdgeConfig, Forward, Transparent};
@@ -45,6 +45,8 @@ pub(crate) struct EdgeShared {
     store: ChunkStore,
     /// Chunks sent, as delta bases (`None` when `--delta-mem 0`).
     similar: Option<Arc<dyn SimilarChunks>>,
+    /// Groups of block ids sent, for runs of references (`None` when `--group-mem 0`).
+    groups: Option<Arc<dyn GroupIndex>>,
     /// Memory for context-keeping compression streams.
     streams: Arc<StreamBudget>,
     /// Memory for downlinks reading the tunnel ahead of a slow local socket.
@@ -168,6 +170,8 @@ impl Edge {
             store: ChunkStore::new(config.cache_bytes),
             similar: (config.delta_bytes > 0)
                 .then(|| Arc::new(SimilarIndex::new(config.delta_bytes)) as Arc<dyn SimilarChunks>),
+            groups: (config.group_bytes > 0)
+                .then(|| Arc::new(GroupMap::new(config.group_bytes)) as Arc<dyn GroupIndex>),
             streams: StreamBudget::new(config.stream_bytes),
             read_ahead: ReadAheadBudget::new(config.read_ahead_bytes),
             send_ahead: ReadAheadBudget::new(config.send_ahead_bytes),
@@ -468,6 +472,7 @@ impl EdgeShared {
             store: Arc::new(self.store.clone()),
             peer: lookup.index,
             similar: self.similar.clone(),
+            groups: self.groups.clone(),
             streams: self.streams.clone(),
             read_ahead: self.read_ahead.clone(),
             send_ahead: self.send_ahead.clone(),

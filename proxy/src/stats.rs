@@ -82,6 +82,9 @@ counters! {
     /// Of those, references flagged recent (their full copy was sent moments before,
     /// perhaps on another connection, and may still be in flight).
     refs_recent_sent,
+    /// Of `refs_sent`, references sent inside runs the peer saw before (FOLLOW or
+    /// NEXT frames: one byte each after the first of a run, instead of 33).
+    group_refs_sent,
     /// Logical bytes replaced by references.
     ref_bytes,
     /// Chunks sent as deltas against a similar chunk the peer holds.
@@ -129,6 +132,11 @@ counters! {
     chunks_stored,
     /// References resolved from the store or a fill.
     refs_resolved,
+    /// Of those, references received inside runs (FOLLOW or NEXT frames).
+    group_refs_resolved,
+    /// Runs of block ids cut from delivered streams and stored, for the peer's runs
+    /// of references.
+    groups_stored,
     /// Recent references this edge's store lacked on arrival, which waited for their
     /// chunk to arrive on another connection before asking.
     refs_deferred,
@@ -162,6 +170,7 @@ impl EdgeStats {
         self.chunk_bytes.fetch_add(s.chunk_bytes, Relaxed);
         self.refs_sent.fetch_add(s.refs, Relaxed);
         self.refs_recent_sent.fetch_add(s.refs_recent, Relaxed);
+        self.group_refs_sent.fetch_add(s.group_refs, Relaxed);
         self.deltas_sent.fetch_add(s.deltas, Relaxed);
         self.delta_bytes.fetch_add(s.delta_bytes, Relaxed);
         self.zstd_deltas_sent.fetch_add(s.zstd_deltas, Relaxed);
@@ -203,6 +212,8 @@ impl EdgeStats {
         self.misses_sent.fetch_add(s.misses, Relaxed);
         self.chunks_stored.fetch_add(s.chunks_stored, Relaxed);
         self.refs_resolved.fetch_add(s.refs_resolved, Relaxed);
+        self.group_refs_resolved.fetch_add(s.group_refs, Relaxed);
+        self.groups_stored.fetch_add(s.groups_stored, Relaxed);
         self.refs_deferred.fetch_add(s.deferred, Relaxed);
         self.deltas_applied.fetch_add(s.deltas_applied, Relaxed);
         self.refs_deferred_arrived

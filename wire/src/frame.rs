@@ -1,4 +1,4 @@
-//! Tunnel frames (protocol v2; v2 added WORDS) and their incremental decoder.
+//! Tunnel frames (protocol v3; v2 added WORDS, v3 FOLLOW and NEXT) and their incremental decoder.
 //!
 //! After the handshake ([`crate::handshake`]) each direction of a tunnel connection is
 //! a sequence of frames. Every frame starts with a one-byte type; every length is a
@@ -19,8 +19,10 @@
 //! | `0x0b` | DELTA | flags (bit 0: base sent moments ago, bit 1: zstd payload), 32-byte base id, 32-byte id, varint len, len bytes of payload ([`crate::delta`]) |
 //! | `0x0c` | ZSTREAM | flags (bit 0: fresh context), varint raw len, varint zstd len, one flushed piece of the direction's zstd stream ([`crate::zstream`]) holding data frames |
 //! | `0x0d` | WORDS | u8 stride (1..=64), varint len, len bytes: a CHUNK sent as the word differences of its bytes ([`crate::words`]) |
+//! | `0x0e` | FOLLOW | flags (bit 0: group formed moments ago), 32-byte group id, u8 position: a REF of the group's id at that position ([`crate::group`]) |
+//! | `0x0f` | NEXT | — (a REF of the followed group's next id) |
 //!
-//! LITERAL, CHUNK, WORDS, REF, REF_RECENT and DELTA are *data* frames: their order is the order of the bytes they
+//! LITERAL, CHUNK, WORDS, REF, REF_RECENT, DELTA, FOLLOW and NEXT are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -54,6 +56,8 @@ const T_REF_RECENT: u8 = 0x0a;
 const T_DELTA: u8 = 0x0b;
 const T_ZSTREAM: u8 = 0x0c;
 const T_WORDS: u8 = 0x0d;
+const T_FOLLOW: u8 = 0x0e;
+const T_NEXT: u8 = 0x0f;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +99,22 @@ pub enum Frame {
         /// In-place edits ([`crate::delta`]).
         patch: Bytes,
     },
+    /// Deliver the chunk whose id stands at `pos` in group `group` ([`crate::group`]:
+    /// the group's content is its ids), and follow the group: each [`Frame::Next`]
+    /// after it stands for the group's next id. A group the receiver lacks is asked
+    /// for with [`Frame::Miss`] like a chunk.
+    Follow {
+        /// The group was formed moments ago and may still be on its way into the
+        /// receiver's store (as for [`Frame::RefRecent`]): wait for it before asking.
+        recent: bool,
+        /// BLAKE3 of the group's content.
+        group: ChunkId,
+        /// Position of the chunk in the group, 0-based.
+        pos: u8,
+    },
+    /// Deliver the chunk whose id follows, in the group last named by
+    /// [`Frame::Follow`], the one delivered by the previous FOLLOW or NEXT.
+    Next,
     /// The receiver lacks this chunk: the sender must answer with [`Frame::Fill`].
     Miss(ChunkId),
     /// Answer to [`Frame::Miss`].
@@ -124,6 +144,8 @@ impl Frame {
                 | Frame::Ref(_)
                 | Frame::RefRecent(_)
                 | Frame::Delta { .. }
+                | Frame::Follow { .. }
+                | Frame::Next
         )
     }
 
@@ -169,6 +191,14 @@ impl Frame {
                 varint::put(dst, patch.len() as u64);
                 dst.put_slice(patch);
             }
+            Frame::Follow { recent, group, pos } => {
+                dst.reserve(3 + CHUNK_ID_LEN);
+                dst.put_u8(T_FOLLOW);
+                dst.put_u8(u8::from(*recent));
+                dst.put_slice(group.as_bytes());
+                dst.put_u8(*pos);
+            }
+            Frame::Next => dst.put_u8(T_NEXT),
             Frame::Miss(id) => {
                 dst.put_u8(T_MISS);
                 dst.put_slice(id.as_bytes());
@@ -203,7 +233,8 @@ impl Frame {
                 2 + 2 * CHUNK_ID_LEN + varint::len(patch.len() as u64) + patch.len()
             }
             Frame::Ack(o) => 1 + varint::len(*o),
-            Frame::End => 1,
+            Frame::Follow { .. } => 3 + CHUNK_ID_LEN,
+            Frame::End | Frame::Next => 1,
             Frame::Reset(r) => {
                 let n = r.len().min(MAX_REASON);
                 1 + varint::len(n as u64) + n
@@ -425,7 +456,7 @@ impl FrameDecoder {
             }
             if !matches!(
                 ty,
-                T_LITERAL | T_CHUNK | T_WORDS | T_REF | T_REF_RECENT | T_DELTA
+                T_LITERAL | T_CHUNK | T_WORDS | T_REF | T_REF_RECENT | T_DELTA | T_FOLLOW | T_NEXT
             ) {
                 return Err(FrameError::BatchContent(type_name(ty)));
             }
@@ -445,6 +476,8 @@ fn type_name(ty: u8) -> &'static str {
         T_REF => "REF",
         T_REF_RECENT => "REF_RECENT",
         T_DELTA => "DELTA",
+        T_FOLLOW => "FOLLOW",
+        T_NEXT => "NEXT",
         T_MISS => "MISS",
         T_FILL => "FILL",
         T_ACK => "ACK",
@@ -517,6 +550,16 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
                 .transpose()?
         }
         T_REF | T_REF_RECENT | T_MISS => Some((1, CHUNK_ID_LEN, ty)),
+        T_FOLLOW => {
+            let Some(&flags) = rest.first() else {
+                return Ok(None);
+            };
+            if flags > 1 {
+                return Err(FrameError::BadFlags(flags));
+            }
+            Some((1, 2 + CHUNK_ID_LEN, ty))
+        }
+        T_NEXT => Some((1, 0, ty)),
         T_ACK => get_varint(rest, "ACK")?.map(|(_, l)| (1, l, ty)),
         T_END => Some((1, 0, ty)),
         T_RESET => get_varint(rest, "RESET")?
@@ -599,6 +642,16 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
                 patch: body,
             }
         }
+        T_FOLLOW => {
+            let recent = body.get_u8() & 1 != 0;
+            let group = take_id(&mut body);
+            Frame::Follow {
+                recent,
+                group,
+                pos: body.get_u8(),
+            }
+        }
+        T_NEXT => Frame::Next,
         T_MISS => Frame::Miss(take_id(&mut body)),
         T_ACK => {
             let (v, _) = get_varint(&body, "ACK")?.ok_or(FrameError::BadVarint("ACK"))?;

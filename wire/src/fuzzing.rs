@@ -24,7 +24,7 @@ use crate::handshake::{HandshakeError, Hello, HelloReply};
 use crate::id::ChunkId;
 use crate::segment::{CdcSegmenter, Segment, Segmenter};
 use crate::session::{CompressMode, Decoder, DecoderConfig, Encoder, EncoderConfig, SendLedger};
-use crate::store::{ContentStore, Holding, PeerHoldings, SimilarChunks};
+use crate::store::{ContentStore, GroupIndex, Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
 
 /// `len` pseudo-random bytes from `seed` (xorshift64), the same for the same seed:
@@ -189,11 +189,48 @@ impl PeerHoldings for Optimist {
     }
 
     fn peek(&self, id: &ChunkId) -> Holding {
-        if self.lock().contains(id) {
-            Holding::Held
-        } else {
+        if !self.lock().contains(id) {
             Holding::Absent
+        } else if id.as_bytes()[0] & 1 == 1 {
+            Holding::Recent
+        } else {
+            Holding::Held
         }
+    }
+}
+
+/// Remembers every group formed, without bound: runs of references wherever
+/// possible. (Also the fake the property tests use.)
+#[derive(Debug, Default)]
+pub struct MemGroups(Mutex<MemGroupsInner>);
+
+#[derive(Debug, Default)]
+struct MemGroupsInner {
+    /// Member id → (group, position).
+    members: HashMap<ChunkId, (ChunkId, usize)>,
+    /// Group → content.
+    contents: HashMap<ChunkId, Bytes>,
+}
+
+impl GroupIndex for MemGroups {
+    fn find(&self, id: &ChunkId) -> Option<(ChunkId, Bytes, usize)> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let &(name, pos) = g.members.get(id)?;
+        Some((name, g.contents[&name].clone(), pos))
+    }
+
+    fn remember(&self, group: VerifiedChunk) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (name, content) = group.into_parts();
+        assert_eq!(
+            ChunkId::of(&content),
+            name,
+            "a group not named by its content"
+        );
+        for (pos, member) in crate::group::ids(&content).enumerate() {
+            g.members.insert(member, (name, pos));
+        }
+        g.contents.insert(name, content);
     }
 }
 
@@ -760,6 +797,8 @@ impl Tunnel {
                         | Frame::Ref(_)
                         | Frame::RefRecent(_)
                         | Frame::Delta { .. }
+                        | Frame::Follow { .. }
+                        | Frame::Next
                         | Frame::Fill { .. }
                         | Frame::End
                 ),
@@ -850,7 +889,8 @@ impl Tunnel {
 ///   interval, bit 5 flush the segmenter on every read, bit 6 idle after every wire read,
 ///   bit 7 stop waiting for deferred references after every wire read (otherwise only
 ///   when nothing else can progress);
-/// - bytes 2-3: sender read splits; bytes 4-5: wire read splits.
+/// - bytes 2-3: sender read splits; bytes 4-5: wire read splits (byte 5 mod 3 also
+///   picks how short the groups of block ids are: 4 ids, ~8, or the real ~64).
 ///
 /// The rest, twice (so the second copy is deduplicated), goes through
 /// CdcSegmenter → Encoder (+ SendLedger) → wire bytes → FrameDecoder → Decoder, with
@@ -880,7 +920,8 @@ pub fn tunnel_roundtrip(data: &[u8]) {
         read_buf: BytesMut::new(),
         seg: CdcSegmenter::new(Chunker::new(params)),
         enc: Encoder::new(peer.clone(), EncoderConfig { compress, level: 1 })
-            .with_deltas(Arc::new(MemSimilar::default())),
+            .with_deltas(Arc::new(MemSimilar::default()))
+            .with_groups(Arc::new(MemGroups::default())),
         ledger: SendLedger::new(),
         peer,
         wire: BytesMut::new(),
@@ -905,6 +946,10 @@ pub fn tunnel_roundtrip(data: &[u8]) {
     if (h0 >> 3) & 3 == 3 {
         t.enc.set_stream(Some(18));
     }
+    // Groups short enough for fuzz-sized streams (the cut is the same both ways).
+    let group_modulus = [1, 2, 64][usize::from(r1 % 3)];
+    t.enc.set_group_modulus(group_modulus);
+    t.dec.set_group_modulus(group_modulus);
     let mut send_splits = Splits::new(s0, s1);
     let mut recv_splits = Splits::new(r0, r1);
     let mut round = 0usize;

@@ -12,6 +12,8 @@
 //! - [`store`]: the traits the session needs from the shared cache.
 //! - [`delta`], [`words`]: near-duplicate chunks as deltas; tables of 64-bit words as
 //!   their differences.
+//! - [`group`]: runs of block ids named by content, so a repeated run of references
+//!   crosses as one FOLLOW and one-byte NEXT frames.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod id;
@@ -20,13 +22,14 @@ pub mod store;
 pub mod verified;
 
 pub use id::ChunkId;
-pub use store::{ContentStore, Holding, PeerHoldings, SimilarChunks};
+pub use store::{ContentStore, GroupIndex, Holding, PeerHoldings, SimilarChunks};
 pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
 pub mod chunk;
 pub mod delta;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group;
 pub mod handshake;
 pub mod segment;
 pub mod session;

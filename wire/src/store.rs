@@ -71,3 +71,14 @@ pub trait SimilarChunks: Send + Sync {
     /// Remembers a chunk this edge sent (in full or as a delta) under its features.
     fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch);
 }
+
+/// The sending edge's memory of groups ([`crate::group`]) formed on its connections:
+/// for a block id, a group holding it and where. Shared by every connection to every
+/// peer; a group is only followed if the peer is also believed to hold it
+/// ([`PeerHoldings::peek`]). Bounded: a forgotten group only costs full references.
+pub trait GroupIndex: Send + Sync {
+    /// A group holding `id`: its name, its content and `id`'s position in it.
+    fn find(&self, id: &ChunkId) -> Option<(ChunkId, Bytes, usize)>;
+    /// Remembers a group this edge formed (content named by its hash).
+    fn remember(&self, group: VerifiedChunk);
+}

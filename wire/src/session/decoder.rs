@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::SessionError;
 use crate::delta;
 use crate::frame::Frame;
+use crate::group::{self, GroupCutter};
 use crate::id::ChunkId;
 use crate::page_hash::PageHasher;
 use crate::store::ContentStore;
@@ -53,16 +54,23 @@ pub struct DecoderStats {
     pub chunks_stored: u64,
     /// DELTA frames rebuilt from their base, verified and stored.
     pub deltas_applied: u64,
+    /// References received as FOLLOW or NEXT (also counted in `refs_resolved`).
+    pub group_refs: u64,
+    /// Groups cut from the delivered blocks and stored ([`crate::group`]).
+    pub groups_stored: u64,
 }
 
 /// Assumed size of a chunk not yet resolved, for the pending bound.
 const UNRESOLVED_WEIGHT: u64 = 4096;
 
 enum Pending {
-    Ready(Bytes),
+    /// Bytes to deliver; for a block, its id (the groups are cut from those).
+    Ready(Bytes, Option<ChunkId>),
     /// Chunk `id`, not resolvable yet; for a DELTA whose base is missing, the base and
     /// patch to rebuild it from once the base arrives.
     Wait(ChunkId, Option<Box<(ChunkId, bool, Bytes)>>),
+    /// The chunk at this position of a group the store lacks (a FOLLOW's or NEXT's).
+    WaitGroup(ChunkId, usize),
     End,
 }
 
@@ -92,6 +100,11 @@ pub struct Decoder {
     end_seen: bool,
     finished: bool,
     stats: DecoderStats,
+    /// Cuts the delivered blocks' ids into groups, as the sender's encoder does.
+    cutter: GroupCutter,
+    /// The group the last FOLLOW or NEXT referred into, with that reference's
+    /// position, and the group's content once known.
+    follow: Option<(ChunkId, usize, Option<Bytes>)>,
     /// Hashes the CHUNK frames of [`Decoder::handle_frames`] side by side.
     hasher: PageHasher,
 }
@@ -124,11 +137,21 @@ impl Decoder {
             end_seen: false,
             finished: false,
             stats: DecoderStats::default(),
+            cutter: GroupCutter::new(),
+            follow: None,
             hasher: PageHasher::new(),
         }
     }
 
-    /// Handles a LITERAL, CHUNK, REF, REF_RECENT, DELTA, END or FILL frame.
+    /// Cuts groups with [`GroupCutter::with_modulus`] (tests: the peer's encoder must
+    /// do the same).
+    #[doc(hidden)]
+    pub fn set_group_modulus(&mut self, modulus: u8) {
+        self.cutter = GroupCutter::with_modulus(modulus);
+    }
+
+    /// Handles a LITERAL, CHUNK, WORDS, REF, REF_RECENT, DELTA, FOLLOW, NEXT, END or
+    /// FILL frame.
     ///
     /// # Errors
     /// [`SessionError`] when a chunk fails verification, data follows END, the pending
@@ -183,8 +206,12 @@ impl Decoder {
         if self.end_seen && frame.is_data() {
             return Err(SessionError::DataAfterEnd);
         }
+        // Any other block ends a run of group references (as at the sender).
+        if frame.is_data() && !matches!(frame, Frame::Literal(_) | Frame::Next) {
+            self.follow = None;
+        }
         let item = match frame {
-            Frame::Literal(data) => Pending::Ready(data),
+            Frame::Literal(data) => Pending::Ready(data, None),
             Frame::Words { stride, diffs } => {
                 let chunk = Frame::Chunk(Bytes::from(words::restore(&diffs, stride)));
                 return self.handle_hashed(chunk, None);
@@ -198,10 +225,10 @@ impl Decoder {
                     }
                     None => VerifiedChunk::from_local(data),
                 };
-                let data = chunk.data().clone();
+                let (id, data) = (*chunk.id(), chunk.data().clone());
                 self.store.insert(chunk);
                 self.stats.chunks_stored += 1;
-                Pending::Ready(data)
+                Pending::Ready(data, Some(id))
             }
             Frame::Delta {
                 base_recent,
@@ -210,11 +237,11 @@ impl Decoder {
                 id,
                 patch,
             } => match self.lookup(&base) {
-                Some(base) => Pending::Ready(self.rebuild(&base, zstd, &patch, id)?),
+                Some(base) => Pending::Ready(self.rebuild(&base, zstd, &patch, id)?, Some(id)),
                 None => match self.lookup(&id) {
                     Some(data) => {
                         self.stats.refs_resolved += 1;
-                        Pending::Ready(data)
+                        Pending::Ready(data, Some(id))
                     }
                     // The base may still be in flight on another connection: wait.
                     None if base_recent => {
@@ -229,21 +256,40 @@ impl Decoder {
                     }
                 },
             },
-            Frame::Ref(id) | Frame::RefRecent(id) => {
-                let recent = matches!(frame, Frame::RefRecent(_));
-                match self.lookup(&id) {
-                    Some(data) => {
-                        self.stats.refs_resolved += 1;
-                        Pending::Ready(data)
-                    }
-                    None if recent => {
-                        self.defer(id);
-                        Pending::Wait(id, None)
-                    }
+            Frame::Ref(id) => self.reference(id, false),
+            Frame::RefRecent(id) => self.reference(id, true),
+            Frame::Follow { recent, group, pos } => {
+                self.stats.group_refs += 1;
+                let pos = usize::from(pos);
+                let content = self.lookup(&group);
+                self.follow = Some((group, pos, content.clone()));
+                match content {
+                    Some(content) => self.reference(member(&content, pos)?, false),
                     None => {
-                        self.request(id);
-                        Pending::Wait(id, None)
+                        if recent {
+                            self.defer(group);
+                        } else {
+                            self.request(group);
+                        }
+                        Pending::WaitGroup(group, pos)
                     }
+                }
+            }
+            Frame::Next => {
+                self.stats.group_refs += 1;
+                let Some((group, pos, known)) = self.follow.as_mut() else {
+                    return Err(SessionError::Unexpected("NEXT without FOLLOW"));
+                };
+                *pos += 1;
+                let (group, pos, known) = (*group, *pos, known.clone());
+                let content = known.or_else(|| self.lookup(&group));
+                if let Some(f) = self.follow.as_mut() {
+                    f.2.clone_from(&content);
+                }
+                match content {
+                    Some(content) => self.reference(member(&content, pos)?, false),
+                    // Its group is still asked for (or awaited): behind that FOLLOW.
+                    None => Pending::WaitGroup(group, pos),
                 }
             }
             Frame::End => {
@@ -265,8 +311,8 @@ impl Decoder {
             self.deliver(item);
         } else {
             self.pending_weight += match &item {
-                Pending::Ready(d) => d.len() as u64,
-                Pending::Wait(..) => UNRESOLVED_WEIGHT,
+                Pending::Ready(d, _) => d.len() as u64,
+                Pending::Wait(..) | Pending::WaitGroup(..) => UNRESOLVED_WEIGHT,
                 Pending::End => 0,
             };
             self.pending.push_back(item);
@@ -278,6 +324,25 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    /// A reference to chunk `id`: delivered from the store, or waited for (a
+    /// `recent` one without asking, for a while).
+    fn reference(&mut self, id: ChunkId, recent: bool) -> Pending {
+        match self.lookup(&id) {
+            Some(data) => {
+                self.stats.refs_resolved += 1;
+                Pending::Ready(data, Some(id))
+            }
+            None if recent => {
+                self.defer(id);
+                Pending::Wait(id, None)
+            }
+            None => {
+                self.request(id);
+                Pending::Wait(id, None)
+            }
+        }
     }
 
     /// Rebuilds a DELTA's chunk from its base, verified against the id the sender
@@ -327,8 +392,8 @@ impl Decoder {
     /// Delivers an item with nothing queued before it, or queues it behind a miss.
     fn deliver(&mut self, item: Pending) {
         match item {
-            Pending::Ready(data) => self.emit(data),
-            wait @ Pending::Wait(..) => {
+            Pending::Ready(data, block) => self.emit(data, block),
+            wait @ (Pending::Wait(..) | Pending::WaitGroup(..)) => {
                 self.pending_weight += UNRESOLVED_WEIGHT;
                 self.pending.push_back(wait);
             }
@@ -336,7 +401,13 @@ impl Decoder {
         }
     }
 
-    fn emit(&mut self, data: Bytes) {
+    /// Delivers `data`; a block's id goes to the groups, and a group it completes
+    /// into the store (where the peer's FOLLOW frames find it).
+    fn emit(&mut self, data: Bytes, block: Option<ChunkId>) {
+        if let Some(group) = block.and_then(|id| self.cutter.push(&id)) {
+            self.store.insert(group);
+            self.stats.groups_stored += 1;
+        }
         self.resolved += data.len() as u64;
         self.stats.delivered += data.len() as u64;
         if !data.is_empty() {
@@ -365,10 +436,36 @@ impl Decoder {
     /// [`SessionError`] when a deferred DELTA rebuilds to something else than its id.
     fn drain(&mut self) -> Result<(), SessionError> {
         while let Some(front) = self.pending.front() {
-            let data = match front {
-                Pending::Ready(d) => {
+            let (data, block) = match front {
+                Pending::Ready(d, block) => {
                     self.pending_weight -= d.len() as u64;
-                    d.clone()
+                    (d.clone(), *block)
+                }
+                &Pending::WaitGroup(group, pos) => {
+                    let content = self
+                        .fills
+                        .get(&group)
+                        .cloned()
+                        .or_else(|| self.store.get(&group));
+                    match content {
+                        Some(content) => {
+                            // Now a plain reference (weighed the same), tried at once.
+                            let id = member(&content, pos)?;
+                            if let Some(f) = self.follow.as_mut().filter(|f| f.0 == group) {
+                                f.2.get_or_insert(content);
+                            }
+                            if self.deferred.remove(&group) {
+                                self.stats.deferred_arrived += 1;
+                            }
+                            *self.pending.front_mut().expect("front") = Pending::Wait(id, None);
+                            continue;
+                        }
+                        None if self.deferred.contains(&group) => break,
+                        None => {
+                            self.request(group);
+                            break;
+                        }
+                    }
                 }
                 Pending::Wait(id, delta) => {
                     let id = *id;
@@ -388,7 +485,7 @@ impl Decoder {
                             if self.deferred.remove(&id) {
                                 self.stats.deferred_arrived += 1;
                             }
-                            d
+                            (d, Some(id))
                         }
                         None if self.deferred.contains(&id) => break,
                         None => {
@@ -405,7 +502,7 @@ impl Decoder {
                 }
             };
             self.pending.pop_front();
-            self.emit(data);
+            self.emit(data, block);
         }
         if self.pending.is_empty() {
             // Nothing waits any more: what was fetched is in the store (or not wanted).
@@ -486,4 +583,13 @@ impl Decoder {
     pub fn stats(&self) -> &DecoderStats {
         &self.stats
     }
+}
+
+/// The id at `pos` of a group's content, or the error for a FOLLOW or NEXT that
+/// names a position the group does not have.
+fn member(content: &[u8], pos: usize) -> Result<ChunkId, SessionError> {
+    group::id_at(content, pos).ok_or(SessionError::BadGroup {
+        pos,
+        len: content.len(),
+    })
 }

@@ -9,9 +9,11 @@ use super::compress::CompressMode;
 use super::ledger::SendLedger;
 use crate::delta::{self, Sketch};
 use crate::frame::{self, Frame, MAX_LITERAL};
+use crate::group::{self, GroupCutter};
+use crate::id::ChunkId;
 use crate::page_hash::PageHasher;
 use crate::segment::Segment;
-use crate::store::{Holding, PeerHoldings, SimilarChunks};
+use crate::store::{GroupIndex, Holding, PeerHoldings, SimilarChunks};
 use crate::verified::VerifiedChunk;
 
 /// Encoder settings.
@@ -48,6 +50,11 @@ pub struct EncoderStats {
     pub ref_bytes: u64,
     /// Of `refs`, those sent as REF_RECENT (the full copy went out moments before).
     pub refs_recent: u64,
+    /// Of `refs`, those sent as FOLLOW or NEXT: inside a run the peer saw before
+    /// ([`crate::group`]).
+    pub group_refs: u64,
+    /// Of `group_refs`, the FOLLOW frames (each starts following a group).
+    pub follows: u64,
     /// Chunks sent as deltas against a similar chunk the peer holds.
     pub deltas: u64,
     /// Logical bytes sent as deltas.
@@ -95,6 +102,13 @@ const BATCH_MAX_CAPACITY: usize = 1 << 20;
 pub struct Encoder {
     peer: Arc<dyn PeerHoldings>,
     similar: Option<Arc<dyn SimilarChunks>>,
+    /// Groups formed on this edge's connections, for references in runs.
+    groups: Option<Arc<dyn GroupIndex>>,
+    /// Cuts this stream's block ids into groups (as the peer's decoder does).
+    cutter: GroupCutter,
+    /// The group the last FOLLOW or NEXT referred into: its name, its content and the
+    /// position of that reference.
+    follow: Option<(ChunkId, Bytes, usize)>,
     /// Look for deltas at all (sketch, lookup, remember: a few µs per new chunk).
     deltas: bool,
     /// Also try zstd deltas (costs two compressions per candidate chunk).
@@ -135,6 +149,9 @@ impl Encoder {
         Encoder {
             peer,
             similar: None,
+            groups: None,
+            cutter: GroupCutter::new(),
+            follow: None,
             deltas: true,
             thorough: true,
             words: true,
@@ -156,6 +173,22 @@ impl Encoder {
     pub fn with_deltas(mut self, similar: Arc<dyn SimilarChunks>) -> Self {
         self.similar = Some(similar);
         self
+    }
+
+    /// Cuts the stream's block ids into groups, remembered in `groups`, and sends a
+    /// run of references the peer saw before as one FOLLOW and one-byte NEXT frames
+    /// ([`crate::group`]).
+    #[must_use]
+    pub fn with_groups(mut self, groups: Arc<dyn GroupIndex>) -> Self {
+        self.groups = Some(groups);
+        self
+    }
+
+    /// Cuts groups with [`GroupCutter::with_modulus`] (tests: the peer's decoder must
+    /// do the same).
+    #[doc(hidden)]
+    pub fn set_group_modulus(&mut self, modulus: u8) {
+        self.cutter = GroupCutter::with_modulus(modulus);
     }
 
     /// Whether to also try zstd deltas (two compressions per chunk that has a similar
@@ -196,7 +229,9 @@ impl Encoder {
             Segment::Opaque(data) => self.handle_opaque(data, ledger),
             // Hashed once: the id names the chunk and, for deltas, vouches for the
             // bytes remembered as a future base.
-            Segment::Block(data) => self.handle_block(VerifiedChunk::from_local(data), ledger),
+            Segment::Block(data) => {
+                self.handle_block(VerifiedChunk::from_local(data), None, ledger)
+            }
         }
     }
 
@@ -215,13 +250,16 @@ impl Encoder {
                 Segment::Opaque(_) => None,
             })
             .collect();
-        let mut chunks = VerifiedChunk::from_local_all(&mut self.hasher, blocks).into_iter();
+        let mut chunks = VerifiedChunk::from_local_all(&mut self.hasher, blocks)
+            .into_iter()
+            .peekable();
         for segment in segments.drain(..) {
             match segment {
                 Segment::Opaque(data) => self.handle_opaque(data, ledger),
                 Segment::Block(_) => {
                     let chunk = chunks.next().expect("one chunk per block");
-                    self.handle_block(chunk, ledger);
+                    let next = chunks.peek().map(|c| *c.id());
+                    self.handle_block(chunk, next, ledger);
                 }
             }
         }
@@ -244,7 +282,24 @@ impl Encoder {
         }
     }
 
-    fn handle_block(&mut self, chunk: VerifiedChunk, ledger: &mut SendLedger) {
+    /// Encodes one block; `next` is the id of the block after it, when known.
+    fn handle_block(
+        &mut self,
+        chunk: VerifiedChunk,
+        next: Option<ChunkId>,
+        ledger: &mut SendLedger,
+    ) {
+        let id = *chunk.id();
+        self.encode_block(chunk, next, ledger);
+        self.cut(&id, ledger);
+    }
+
+    fn encode_block(
+        &mut self,
+        chunk: VerifiedChunk,
+        next: Option<ChunkId>,
+        ledger: &mut SendLedger,
+    ) {
         let id = *chunk.id();
         let data = chunk.data().clone();
         debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
@@ -254,13 +309,19 @@ impl Encoder {
             self.stats.refs += 1;
             self.stats.ref_bytes += data.len() as u64;
             ledger.pin(id, &data);
-            if holding == Holding::Recent {
+            // A member of a group sent moments ago is no risk in a run: the receiver
+            // holds a group only once it delivered every member (or waits for the
+            // group, FOLLOW's recent flag), so a NEXT it cannot resolve was evicted.
+            if self.group_ref(&id, next, ledger) {
+                self.stats.group_refs += 1;
+            } else if holding == Holding::Recent {
                 self.stats.refs_recent += 1;
                 Frame::RefRecent(id).encode(&mut self.batch);
             } else {
                 Frame::Ref(id).encode(&mut self.batch);
             }
         } else {
+            self.follow = None;
             // A table of words first: as differences it compresses better than as a
             // delta against a similar page (bench encode on four real guests: −0.4%),
             // and needs no delta search; it is still remembered as a base.
@@ -290,6 +351,79 @@ impl Encoder {
                 None => Frame::Chunk(data).encode(&mut self.batch),
             }
         }
+    }
+
+    /// Sends the reference to `id` (held by the peer) as a NEXT when it continues the
+    /// group followed, or as a FOLLOW when a group the peer holds has `id` followed by
+    /// `next` (unknown at the end of a read: assumed to continue). Returns whether it
+    /// did; otherwise the caller sends a REF.
+    fn group_ref(&mut self, id: &ChunkId, next: Option<ChunkId>, ledger: &mut SendLedger) -> bool {
+        let Some(groups) = self.groups.as_ref() else {
+            return false;
+        };
+        if let Some((name, content, pos)) = self.follow.as_mut() {
+            if group::id_at(content, *pos + 1).as_ref() == Some(id) {
+                *pos += 1;
+                // Pinned again (a count, no copy): a receiver that evicted the group
+                // since the FOLLOW needs it for this NEXT.
+                ledger.pin(*name, content);
+                Frame::Next.encode(&mut self.batch);
+                return true;
+            }
+        }
+        self.follow = None;
+        let Some((name, content, pos)) = groups.find(id) else {
+            return false;
+        };
+        let Ok(pos_byte) = u8::try_from(pos) else {
+            return false;
+        };
+        // A FOLLOW costs two bytes more than a REF: only where the run goes on.
+        let continues = match (group::id_at(&content, pos + 1), next) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(after), Some(next)) => after == next,
+        };
+        if !continues || group::id_at(&content, pos).as_ref() != Some(id) {
+            return false;
+        }
+        let holding = self.peer.peek(&name);
+        if !holding.is_held() {
+            return false;
+        }
+        // Pinned like a reference: a peer that evicted the group asks for it.
+        ledger.pin(name, &content);
+        Frame::Follow {
+            recent: holding == Holding::Recent,
+            group: name,
+            pos: pos_byte,
+        }
+        .encode(&mut self.batch);
+        self.stats.follows += 1;
+        self.follow = Some((name, content, pos));
+        true
+    }
+
+    /// Adds `id` to the stream's groups; a group it completes is remembered, and the
+    /// peer, whose decoder cuts the same groups and stores them, is believed to hold
+    /// it.
+    fn cut(&mut self, id: &ChunkId, ledger: &mut SendLedger) {
+        let Some(groups) = self.groups.as_ref() else {
+            return;
+        };
+        let Some(group) = self.cutter.push(id) else {
+            return;
+        };
+        let name = *group.id();
+        if !self
+            .peer
+            .check_and_mark(&name, group.data().len())
+            .is_held()
+        {
+            // As for a chunk sent whole: forgotten if the connection fails first.
+            ledger.carry(name);
+        }
+        groups.remember(group);
     }
 
     /// Remembers a chunk sent whole as a future delta base (what [`Self::try_delta`]

@@ -59,6 +59,15 @@ pub enum SessionError {
     /// A frame that does not belong where it came.
     #[error("unexpected {0} frame")]
     Unexpected(&'static str),
+    /// A FOLLOW or NEXT naming a position its group does not have (or a "group"
+    /// whose content is not a whole number of ids).
+    #[error("peer referred to position {pos} of a group of {len} bytes")]
+    BadGroup {
+        /// The position.
+        pos: usize,
+        /// The group's content length.
+        len: usize,
+    },
     /// A DELTA whose patch does not describe edits of its base.
     #[error("peer sent a malformed delta: {0}")]
     BadPatch(#[from] crate::delta::PatchError),
