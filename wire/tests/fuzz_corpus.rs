@@ -282,6 +282,12 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             id: ChunkId::of(b"target"),
             patch: Bytes::from_static(&[0, 2, 7, 7, 100, 1, 9]),
         },
+        Frame::Follow {
+            recent: true,
+            group: id,
+            pos: 3,
+        },
+        Frame::Next,
         Frame::Miss(id),
         Frame::Fill {
             id,
@@ -304,6 +310,14 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Ref(id),
+        Frame::Follow {
+            recent: false,
+            group: id,
+            pos: 0,
+        },
+        Frame::Next,
+        Frame::Literal(Bytes::from_static(b"page header")),
+        Frame::Next,
     ];
     let encoder_tables = encoder_output(
         &[tabley(512, 1, 0x9000), tabley(512, 8, 0x77)].concat(),
@@ -394,6 +408,15 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             with_header(&[1, 0], &[0x0d, 0x41, 0x08, 1, 2, 3, 4, 5, 6, 7, 8]),
         ),
         ("encoder-tables", with_header(&[3, 21], &encoder_tables)),
+        // FOLLOW with an unknown flag bit, and cut short.
+        (
+            "follow-bad-flags",
+            with_header(&[0, 0], &[&[0x0e, 0x02][..], &[7; 33]].concat()),
+        ),
+        (
+            "follow-truncated",
+            with_header(&[1, 0], &[&[0x0e, 0x00][..], &[7; 20]].concat()),
+        ),
     ]
 }
 
@@ -548,6 +571,34 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Literal(Bytes::from_static(b"late")),
         Frame::Reset("bye".into()),
     ]);
+    // A run of references into a group of four known blocks: the group itself is
+    // missing (MISS), then filled; the last NEXT goes past its end (an error).
+    let content: Vec<u8> = ids.iter().flat_map(|i| i.0).collect();
+    let group = ChunkId::of(&content);
+    let runs = enc(&[
+        Frame::Follow {
+            recent: false,
+            group,
+            pos: 0,
+        },
+        Frame::Literal(Bytes::from_static(b"hdr")),
+        Frame::Next,
+        Frame::Next,
+        Frame::Fill {
+            id: group,
+            data: Bytes::from(content.clone()),
+        },
+        Frame::Next,
+        Frame::Follow {
+            recent: true,
+            group,
+            pos: 2,
+        },
+        Frame::Next,
+        Frame::Next,
+        Frame::End,
+    ]);
+    let next_alone = enc(&[Frame::Next, Frame::End]);
     let many_waits = enc(&(0..40)
         .map(|i| Frame::Ref(ChunkId::of(&[i])))
         .collect::<Vec<_>>());
@@ -570,6 +621,12 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             with_header(&[3, 17, 0x43 | 0x08 | 0x30], &batched),
         ),
         ("corrupt", with_header(&[0, 0, 0x33], &corrupt)),
+        ("runs", with_header(&[0, 0, 0x03 | 0x30], &runs)),
+        ("runs-tiny-store", with_header(&[1, 3, 0x01 | 0x30], &runs)),
+        (
+            "next-without-follow",
+            with_header(&[0, 0, 0x30], &next_alone),
+        ),
         ("bad-ledger", with_header(&[0, 0, 0x30], &bad_ledger)),
         ("data-after-end", with_header(&[0, 0, 0x30], &after_end)),
         (

@@ -12,8 +12,8 @@ use wire::session::{
     EncoderStats, SendLedger,
 };
 use wire::{
-    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder, Holding,
-    PeerHoldings, Segmenter, SimilarChunks, VerifiedChunk,
+    segment::default_segmenter, ChunkId, ChunkParams, ContentStore, Frame, FrameDecoder,
+    GroupIndex, Holding, PeerHoldings, Segmenter, SimilarChunks, VerifiedChunk,
 };
 
 /// A FIFO store bounded in bytes (0 = stores nothing), with optional forced evictions.
@@ -93,6 +93,8 @@ impl PeerHoldings for Optimist {
     }
 }
 
+/// Remembers every group of block ids formed, without bound.
+use wire::fuzzing::MemGroups as Groups;
 /// Remembers every chunk sent, by feature, without bound.
 use wire::fuzzing::MemSimilar as Similar;
 
@@ -178,6 +180,15 @@ impl Conn {
         if let Some(b) = batch {
             self.wire.extend_from_slice(&b);
         }
+    }
+
+    /// Sends runs of references through `groups`, cutting groups after ids whose last
+    /// byte is a multiple of `modulus` at both ends (small for test-sized streams).
+    fn with_groups(mut self, groups: Arc<dyn GroupIndex>, modulus: u8) -> Self {
+        self.enc = self.enc.with_groups(groups);
+        self.enc.set_group_modulus(modulus);
+        self.dec.set_group_modulus(modulus);
+        self
     }
 
     /// Compresses taken batches with a compressor of the driver's from now on.
@@ -389,24 +400,27 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Runs the connections to completion, checks each rebuilt its input exactly, and
-/// returns how many chunks went as word differences.
+/// returns how many chunks went as word differences and how many references in runs.
 fn run(
     inputs: Vec<Vec<u8>>,
     store_cap: usize,
     mode: CompressMode,
     ops: Vec<Op>,
     recent: u64,
-) -> u64 {
+) -> (u64, u64) {
     let store = Arc::new(TinyStore::new(store_cap));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), recent));
     let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let groups: Arc<dyn GroupIndex> = Arc::new(Groups::default());
     // Every other connection compresses as the edge does: batches taken raw and
-    // compressed by a separate compressor.
+    // compressed by a separate compressor. Groups are short (~4 ids) so that runs
+    // of references, and their groups' evictions, happen in test-sized streams.
     let mut conns: Vec<Conn> = inputs
         .into_iter()
         .enumerate()
         .map(|(k, i)| {
-            let c = Conn::new(i, store.clone(), peer.clone(), similar.clone(), mode);
+            let c = Conn::new(i, store.clone(), peer.clone(), similar.clone(), mode)
+                .with_groups(groups.clone(), 2);
             if k % 2 == 1 {
                 c.with_own_compressor(mode)
             } else {
@@ -453,19 +467,24 @@ fn run(
         assert!(c.done(), "connection did not finish");
         c.check_finished();
     }
-    conns.iter().map(|c| c.stats().word_chunks).sum()
+    let stats: Vec<EncoderStats> = conns.iter().map(Conn::stats).collect();
+    (
+        stats.iter().map(|s| s.word_chunks).sum(),
+        stats.iter().map(|s| s.group_refs).sum(),
+    )
 }
 
 #[test]
-fn the_property_workload_holds_word_tables() {
-    // The generator above must exercise WORDS frames, or the properties would not
-    // cover them.
+fn the_property_workload_holds_word_tables_and_runs() {
+    // The generator above must exercise WORDS, FOLLOW and NEXT frames, or the
+    // properties would not cover them.
     let p = pool(11);
     let inputs = (0..3)
         .map(|i| workload(11 ^ (i + 1), 120_000, &p))
         .collect();
-    let words = run(inputs, 1 << 30, CompressMode::Always, Vec::new(), 0);
+    let (words, runs) = run(inputs, 1 << 30, CompressMode::Always, Vec::new(), 0);
     assert!(words >= 20, "{words} chunks as word differences");
+    assert!(runs >= 20, "{runs} references in runs");
 }
 
 proptest! {
@@ -543,6 +562,80 @@ fn repeated_content_becomes_references() {
         "second copy is small on the wire: {s2:?}"
     );
     assert_eq!(c2.dec.stats().misses, 0);
+}
+
+/// Two connections sending the same content, the second after the first finished,
+/// with groups of ~8 ids; `evict` empties the receiver's store in between. Returns
+/// the second connection's counters and the wire bytes it took.
+fn send_twice_in_runs(evict: bool, groups: bool) -> (EncoderStats, DecoderStats) {
+    let p = pool(3);
+    let a = workload(17, 600_000, &p);
+    let store = Arc::new(TinyStore::new(1 << 30));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let index: Arc<dyn GroupIndex> = Arc::new(Groups::default());
+    let conn = |input: Vec<u8>| {
+        let c = Conn::new(
+            input,
+            store.clone(),
+            peer.clone(),
+            similar.clone(),
+            CompressMode::Off,
+        );
+        if groups {
+            c.with_groups(index.clone(), 8)
+        } else {
+            c
+        }
+    };
+    let (mut c1, mut c2) = (conn(a.clone()), conn(a));
+    for (k, c) in [&mut c1, &mut c2].into_iter().enumerate() {
+        if k == 1 && evict {
+            store.evict_all();
+        }
+        while !c.done() {
+            c.send_step(65536, false, false);
+            c.recv_step(1 << 20);
+            c.control_step();
+        }
+        c.check_finished();
+    }
+    (c2.enc.stats(), c2.dec.stats().clone())
+}
+
+#[test]
+fn repeated_runs_cross_as_next_frames() {
+    let (plain, _) = send_twice_in_runs(false, false);
+    let (runs, dec) = send_twice_in_runs(false, true);
+    assert_eq!(plain.group_refs, 0);
+    assert_eq!(plain.refs, runs.refs, "the same references either way");
+    assert!(runs.refs > 100, "{runs:?}");
+    // Nearly every reference inside a run, a FOLLOW opening each.
+    assert!(
+        runs.group_refs * 10 > runs.refs * 9,
+        "references in runs: {runs:?}"
+    );
+    assert!(runs.follows * 4 < runs.group_refs, "{runs:?}");
+    assert_eq!(dec.group_refs, runs.group_refs);
+    assert_eq!(dec.misses, 0);
+    // What the references cost: 33 bytes each, against ~1 plus a FOLLOW per run.
+    let saved = plain.compression.wire_bytes - runs.compression.wire_bytes;
+    assert!(
+        saved > (runs.group_refs - runs.follows) * 30,
+        "saved {saved} B: {plain:?} / {runs:?}"
+    );
+}
+
+#[test]
+fn a_group_the_receiver_lost_is_asked_for_and_filled() {
+    let (runs, dec) = send_twice_in_runs(true, true);
+    assert!(runs.group_refs > 100, "{runs:?}");
+    // Every group and chunk was evicted: the FOLLOWs' groups and every member
+    // went as MISS / FILL round trips, and the bytes still arrived exactly
+    // (`check_finished`).
+    assert!(dec.misses > runs.follows, "{dec:?} / {runs:?}");
+    assert_eq!(dec.fills, dec.misses);
+    assert_eq!(dec.group_refs, runs.group_refs);
 }
 
 #[test]
