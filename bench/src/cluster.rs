@@ -579,11 +579,12 @@ fn run_scenario(
     if let Some(c) = &edge_counters {
         let n = |k: &str| c[k].as_u64().unwrap_or(0);
         eprintln!(
-            "  edge A sent: {} new chunks ({} B), {} refs ({} recent), {} deltas ({} B of patches, {} zstd), {} word chunks, {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed",
+            "  edge A sent: {} new chunks ({} B), {} refs ({} recent, {} in runs), {} deltas ({} B of patches, {} zstd), {} word chunks, {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed",
             n("chunks_sent"),
             n("chunk_bytes"),
             n("refs_sent"),
             n("refs_recent_sent"),
+            n("group_refs_sent"),
             n("deltas_sent"),
             n("delta_patch_bytes"),
             n("zstd_deltas_sent"),

@@ -55,6 +55,11 @@ const READ_CAP: usize = 256 * 1024;
 const SMALL_READ: usize = 16 * 1024;
 /// Encoded bytes gathered before a batch goes to the writer while bulk data flows.
 const BATCH_TARGET: usize = 256 * 1024;
+/// ...or once it stands for this many bytes of the local stream: a run of references
+/// costs a byte or two per 4 KiB page, and a batch grown to `BATCH_TARGET` of those
+/// would stand for more than the flow-control window (the uplink then waited for an
+/// ACK of bytes it had not sent). ACKs also come sooner for smaller spans.
+const BATCH_LOGICAL_TARGET: u64 = 16 << 20;
 /// A burst shorter than this that ends with the socket drained is an interactive
 /// message (a return-path reply, an NBD reply): flush it at once for latency.
 const SMALL_BURST: usize = 16 * 1024;
@@ -430,10 +435,17 @@ async fn uplink(
     let fail = |e| shared.fail(e, &ctrl_tx);
     let mut eof = false;
     while !eof {
-        // Flow control: the ledger pins every reference until acknowledged.
+        // Flow control: the ledger pins every reference until acknowledged. What is
+        // encoded but not yet sent counts as in flight too: it is sent first, or the
+        // wait would be for an ACK of bytes the peer never got.
         let wait_start = Instant::now();
+        let (mut counted, mut must_flush) = (false, false);
         loop {
             if shared.ledger().in_flight() <= ctx.window {
+                break;
+            }
+            if !buf.is_empty() || enc.batch_len() > 0 {
+                must_flush = true;
                 break;
             }
             tokio::select! {
@@ -448,8 +460,7 @@ async fn uplink(
         // 1 GiB. Refused, the connection sends what it has and waits for its own
         // writer, which needs nothing from other connections: every connection always
         // keeps its base, so none can starve another.
-        let (mut counted, mut must_flush) = (false, false);
-        loop {
+        while !must_flush {
             let held = shared
                 .lan_in
                 .load(Relaxed)
@@ -532,7 +543,7 @@ async fn uplink(
         // frame over more neighbouring chunks compresses better and costs fewer
         // writes. Idle input (the 1 ms flush above), small messages and the end send
         // at once.
-        if !flush && enc.batch_len() < BATCH_TARGET {
+        if !flush && enc.batch_len() < BATCH_TARGET && enc.batch_logical() < BATCH_LOGICAL_TARGET {
             continue;
         }
         let (encoding, every_try) = {

@@ -2,7 +2,8 @@
 
 use clap::Parser;
 use proxy::config::{
-    DEFAULT_DELTA_MEM, DEFAULT_READ_AHEAD_MEM, DEFAULT_SEND_AHEAD_MEM, DEFAULT_STREAM_MEM,
+    DEFAULT_DELTA_MEM, DEFAULT_GROUP_MEM, DEFAULT_READ_AHEAD_MEM, DEFAULT_SEND_AHEAD_MEM,
+    DEFAULT_STREAM_MEM,
 };
 
 #[derive(Parser)]
@@ -82,19 +83,21 @@ fn flags_override_the_file_and_tables_work() {
             cfg.stream_bytes,
             cfg.delta_bytes,
             cfg.read_ahead_bytes,
-            cfg.send_ahead_bytes
+            cfg.send_ahead_bytes,
+            cfg.group_bytes
         ),
         (
             DEFAULT_STREAM_MEM,
             DEFAULT_DELTA_MEM,
             DEFAULT_READ_AHEAD_MEM,
-            DEFAULT_SEND_AHEAD_MEM
+            DEFAULT_SEND_AHEAD_MEM,
+            DEFAULT_GROUP_MEM
         )
     );
     let budgets = dir.join("budgets.toml");
     std::fs::write(
         &budgets,
-        "tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\nread_ahead_mem = \"8MiB\"\nsend_ahead_mem = \"2MiB\"\n",
+        "tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\nread_ahead_mem = \"8MiB\"\nsend_ahead_mem = \"2MiB\"\ngroup_mem = \"1MiB\"\n",
     )
     .unwrap();
     let from_file = |extra: &[&str]| {
@@ -105,9 +108,10 @@ fn flags_override_the_file_and_tables_work() {
             c.delta_bytes,
             c.read_ahead_bytes,
             c.send_ahead_bytes,
+            c.group_bytes,
         )
     };
-    assert_eq!(from_file(&[]), (64 << 20, 0, 8 << 20, 2 << 20));
+    assert_eq!(from_file(&[]), (64 << 20, 0, 8 << 20, 2 << 20, 1 << 20));
     assert_eq!(
         from_file(&[
             "--stream-mem",
@@ -115,9 +119,11 @@ fn flags_override_the_file_and_tables_work() {
             "--read-ahead-mem",
             "1MiB",
             "--send-ahead-mem",
+            "0",
+            "--group-mem",
             "0"
         ]),
-        (0, 0, 1 << 20, 0)
+        (0, 0, 1 << 20, 0, 0)
     );
     // Transparent listeners: short form, table, and a flag replacing the file's.
     let transparent = |name: &str, text: &str, extra: &[&str]| {

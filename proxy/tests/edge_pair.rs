@@ -1565,3 +1565,54 @@ async fn connections_sharing_chunks_complete_within_their_send_ahead_base() {
     );
     assert_eq!(b.counter("connections_failed"), 0, "{}", b.log());
 }
+
+/// A connection whose content the peer already holds, in runs, encodes megabytes of
+/// its stream into a few hundred bytes of FOLLOW / NEXT frames. With a window smaller
+/// than what one batch stands for, the uplink used to wait for an ACK of bytes still
+/// in its unsent batch (the stall this test catches: the second connection never
+/// finished); now it sends what it holds before it waits, and cuts batches at 16 MiB
+/// of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_smaller_than_a_batch_of_references_does_not_stall() {
+    let ExchangePair {
+        _dir,
+        a,
+        b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair(
+        "runs-window",
+        33,
+        |_| Vec::new(),
+        &[s("--window"), s("1MiB")],
+        &[],
+    )
+    .await;
+    // Pages (4 KiB blocks of an unknown stream are cut by content, so whole random
+    // buffers repeat as the same runs of chunks).
+    let body = random_bytes(33, 24 << 20);
+    for id in 0..2u64 {
+        let data = with_id(id, &body);
+        let back = tokio::time::timeout(Duration::from_secs(60), exchange(fwd, data))
+            .await
+            .expect("the connection finished in time")
+            .expect("exchange");
+        assert!(back.is_empty());
+    }
+    let request = |id| with_id(id, &body);
+    expect_requests(&mut received, 0..2, request).await;
+    let sa = a.wait_for("2 completed connections", |c| {
+        c["connections_completed"] == 2
+    });
+    let ca = &sa["counters"];
+    assert_eq!(ca["connections_failed"], 0, "{ca}");
+    let (refs, runs) = (
+        ca["refs_sent"].as_u64().unwrap(),
+        ca["group_refs_sent"].as_u64().unwrap(),
+    );
+    assert!(refs > 4000, "the second copy went as references: {ca}");
+    assert!(runs * 10 > refs * 9, "most references went in runs: {ca}");
+    let sb = b.wait_for("runs resolved", |c| c["group_refs_resolved"] == runs);
+    assert_eq!(sb["counters"]["misses_sent"], 0, "{}", b.log());
+}

@@ -129,6 +129,8 @@ pub struct Encoder {
     /// Literal and chunk bytes in `batch`: what compression can act on (references
     /// and frame headers are random or tiny).
     batch_payload: usize,
+    /// Logical bytes (of the local stream) the frames in `batch` stand for.
+    batch_logical: u64,
     end: bool,
     end_sent: bool,
     stats: EncoderStats,
@@ -161,6 +163,7 @@ impl Encoder {
             batch: BytesMut::new(),
             next_batch_capacity: BATCH_MIN_CAPACITY,
             batch_payload: 0,
+            batch_logical: 0,
             end: false,
             end_sent: false,
             stats: EncoderStats::default(),
@@ -276,6 +279,7 @@ impl Encoder {
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(MAX_LITERAL));
             ledger.advance(piece.len());
+            self.batch_logical += piece.len() as u64;
             self.stats.literal_bytes += piece.len() as u64;
             self.batch_payload += piece.len();
             Frame::Literal(piece).encode(&mut self.batch);
@@ -304,6 +308,7 @@ impl Encoder {
         let data = chunk.data().clone();
         debug_assert!(!data.is_empty() && data.len() <= frame::MAX_CHUNK);
         ledger.advance(data.len());
+        self.batch_logical += data.len() as u64;
         let holding = self.peer.check_and_mark(&id, data.len());
         if holding.is_held() {
             self.stats.refs += 1;
@@ -512,6 +517,13 @@ impl Encoder {
         self.batch.len()
     }
 
+    /// Logical bytes of the local stream the frames waiting in the batch stand for:
+    /// a batch of references is small on the wire but may stand for far more than
+    /// the flow-control window.
+    pub fn batch_logical(&self) -> u64 {
+        self.batch_logical
+    }
+
     /// Whether END has been handed out.
     pub fn is_finished(&self) -> bool {
         self.end_sent
@@ -546,6 +558,7 @@ impl Encoder {
         };
         let end = self.end && !self.end_sent;
         self.end_sent |= end;
+        self.batch_logical = 0;
         Some(RawBatch {
             frames,
             payload: std::mem::take(&mut self.batch_payload),
