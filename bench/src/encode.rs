@@ -116,6 +116,7 @@ fn encode_image(
         compress: CompressMode::Always,
         level: a.level,
     };
+    let peer_for_ledger = peer.clone();
     let mut enc = Encoder::new(peer, config);
     if let Some(similar) = similar {
         enc = enc.with_deltas(similar);
@@ -128,7 +129,7 @@ fn encode_image(
         enc.set_thorough(false);
     }
     enc.set_words(!a.no_words);
-    let mut ledger = SendLedger::new();
+    let mut ledger = SendLedger::new().confirming(peer_for_ledger);
     let mut wire = 0usize;
     let mut segments = Vec::new();
     for (n, page) in image.chunks(PAGE).enumerate() {

@@ -92,6 +92,11 @@ impl GroupIndex for GroupMap {
 
     fn remember(&self, group: VerifiedChunk) {
         let name = *group.id();
+        // A group formed again (a later VM repeating a run) is already mapped: its
+        // members are refreshed when found, not here (64 map updates per group).
+        if self.contents.contains(&name) {
+            return;
+        }
         for (pos, member) in wire::group::ids(group.data()).enumerate() {
             let Ok(pos) = u16::try_from(pos) else { break };
             self.shard(&member).lock().put(member, (name, pos));

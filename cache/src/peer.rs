@@ -30,6 +30,9 @@ struct Mark {
     /// wrapped old entry then only looks recent, which costs a short wait, never a
     /// wrong byte).
     at_ms: u32,
+    /// The peer acknowledged the bytes that carried it: it stored it (unless it
+    /// evicted it since).
+    confirmed: bool,
 }
 
 impl DataLen for Mark {
@@ -164,7 +167,11 @@ impl PeerHoldings for PeerIndex {
         let len = u32::try_from(len).unwrap_or(u32::MAX);
         // Truncation is the documented wrap of `Mark::at_ms`.
         let now_ms = self.created.elapsed().as_millis() as u32;
-        let mark = Mark { len, at_ms: now_ms };
+        let mark = Mark {
+            len,
+            at_ms: now_ms,
+            confirmed: false,
+        };
         // Check and insert under one shard lock, so two connections racing on the same
         // id cannot both see "absent" and "present" inconsistently: exactly one of them
         // marks it.
@@ -196,6 +203,14 @@ impl PeerHoldings for PeerIndex {
     fn forget(&self, id: &ChunkId) {
         self.forgets.fetch_add(1, Relaxed);
         self.map.remove(id);
+    }
+
+    fn confirm(&self, id: &ChunkId) {
+        self.map.update_with(id, |m| m.confirmed = true);
+    }
+
+    fn confirmed(&self, id: &ChunkId) -> bool {
+        self.map.get_with(id, |m| m.confirmed).unwrap_or(false)
     }
 
     fn peek(&self, id: &ChunkId) -> Holding {

@@ -139,6 +139,21 @@ impl<V: DataLen> Sharded<V> {
         self.shard(id).lock().lru.get(id).map(f)
     }
 
+    /// Runs `f` on the value of `id` to change it in place (its charge must not
+    /// change), marking it most recently used.
+    pub(crate) fn update_with<R>(&self, id: &ChunkId, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+        let mut shard = self.shard(id).lock();
+        let value = shard.lru.get_mut(id)?;
+        let before = value.data_len();
+        let r = f(value);
+        debug_assert_eq!(
+            value.data_len(),
+            before,
+            "an update changed an entry's charge"
+        );
+        Some(r)
+    }
+
     /// Whether `id` is present, without touching its recency.
     pub(crate) fn contains(&self, id: &ChunkId) -> bool {
         self.shard(id).lock().lru.contains(id)

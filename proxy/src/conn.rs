@@ -290,7 +290,9 @@ where
 {
     let (mut tr, mut tw) = tokio::io::split(tunnel);
     let shared = Shared {
-        ledger: Mutex::new(SendLedger::new()),
+        // Acknowledged chunks and groups become known stored: runs of references
+        // follow only such groups.
+        ledger: Mutex::new(SendLedger::new().confirming(ctx.peer.clone())),
         acked: Notify::new(),
         uplink_finished: Notify::new(),
         uplink_done: AtomicBool::new(false),

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use serde::Serialize;
 use wire::segment::{detecting_segmenter, Segment};
 use wire::session::{CompressMode, CompressPolicy, Encoder, EncoderConfig, SendLedger};
-use wire::{ChunkId, ChunkParams, Holding, PeerHoldings};
+use wire::{ChunkId, ChunkParams, GroupIndex, Holding, PeerHoldings};
 
 /// Input bytes per encoder batch: what one read burst of the edge holds.
 const BATCH: usize = 256 * 1024;
@@ -69,6 +69,8 @@ pub struct FileReport {
 }
 
 /// A peer that keeps everything: the model of an edge whose store fits the cluster.
+/// Everything is acknowledged as soon as it is encoded, so every id it holds is
+/// confirmed (runs of references follow any group formed before).
 #[derive(Default)]
 struct HoldsAll(Mutex<HashSet<ChunkId>>);
 
@@ -82,6 +84,12 @@ impl PeerHoldings for HoldsAll {
     }
     fn forget(&self, id: &ChunkId) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+    fn confirmed(&self, id: &ChunkId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 }
 
@@ -129,6 +137,9 @@ impl IdealCounter {
 /// A file that cannot be read.
 pub fn inspect(args: &InspectArgs, progress: bool) -> anyhow::Result<Vec<FileReport>> {
     let peer: Arc<HoldsAll> = Arc::new(HoldsAll::default());
+    // As an edge with the default budget: runs of references across the files.
+    let groups: Arc<dyn GroupIndex> =
+        Arc::new(cache::GroupMap::new(crate::config::DEFAULT_GROUP_MEM));
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let total: u64 = args
         .files
@@ -165,7 +176,8 @@ pub fn inspect(args: &InspectArgs, progress: bool) -> anyhow::Result<Vec<FileRep
                 compress: args.compress,
                 level: 1,
             },
-        );
+        )
+        .with_groups(groups.clone());
         let mut ledger = SendLedger::new();
         let mut ideal = IdealCounter::new(args.compress != CompressMode::Off)?;
         let mut rep = FileReport {

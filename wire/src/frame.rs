@@ -19,7 +19,7 @@
 //! | `0x0b` | DELTA | flags (bit 0: base sent moments ago, bit 1: zstd payload), 32-byte base id, 32-byte id, varint len, len bytes of payload ([`crate::delta`]) |
 //! | `0x0c` | ZSTREAM | flags (bit 0: fresh context), varint raw len, varint zstd len, one flushed piece of the direction's zstd stream ([`crate::zstream`]) holding data frames |
 //! | `0x0d` | WORDS | u8 stride (1..=64), varint len, len bytes: a CHUNK sent as the word differences of its bytes ([`crate::words`]) |
-//! | `0x0e` | FOLLOW | flags (bit 0: group formed moments ago), 32-byte group id, u8 position: a REF of the group's id at that position ([`crate::group`]) |
+//! | `0x0e` | FOLLOW | 32-byte group id, u8 position: a REF of the group's id at that position ([`crate::group`]) |
 //! | `0x0f` | NEXT | — (a REF of the followed group's next id) |
 //!
 //! LITERAL, CHUNK, WORDS, REF, REF_RECENT, DELTA, FOLLOW and NEXT are *data* frames: their order is the order of the bytes they
@@ -104,9 +104,6 @@ pub enum Frame {
     /// after it stands for the group's next id. A group the receiver lacks is asked
     /// for with [`Frame::Miss`] like a chunk.
     Follow {
-        /// The group was formed moments ago and may still be on its way into the
-        /// receiver's store (as for [`Frame::RefRecent`]): wait for it before asking.
-        recent: bool,
         /// BLAKE3 of the group's content.
         group: ChunkId,
         /// Position of the chunk in the group, 0-based.
@@ -191,10 +188,9 @@ impl Frame {
                 varint::put(dst, patch.len() as u64);
                 dst.put_slice(patch);
             }
-            Frame::Follow { recent, group, pos } => {
-                dst.reserve(3 + CHUNK_ID_LEN);
+            Frame::Follow { group, pos } => {
+                dst.reserve(2 + CHUNK_ID_LEN);
                 dst.put_u8(T_FOLLOW);
-                dst.put_u8(u8::from(*recent));
                 dst.put_slice(group.as_bytes());
                 dst.put_u8(*pos);
             }
@@ -233,7 +229,7 @@ impl Frame {
                 2 + 2 * CHUNK_ID_LEN + varint::len(patch.len() as u64) + patch.len()
             }
             Frame::Ack(o) => 1 + varint::len(*o),
-            Frame::Follow { .. } => 3 + CHUNK_ID_LEN,
+            Frame::Follow { .. } => 2 + CHUNK_ID_LEN,
             Frame::End | Frame::Next => 1,
             Frame::Reset(r) => {
                 let n = r.len().min(MAX_REASON);
@@ -550,15 +546,7 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
                 .transpose()?
         }
         T_REF | T_REF_RECENT | T_MISS => Some((1, CHUNK_ID_LEN, ty)),
-        T_FOLLOW => {
-            let Some(&flags) = rest.first() else {
-                return Ok(None);
-            };
-            if flags > 1 {
-                return Err(FrameError::BadFlags(flags));
-            }
-            Some((1, 2 + CHUNK_ID_LEN, ty))
-        }
+        T_FOLLOW => Some((1, 1 + CHUNK_ID_LEN, ty)),
         T_NEXT => Some((1, 0, ty)),
         T_ACK => get_varint(rest, "ACK")?.map(|(_, l)| (1, l, ty)),
         T_END => Some((1, 0, ty)),
@@ -643,10 +631,8 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
             }
         }
         T_FOLLOW => {
-            let recent = body.get_u8() & 1 != 0;
             let group = take_id(&mut body);
             Frame::Follow {
-                recent,
                 group,
                 pos: body.get_u8(),
             }

@@ -163,11 +163,19 @@ impl ContentStore for MemStore {
 /// Believes the peer holds every chunk it was ever sent (until told otherwise), so
 /// store evictions on the receiving side turn into misses.
 #[derive(Debug, Default)]
-struct Optimist(Mutex<HashSet<ChunkId>>);
+struct Optimist {
+    marked: Mutex<HashSet<ChunkId>>,
+    /// Marked and acknowledged (a forgotten id leaves both).
+    confirmed: Mutex<HashSet<ChunkId>>,
+}
 
 impl Optimist {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<ChunkId>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.marked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_confirmed(&self) -> std::sync::MutexGuard<'_, HashSet<ChunkId>> {
+        self.confirmed.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -186,6 +194,17 @@ impl PeerHoldings for Optimist {
 
     fn forget(&self, id: &ChunkId) {
         self.lock().remove(id);
+        self.lock_confirmed().remove(id);
+    }
+
+    fn confirm(&self, id: &ChunkId) {
+        if self.lock().contains(id) {
+            self.lock_confirmed().insert(*id);
+        }
+    }
+
+    fn confirmed(&self, id: &ChunkId) -> bool {
+        self.lock_confirmed().contains(id)
     }
 
     fn peek(&self, id: &ChunkId) -> Holding {
@@ -922,7 +941,7 @@ pub fn tunnel_roundtrip(data: &[u8]) {
         enc: Encoder::new(peer.clone(), EncoderConfig { compress, level: 1 })
             .with_deltas(Arc::new(MemSimilar::default()))
             .with_groups(Arc::new(MemGroups::default())),
-        ledger: SendLedger::new(),
+        ledger: SendLedger::new().confirming(peer.clone()),
         peer,
         wire: BytesMut::new(),
         carry: BytesMut::new(),

@@ -54,6 +54,14 @@ pub trait PeerHoldings: Send + Sync {
     fn check_and_mark(&self, id: &ChunkId, len: usize) -> Holding;
     /// Forgets `id` (the peer asked for it: it no longer holds it).
     fn forget(&self, id: &ChunkId);
+    /// The peer acknowledged the bytes that carried `id` whole (or, for a group,
+    /// its last block): it has stored it. The default records nothing.
+    fn confirm(&self, _id: &ChunkId) {}
+    /// Whether `id` was confirmed ([`PeerHoldings::confirm`]) and is still believed
+    /// held. The default believes nothing, which turns runs of references off.
+    fn confirmed(&self, _id: &ChunkId) -> bool {
+        false
+    }
     /// What is believed about `id`, without marking anything (a delta's base must be
     /// held already). The default believes nothing, which turns deltas off.
     fn peek(&self, _id: &ChunkId) -> Holding {

@@ -282,11 +282,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             id: ChunkId::of(b"target"),
             patch: Bytes::from_static(&[0, 2, 7, 7, 100, 1, 9]),
         },
-        Frame::Follow {
-            recent: true,
-            group: id,
-            pos: 3,
-        },
+        Frame::Follow { group: id, pos: 3 },
         Frame::Next,
         Frame::Miss(id),
         Frame::Fill {
@@ -310,11 +306,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Ref(id),
-        Frame::Follow {
-            recent: false,
-            group: id,
-            pos: 0,
-        },
+        Frame::Follow { group: id, pos: 0 },
         Frame::Next,
         Frame::Literal(Bytes::from_static(b"page header")),
         Frame::Next,
@@ -408,14 +400,10 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             with_header(&[1, 0], &[0x0d, 0x41, 0x08, 1, 2, 3, 4, 5, 6, 7, 8]),
         ),
         ("encoder-tables", with_header(&[3, 21], &encoder_tables)),
-        // FOLLOW with an unknown flag bit, and cut short.
-        (
-            "follow-bad-flags",
-            with_header(&[0, 0], &[&[0x0e, 0x02][..], &[7; 33]].concat()),
-        ),
+        // FOLLOW cut short.
         (
             "follow-truncated",
-            with_header(&[1, 0], &[&[0x0e, 0x00][..], &[7; 20]].concat()),
+            with_header(&[1, 0], &[&[0x0e][..], &[7; 20]].concat()),
         ),
     ]
 }
@@ -576,11 +564,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let content: Vec<u8> = ids.iter().flat_map(|i| i.0).collect();
     let group = ChunkId::of(&content);
     let runs = enc(&[
-        Frame::Follow {
-            recent: false,
-            group,
-            pos: 0,
-        },
+        Frame::Follow { group, pos: 0 },
         Frame::Literal(Bytes::from_static(b"hdr")),
         Frame::Next,
         Frame::Next,
@@ -589,11 +573,7 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             data: Bytes::from(content.clone()),
         },
         Frame::Next,
-        Frame::Follow {
-            recent: true,
-            group,
-            pos: 2,
-        },
+        Frame::Follow { group, pos: 2 },
         Frame::Next,
         Frame::Next,
         Frame::End,

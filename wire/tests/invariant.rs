@@ -83,6 +83,15 @@ impl PeerHoldings for Optimist {
     fn forget(&self, id: &ChunkId) {
         self.0.lock().unwrap().0.remove(id);
     }
+    // A confirmed id is kept as marked at tick 0: never recent again.
+    fn confirm(&self, id: &ChunkId) {
+        if let Some(at) = self.0.lock().unwrap().0.get_mut(id) {
+            *at = 0;
+        }
+    }
+    fn confirmed(&self, id: &ChunkId) -> bool {
+        self.0.lock().unwrap().0.get(id) == Some(&0)
+    }
     fn peek(&self, id: &ChunkId) -> Holding {
         let g = self.0.lock().unwrap();
         match g.0.get(id) {
@@ -136,7 +145,7 @@ impl Conn {
                 max: 4096,
             }),
             enc: Encoder::new(
-                peer,
+                peer.clone(),
                 EncoderConfig {
                     compress: mode,
                     level: 1,
@@ -144,7 +153,7 @@ impl Conn {
             )
             .with_deltas(similar),
             compressor: None,
-            ledger: SendLedger::new(),
+            ledger: SendLedger::new().confirming(peer.clone()),
             wire: BytesMut::new(),
             carry: BytesMut::new(),
             fdec: FrameDecoder::new(),

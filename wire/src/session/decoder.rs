@@ -258,19 +258,16 @@ impl Decoder {
             },
             Frame::Ref(id) => self.reference(id, false),
             Frame::RefRecent(id) => self.reference(id, true),
-            Frame::Follow { recent, group, pos } => {
+            Frame::Follow { group, pos } => {
                 self.stats.group_refs += 1;
                 let pos = usize::from(pos);
                 let content = self.lookup(&group);
                 self.follow = Some((group, pos, content.clone()));
                 match content {
                     Some(content) => self.reference(member(&content, pos)?, false),
+                    // Evicted (the sender follows only groups this edge stored).
                     None => {
-                        if recent {
-                            self.defer(group);
-                        } else {
-                            self.request(group);
-                        }
+                        self.request(group);
                         Pending::WaitGroup(group, pos)
                     }
                 }
@@ -454,13 +451,9 @@ impl Decoder {
                             if let Some(f) = self.follow.as_mut().filter(|f| f.0 == group) {
                                 f.2.get_or_insert(content);
                             }
-                            if self.deferred.remove(&group) {
-                                self.stats.deferred_arrived += 1;
-                            }
                             *self.pending.front_mut().expect("front") = Pending::Wait(id, None);
                             continue;
                         }
-                        None if self.deferred.contains(&group) => break,
                         None => {
                             self.request(group);
                             break;

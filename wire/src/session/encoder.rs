@@ -314,9 +314,9 @@ impl Encoder {
             self.stats.refs += 1;
             self.stats.ref_bytes += data.len() as u64;
             ledger.pin(id, &data);
-            // A member of a group sent moments ago is no risk in a run: the receiver
-            // holds a group only once it delivered every member (or waits for the
-            // group, FOLLOW's recent flag), so a NEXT it cannot resolve was evicted.
+            // A member sent moments ago is no risk in a run: runs follow only groups
+            // the peer acknowledged, and it stores a group only once it delivered
+            // every member, so a NEXT it cannot resolve was evicted.
             if self.group_ref(&id, next, ledger) {
                 self.stats.group_refs += 1;
             } else if holding == Holding::Recent {
@@ -383,7 +383,7 @@ impl Encoder {
         let Ok(pos_byte) = u8::try_from(pos) else {
             return false;
         };
-        // A FOLLOW costs two bytes more than a REF: only where the run goes on.
+        // A FOLLOW costs a byte more than a REF: only where the run goes on.
         let continues = match (group::id_at(&content, pos + 1), next) {
             (None, _) => false,
             (Some(_), None) => true,
@@ -392,14 +392,15 @@ impl Encoder {
         if !continues || group::id_at(&content, pos).as_ref() != Some(id) {
             return false;
         }
-        let holding = self.peer.peek(&name);
-        if !holding.is_held() {
+        // Only a group the peer acknowledged: one merely sent may sit for seconds
+        // behind its connection's queue on a slow link, and a FOLLOW that overtook it
+        // would make the peer wait for (or ask for) the group and then every member.
+        if !self.peer.confirmed(&name) {
             return false;
         }
         // Pinned like a reference: a peer that evicted the group asks for it.
         ledger.pin(name, &content);
         Frame::Follow {
-            recent: holding == Holding::Recent,
             group: name,
             pos: pos_byte,
         }

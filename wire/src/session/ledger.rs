@@ -2,12 +2,14 @@
 //! to answer the peer's misses.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::SessionError;
 use crate::frame::Frame;
 use crate::id::ChunkId;
+use crate::store::PeerHoldings;
 
 /// What one direction's encoder sent and the peer has not acknowledged yet.
 ///
@@ -16,7 +18,7 @@ use crate::id::ChunkId;
 /// the peer's decoder has resolved every data frame ending at or before `n`, so it can
 /// never ask for them again. Memory is bounded by the flow-control window: the encoder
 /// stops taking input while `sent - acked` exceeds it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SendLedger {
     sent: u64,
     acked: u64,
@@ -27,12 +29,32 @@ pub struct SendLedger {
     /// they end at, until acknowledged: if the connection fails first, the peer may
     /// never have stored them, and the sender's model of the peer must forget them.
     carried: VecDeque<(u64, ChunkId)>,
+    /// Told of every carried chunk the peer acknowledges ([`SendLedger::confirming`]).
+    peer: Option<Arc<dyn PeerHoldings>>,
+}
+
+impl std::fmt::Debug for SendLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendLedger")
+            .field("sent", &self.sent)
+            .field("acked", &self.acked)
+            .field("pinned_bytes", &self.pinned_bytes)
+            .finish()
+    }
 }
 
 impl SendLedger {
     /// An empty ledger.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Confirms to `peer` ([`PeerHoldings::confirm`]) each carried chunk or group as
+    /// the peer acknowledges it: from then on it is known stored, not just sent.
+    #[must_use]
+    pub fn confirming(mut self, peer: Arc<dyn PeerHoldings>) -> Self {
+        self.peer = Some(peer);
+        self
     }
 
     /// Logical bytes encoded so far.
@@ -120,8 +142,14 @@ impl SendLedger {
             });
         }
         self.acked = offset;
-        while self.carried.front().is_some_and(|&(end, _)| end <= offset) {
+        while let Some(&(end, id)) = self.carried.front() {
+            if end > offset {
+                break;
+            }
             self.carried.pop_front();
+            if let Some(peer) = &self.peer {
+                peer.confirm(&id);
+            }
         }
         while let Some(&(end, id)) = self.queue.front() {
             if end > offset {
