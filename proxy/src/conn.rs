@@ -439,15 +439,16 @@ async fn uplink(
     while !eof {
         // Flow control: the ledger pins every reference until acknowledged. What is
         // encoded but not yet sent counts as in flight too: it is sent first, or the
-        // wait would be for an ACK of bytes the peer never got.
+        // wait would be for an ACK of bytes the peer never got (bytes read but not yet
+        // encoded do not count, and stay for the segmenter).
         let wait_start = Instant::now();
-        let (mut counted, mut must_flush) = (false, false);
+        let (mut counted, mut must_flush, mut window_full) = (false, false, false);
         loop {
             if shared.ledger().in_flight() <= ctx.window {
                 break;
             }
-            if !buf.is_empty() || enc.batch_len() > 0 {
-                must_flush = true;
+            if enc.batch_len() > 0 {
+                window_full = true;
                 break;
             }
             tokio::select! {
@@ -462,7 +463,7 @@ async fn uplink(
         // 1 GiB. Refused, the connection sends what it has and waits for its own
         // writer, which needs nothing from other connections: every connection always
         // keeps its base, so none can starve another.
-        while !must_flush {
+        while !window_full {
             let held = shared
                 .lan_in
                 .load(Relaxed)
@@ -488,8 +489,8 @@ async fn uplink(
         lock_governor(governor).waited(wait_start.elapsed());
         reserve_read(&mut buf, last_read);
         let read_start = Instant::now();
-        let first = if must_flush {
-            // Out of memory to read more: cut and send what is here.
+        let first = if must_flush || window_full {
+            // Out of memory or window to read more: send what is here.
             None
         } else if buf.is_empty() && enc.batch_len() == 0 {
             tokio::select! {
@@ -534,7 +535,8 @@ async fn uplink(
             shared.lan_in.fetch_add(burst as u64, Relaxed);
             ctx.stats.lan_bytes_in.fetch_add(burst as u64, Relaxed);
         }
-        seg.segment(&mut buf, flush, &mut segs);
+        // A full window sends the batch but leaves a partial block for the next read.
+        seg.segment(&mut buf, flush && !window_full, &mut segs);
         if !segs.is_empty() {
             enc.handle_segments(&mut segs, &mut shared.ledger());
         }
