@@ -463,26 +463,29 @@ async fn uplink(
         // 1 GiB. Refused, the connection sends what it has and waits for its own
         // writer, which needs nothing from other connections: every connection always
         // keeps its base, so none can starve another.
-        while !window_full {
-            let held = shared
-                .lan_in
-                .load(Relaxed)
-                .saturating_sub(shared.written.load(Relaxed));
-            send_ahead.drained(held);
-            if send_ahead.may_read(held) {
-                break;
-            }
-            if !counted {
-                ctx.stats.send_ahead_waits.fetch_add(1, Relaxed);
-                counted = true;
-            }
-            if !buf.is_empty() || enc.batch_len() > 0 {
-                must_flush = true;
-                break;
-            }
-            tokio::select! {
-                _ = shared.wrote.notified() => {}
-                _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+        // (A full window already sends what is here.)
+        if !window_full {
+            loop {
+                let held = shared
+                    .lan_in
+                    .load(Relaxed)
+                    .saturating_sub(shared.written.load(Relaxed));
+                send_ahead.drained(held);
+                if send_ahead.may_read(held) {
+                    break;
+                }
+                if !counted {
+                    ctx.stats.send_ahead_waits.fetch_add(1, Relaxed);
+                    counted = true;
+                }
+                if !buf.is_empty() || enc.batch_len() > 0 {
+                    must_flush = true;
+                    break;
+                }
+                tokio::select! {
+                    _ = shared.wrote.notified() => {}
+                    _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+                }
             }
         }
         // Both waits (window, then memory) in one report: each is for the link.
