@@ -66,7 +66,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
         let (wire, s) = encode_image(&image, &a, peer.clone(), similar.clone(), groups.clone());
         total += wire;
         println!(
-            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs ({} in runs, {} runs), {} deltas ({} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
+            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs ({} in runs, {} runs), {} deltas ({} at their run's place; {} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
             file.display(),
             image.len(),
             started.elapsed().as_secs_f64(),
@@ -74,6 +74,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
             s.group_refs,
             s.follows,
             s.deltas,
+            s.positional_deltas,
             s.delta_bytes,
             s.delta_patch_bytes,
             s.zstd_deltas,

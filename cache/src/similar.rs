@@ -103,6 +103,10 @@ impl SimilarChunks for SimilarIndex {
         out
     }
 
+    fn get(&self, id: &ChunkId) -> Option<Bytes> {
+        self.chunks.get(id)
+    }
+
     fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch) {
         let id = *chunk.id();
         self.chunks.insert(chunk);

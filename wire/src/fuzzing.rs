@@ -273,6 +273,11 @@ impl SimilarChunks for MemSimilar {
         out
     }
 
+    fn get(&self, id: &ChunkId) -> Option<Bytes> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.get(id).cloned()
+    }
+
     fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let (id, data) = chunk.into_parts();

@@ -78,6 +78,10 @@ pub trait SimilarChunks: Send + Sync {
     fn similar(&self, sketch: &Sketch, max: usize) -> Vec<(ChunkId, Bytes)>;
     /// Remembers a chunk this edge sent (in full or as a delta) under its features.
     fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch);
+    /// The bytes of a remembered chunk, by id. The default remembers none.
+    fn get(&self, _id: &ChunkId) -> Option<Bytes> {
+        None
+    }
 }
 
 /// The sending edge's memory of groups ([`crate::group`]) formed on its connections:

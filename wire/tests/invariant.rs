@@ -635,6 +635,72 @@ fn repeated_runs_cross_as_next_frames() {
     );
 }
 
+/// Cuts a stream into 4 KiB blocks, as a parser cuts guest RAM (a shorter tail on a
+/// flush is opaque).
+struct Pages;
+
+impl Segmenter for Pages {
+    fn segment(&mut self, input: &mut BytesMut, flush: bool, out: &mut Vec<wire::Segment>) {
+        while input.len() >= 4096 {
+            out.push(wire::Segment::Block(input.split_to(4096).freeze()));
+        }
+        if flush && !input.is_empty() {
+            out.push(wire::Segment::Opaque(input.split().freeze()));
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "pages"
+    }
+}
+
+#[test]
+fn a_page_changed_inside_a_run_takes_its_place_as_delta_base() {
+    // A "later VM": the same pages in the same order, every 16th edited in place.
+    let pages: Vec<Vec<u8>> = (0..600u64)
+        .map(|i| wire::fuzzing::noise(4096, 1000 + i))
+        .collect();
+    let first: Vec<u8> = pages.concat();
+    let mut later = first.clone();
+    for k in (5..600).step_by(16) {
+        later[k * 4096 + 100] ^= 0x5a;
+        later[k * 4096 + 3000] ^= 0xa5;
+    }
+    let store = Arc::new(TinyStore::new(1 << 30));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
+    let groups: Arc<dyn GroupIndex> = Arc::new(Groups::default());
+    let conn = |input: Vec<u8>| {
+        let mut c = Conn::new(
+            input,
+            store.clone(),
+            peer.clone(),
+            similar.clone(),
+            CompressMode::Off,
+        )
+        .with_groups(groups.clone(), 8);
+        // Fixed 4 KiB blocks, as for guest RAM.
+        c.seg = Box::new(Pages);
+        c
+    };
+    let (mut c1, mut c2) = (conn(first), conn(later));
+    for c in [&mut c1, &mut c2] {
+        while !c.done() {
+            c.send_step(65536, false, false);
+            c.recv_step(1 << 20);
+            c.control_step();
+        }
+        c.check_finished();
+    }
+    let s = c2.enc.stats();
+    assert!(s.deltas >= 30, "{s:?}");
+    // (Not all: a page right after a group's last member has no place to look at.)
+    assert!(
+        s.positional_deltas * 10 >= s.deltas * 6,
+        "the run's own page is the base: {s:?}"
+    );
+}
+
 #[test]
 fn a_group_the_receiver_lost_is_asked_for_and_filled() {
     let (runs, dec) = send_twice_in_runs(true, true);
