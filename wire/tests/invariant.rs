@@ -282,6 +282,17 @@ impl Conn {
         self.dec.is_finished() && self.wire.is_empty() && self.back.is_empty()
     }
 
+    /// Runs this connection alone until it is done (64 KiB reads, whole wire reads,
+    /// control answered each round), then checks what it delivered.
+    fn run_to_end(&mut self) {
+        while !self.done() {
+            self.send_step(65536, false, false);
+            self.recv_step(1 << 20);
+            self.control_step();
+        }
+        self.check_finished();
+    }
+
     fn check_finished(&self) {
         assert_eq!(self.out.len(), self.input.len(), "length differs");
         assert!(self.out == self.input, "bytes differ");
@@ -554,12 +565,7 @@ fn repeated_content_becomes_references() {
     );
     let mut c2 = Conn::new(a, store, peer, similar, CompressMode::Off);
     for c in [&mut c1, &mut c2] {
-        while !c.done() {
-            c.send_step(65536, false, false);
-            c.recv_step(1 << 20);
-            c.control_step();
-        }
-        c.check_finished();
+        c.run_to_end();
     }
     let s2 = c2.enc.stats();
     assert!(
@@ -602,12 +608,7 @@ fn send_twice_in_runs(evict: bool, groups: bool) -> (EncoderStats, DecoderStats)
         if k == 1 && evict {
             store.evict_all();
         }
-        while !c.done() {
-            c.send_step(65536, false, false);
-            c.recv_step(1 << 20);
-            c.control_step();
-        }
-        c.check_finished();
+        c.run_to_end();
     }
     (c2.enc.stats(), c2.dec.stats().clone())
 }
@@ -685,12 +686,7 @@ fn a_page_changed_inside_a_run_takes_its_place_as_delta_base() {
     };
     let (mut c1, mut c2) = (conn(first), conn(later));
     for c in [&mut c1, &mut c2] {
-        while !c.done() {
-            c.send_step(65536, false, false);
-            c.recv_step(1 << 20);
-            c.control_step();
-        }
-        c.check_finished();
+        c.run_to_end();
     }
     let s = c2.enc.stats();
     assert!(s.deltas >= 30, "{s:?}");
