@@ -54,8 +54,8 @@ pub trait PeerHoldings: Send + Sync {
     fn check_and_mark(&self, id: &ChunkId, len: usize) -> Holding;
     /// Forgets `id` (the peer asked for it: it no longer holds it).
     fn forget(&self, id: &ChunkId);
-    /// The peer acknowledged the bytes that carried `id` whole (or, for a group,
-    /// its last block): it has stored it. The default records nothing.
+    /// The peer acknowledged the bytes that ended group `id` ([`crate::group`]): it
+    /// has stored it. The default records nothing.
     fn confirm(&self, _id: &ChunkId) {}
     /// Whether `id` was confirmed ([`PeerHoldings::confirm`]) and is still believed
     /// held. The default believes nothing, which turns runs of references off.

@@ -439,7 +439,7 @@ impl Encoder {
             .is_held()
         {
             // As for a chunk sent whole: forgotten if the connection fails first.
-            ledger.carry(name);
+            ledger.carry_group(name);
         }
         groups.remember(group);
     }

@@ -25,11 +25,12 @@ pub struct SendLedger {
     queue: VecDeque<(u64, ChunkId)>,
     pinned: HashMap<ChunkId, (Bytes, u32)>,
     pinned_bytes: usize,
-    /// Chunks this direction delivered whole (CHUNK) or as a DELTA, with the offset
-    /// they end at, until acknowledged: if the connection fails first, the peer may
-    /// never have stored them, and the sender's model of the peer must forget them.
-    carried: VecDeque<(u64, ChunkId)>,
-    /// Told of every carried chunk the peer acknowledges ([`SendLedger::confirming`]).
+    /// Chunks this direction delivered whole (CHUNK) or as a DELTA, and groups it
+    /// formed, with the offset they end at and whether they are groups, until
+    /// acknowledged: if the connection fails first, the peer may never have stored
+    /// them, and the sender's model of the peer must forget them.
+    carried: VecDeque<(u64, ChunkId, bool)>,
+    /// Told of every carried group the peer acknowledges ([`SendLedger::confirming`]).
     peer: Option<Arc<dyn PeerHoldings>>,
 }
 
@@ -49,8 +50,9 @@ impl SendLedger {
         Self::default()
     }
 
-    /// Confirms to `peer` ([`PeerHoldings::confirm`]) each carried chunk or group as
-    /// the peer acknowledges it: from then on it is known stored, not just sent.
+    /// Confirms to `peer` ([`PeerHoldings::confirm`]) each carried group as the peer
+    /// acknowledges it: from then on it is known stored, not just sent (only groups
+    /// are asked about, so chunks cost no confirmation).
     #[must_use]
     pub fn confirming(mut self, peer: Arc<dyn PeerHoldings>) -> Self {
         self.peer = Some(peer);
@@ -98,13 +100,20 @@ impl SendLedger {
     /// Records that `id` (ending at the current `sent` offset) went out whole or as a
     /// delta: the peer stores it once it decodes it.
     pub(crate) fn carry(&mut self, id: ChunkId) {
-        self.carried.push_back((self.sent, id));
+        self.carried.push_back((self.sent, id, false));
     }
 
-    /// Chunks carried (see [`SendLedger::carry`]) that the peer has not acknowledged:
-    /// after a failure, the ones it may never have stored.
+    /// Records that group `id` ([`crate::group`]) ended at the current `sent` offset:
+    /// the peer stores it once it delivers that far, and is confirmed to hold it
+    /// when it acknowledges that.
+    pub(crate) fn carry_group(&mut self, id: ChunkId) {
+        self.carried.push_back((self.sent, id, true));
+    }
+
+    /// Chunks and groups carried (see [`SendLedger::carry`]) that the peer has not
+    /// acknowledged: after a failure, the ones it may never have stored.
     pub fn unacknowledged_carried(&self) -> impl Iterator<Item = &ChunkId> {
-        self.carried.iter().map(|(_, id)| id)
+        self.carried.iter().map(|(_, id, _)| id)
     }
 
     /// The bytes of a pinned chunk.
@@ -142,12 +151,12 @@ impl SendLedger {
             });
         }
         self.acked = offset;
-        while let Some(&(end, id)) = self.carried.front() {
+        while let Some(&(end, id, group)) = self.carried.front() {
             if end > offset {
                 break;
             }
             self.carried.pop_front();
-            if let Some(peer) = &self.peer {
+            if let Some(peer) = self.peer.as_ref().filter(|_| group) {
                 peer.confirm(&id);
             }
         }
