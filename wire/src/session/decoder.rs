@@ -285,7 +285,7 @@ impl Decoder {
                 }
                 match content {
                     Some(content) => self.reference(member(&content, pos)?, false),
-                    // Its group is still asked for (or awaited): behind that FOLLOW.
+                    // Its group is still asked for: this waits behind that FOLLOW.
                     None => Pending::WaitGroup(group, pos),
                 }
             }
