@@ -29,7 +29,9 @@
 //! strong level ([`STRONG_LEVEL`]): it costs about twice the CPU and saves a few
 //! percent more, which a slow link turns into time; on a link slower still (around
 //! 100-150 Mbit/s against one core), the deep level ([`DEEP_LEVEL`]): a quarter of the
-//! fast level's speed for another 4% fewer bytes on guest memory.
+//! fast level's speed for another 4% fewer bytes on guest memory; and on a link of
+//! 100 Mbit/s or less, the deeper level ([`DEEPER_LEVEL`]): two thirds of the deep
+//! level's speed for another 1.2%.
 //!
 //! zstd's speed is measured in wall-clock time (what compressing costs the pipeline
 //! now, contention included: it picks levels and judges a link that made the uplink
@@ -46,11 +48,22 @@
 //! a writer blocked on a full socket, 0 B), two starved spans in a row step the level
 //! down a notch, or straight to the fast level when the second drained below half the
 //! capacity (a *ceiling* under the level the capacity allows), and a span that waits
-//! for the link again steps it back up. Later guests of a cluster, mostly references and deltas after the
-//! first, sent at the deep level, kept a 100 Mbit/s link busy about half the time
-//! (0.78-0.96 s per guest; capped at the fast level 0.51-0.74 s for 2% more bytes).
-//! The ceiling is shared with the next connections to the peer like the capacity: a
-//! migration is over before a new connection would find it again.
+//! for the link again steps it back up. Later guests of a cluster, mostly references and
+//! deltas after the first, sent at the deep level, kept a 100 Mbit/s link busy about
+//! half the time (0.78-0.96 s per guest; capped at the fast level 0.51-0.74 s for 2%
+//! more bytes).
+//!
+//! A migration of a later guest lasts half a second, so the ceiling must move within
+//! a tenth of that: spans are two windows long, and a new connection starts no higher
+//! than the strong level (lower if the last connection to the peer ended lower) and
+//! climbs a notch per span that waits for the link. A first guest, link-bound, reaches
+//! the deeper level within a few spans; a later one, CPU-bound from its first batch,
+//! never pays for the levels above. Starting from the ceiling the last connection
+//! reached (the deeper level, after a first guest) with 200 ms spans, four Linux guests
+//! over 100 Mbit/s took 3.82-3.90 s against the shared zstd stream's 3.58-3.64 s (later
+//! guests 0.53-0.67 s each); this way 3.52-3.62 s against 3.64-3.71 s, for ~1% more
+//! bytes. The ceiling is shared with the next connections to the peer like the
+//! capacity.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -116,6 +129,16 @@ pub(crate) const DEEP_LEVEL: i32 = 6;
 /// below 5% of the fast level's speed (~21 MB/s) the link stays the bottleneck with
 /// room left for hashing and deltas.
 const DEEP_SHARE: f64 = 0.05;
+/// zstd level while the link drains below [`DEEPER_SHARE`] of the fast level's speed.
+pub(crate) const DEEPER_LEVEL: i32 = 8;
+/// See [`DEEPER_LEVEL`]: on the batches of four Linux guests (`zstd -b`, levels as
+/// `wire::zlevel` tunes them), level 8 runs at ~68 MB/s against level 1's ~510 MB/s
+/// and emits 1.2% fewer bytes than level 6 (which runs at ~106 MB/s), 0.27 of its
+/// input: ~18 MB/s, 3.6% of the fast level's speed. Below 3.5% the link stays the
+/// bottleneck (a 100 Mbit/s link is 2.5-3% of it on this machine's cores).
+const DEEPER_SHARE: f64 = 0.035;
+/// The levels, weakest first: the CPU ceiling moves along them a notch at a time.
+const LADDER: [i32; 4] = [FAST_LEVEL, STRONG_LEVEL, DEEP_LEVEL, DEEPER_LEVEL];
 /// A span drained below this share of the link's known capacity, while the uplink
 /// waited neither for the link nor for its source, starved the link (the CPU was the
 /// limit).
@@ -127,7 +150,7 @@ const SOURCE_SHARE: f64 = 0.25;
 /// A span drained below this share of the capacity goes straight to the fast level.
 const STARVED_DEEPLY: f64 = 0.5;
 /// Length of a span over which the link's use is judged for the ceiling.
-const SPAN: Duration = Duration::from_millis(200);
+const SPAN: Duration = Duration::from_millis(100);
 /// Starved spans in a row before the ceiling drops: the bytes of one span can hide in
 /// kernel buffers (a first guest, link-bound overall, had single starved spans).
 const STARVED_SPANS: u32 = 2;
@@ -293,10 +316,22 @@ enum SpanVerdict {
     Neither,
 }
 
+/// The level `by` notches along [`LADDER`] from `level` (the nearest at the ends).
+fn notch(level: i32, by: isize) -> i32 {
+    let at = LADDER.iter().rposition(|&l| l <= level).unwrap_or(0);
+    let to = at.saturating_add_signed(by).min(LADDER.len() - 1);
+    LADDER[to]
+}
+
 impl CompressGovernor {
     pub(crate) fn new(now: Instant, history: std::sync::Arc<LinkHistory>) -> Self {
         let recalled = history.recall(now);
-        let ceiling = history.recall_ceiling(now).unwrap_or(DEEP_LEVEL);
+        // No higher than the strong level: see the module notes (a new connection
+        // earns the deeper levels by waiting for the link).
+        let ceiling = history
+            .recall_ceiling(now)
+            .unwrap_or(STRONG_LEVEL)
+            .min(STRONG_LEVEL);
         // (A recalled capacity of 0 means "not known".)
         CompressGovernor {
             history,
@@ -351,6 +386,7 @@ impl CompressGovernor {
     /// The level the link's known capacity allows, CPU aside.
     fn link_level(&self) -> i32 {
         match self.capacity {
+            Some(rate) if rate < self.zstd_rate * DEEPER_SHARE => DEEPER_LEVEL,
             Some(rate) if rate < self.zstd_rate * DEEP_SHARE => DEEP_LEVEL,
             Some(rate) if rate < self.zstd_rate * STRONG_SHARE => STRONG_LEVEL,
             _ => FAST_LEVEL,
@@ -430,13 +466,13 @@ impl CompressGovernor {
         }
         self.starved_spans = 0;
         self.ceiling = match verdict {
-            SpanVerdict::LinkBound if self.ceiling < STRONG_LEVEL => STRONG_LEVEL,
-            SpanVerdict::LinkBound => DEEP_LEVEL,
+            SpanVerdict::LinkBound => notch(self.ceiling, 1),
             SpanVerdict::Starved { deeply: true } => FAST_LEVEL,
-            SpanVerdict::Starved { deeply: false } => match self.link_level().min(self.ceiling) {
-                l if l > STRONG_LEVEL => STRONG_LEVEL,
-                _ => FAST_LEVEL,
-            },
+            // A notch below the level that starved the link (the ceiling may stand
+            // above what the link's pace asks for).
+            SpanVerdict::Starved { deeply: false } => {
+                notch(self.link_level().min(self.ceiling), -1)
+            }
             SpanVerdict::Neither => self.ceiling,
         };
     }
@@ -609,15 +645,17 @@ impl CompressGovernor {
     /// Records a compression of `raw` bytes at `level` that took `elapsed` (wall
     /// clock) and `cpu` (the compressing thread's CPU time). The rates tracked are the
     /// fast level's; samples at stronger levels are scaled to it by their measured
-    /// cost (level 3 ~1.7x, level 6 ~4.2x: scaled by less than that where it errs
-    /// towards stronger levels).
+    /// cost (level 3 ~1.7x, level 6 ~4.2x, level 8 ~7.5x: scaled by less than that
+    /// where it errs towards stronger levels).
     pub(crate) fn record(&mut self, raw: usize, level: i32, elapsed: Duration, cpu: Duration) {
         let scale = if level <= FAST_LEVEL {
             1.0
         } else if level <= STRONG_LEVEL {
             3.0
-        } else {
+        } else if level <= DEEP_LEVEL {
             4.0
+        } else {
+            7.0
         };
         let sample =
             |took: Duration| (took >= MIN_SAMPLE).then(|| raw as f64 / took.as_secs_f64() * scale);
@@ -684,9 +722,11 @@ mod tests {
         for _ in 0..8 {
             assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
         }
+        // A new connection knows the link is slow, but starts at the strong level:
+        // the deeper ones it earns by waiting for the link (see the module notes).
         let mut next = CompressGovernor::new(t, history.clone());
-        assert_eq!(next.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
-        // ... but not after the history has aged: then it knows nothing (and compresses).
+        assert_eq!(next.encoding(t, &link, &link), Encoding::Zstd(STRONG_LEVEL));
+        // ... and nothing after the history has aged: then it knows nothing (and compresses).
         let later = t + HISTORY_TTL + Duration::from_secs(1);
         assert!(history.recall(later).is_none());
     }
@@ -764,6 +804,39 @@ mod tests {
             windows >= 2,
             "one window at 100 Mbit/s decided the deep level"
         );
+    }
+
+    #[test]
+    fn a_link_slower_still_takes_the_deeper_level_while_the_cpu_keeps_up() {
+        let mut t = Instant::now();
+        let link = LinkMeter::default();
+        link.record(BUFFER_ALLOWANCE as usize);
+        let mut g = CompressGovernor::new(t, Default::default());
+        g.link_limited(t, &link, &link);
+        // 50 Mbit/s, waiting: the link allows the deeper level, but the ceiling starts
+        // at the strong one and rises a notch per span that waited for the link.
+        assert_eq!(g.ceiling, STRONG_LEVEL);
+        assert!(window(&mut g, &mut t, &link, 625_000, 80));
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+        assert!(window(&mut g, &mut t, &link, 625_000, 80));
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEPER_LEVEL));
+        // The CPU starves the link for two spans: a notch down, to the deep level.
+        for _ in 0..2 {
+            window(&mut g, &mut t, &link, 450_000, 0);
+        }
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+    }
+
+    #[test]
+    fn notches_move_along_the_ladder_and_stop_at_its_ends() {
+        assert_eq!(notch(FAST_LEVEL, 1), STRONG_LEVEL);
+        assert_eq!(notch(DEEP_LEVEL, 1), DEEPER_LEVEL);
+        assert_eq!(notch(DEEPER_LEVEL, 1), DEEPER_LEVEL);
+        assert_eq!(notch(DEEPER_LEVEL, -1), DEEP_LEVEL);
+        assert_eq!(notch(STRONG_LEVEL, -1), FAST_LEVEL);
+        assert_eq!(notch(FAST_LEVEL, -1), FAST_LEVEL);
+        // A level between rungs counts as the rung below it.
+        assert_eq!(notch(7, -1), STRONG_LEVEL);
     }
 
     #[test]
@@ -940,28 +1013,20 @@ mod tests {
         let (mut g, link) = on_a_measured_slow_link(&mut t, Default::default());
         // Nothing waits, 0.9 MB per 100 ms (72% of the link): one starved span is not
         // enough (kernel buffers may have kept the link busy)...
-        for _ in 0..2 {
-            window(&mut g, &mut t, &link, 900_000, 0);
-        }
+        window(&mut g, &mut t, &link, 900_000, 0);
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
         // ... a second one in a row steps down a notch, two more to the fast level.
-        for _ in 0..2 {
-            window(&mut g, &mut t, &link, 900_000, 0);
-        }
+        window(&mut g, &mut t, &link, 900_000, 0);
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(STRONG_LEVEL));
-        for _ in 0..4 {
+        for _ in 0..2 {
             window(&mut g, &mut t, &link, 900_000, 0);
         }
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
         assert!(g.link_is_slow(), "the link itself is still slow");
         // The link makes the uplink wait again: back up a notch per span.
-        for _ in 0..2 {
-            assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
-        }
+        assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(STRONG_LEVEL));
-        for _ in 0..2 {
-            assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
-        }
+        assert!(window(&mut g, &mut t, &link, 1_250_000, 80));
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
     }
 
@@ -1070,7 +1135,9 @@ mod tests {
         assert!(decided.iter().all(|&limited| limited), "{decided:?}");
         let capacity = g.capacity.expect("a capacity from the queue");
         assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
-        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+        // Compressed, but no deeper than a new connection starts: nothing waited for
+        // the link, which is what earns the deeper levels.
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(STRONG_LEVEL));
         // Siblings learn it too, and that no wait measured it.
         assert!(history
             .recall(t)

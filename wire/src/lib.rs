@@ -12,6 +12,8 @@
 //! - [`store`]: the traits the session needs from the shared cache.
 //! - [`delta`], [`words`]: near-duplicate chunks as deltas; tables of 64-bit words as
 //!   their differences.
+//! - [`zlevel`], [`zpool`], [`zstream`]: compression levels tuned to memory pages; pooled
+//!   contexts for one-shot frames; context-keeping streams of batches.
 //! - [`group`]: runs of block ids named by content, so a repeated run of references
 //!   crosses as one FOLLOW and one-byte NEXT frames.
 #![warn(missing_docs, unreachable_pub)]
@@ -35,6 +37,7 @@ pub mod segment;
 pub mod session;
 pub mod varint;
 pub mod words;
+pub mod zlevel;
 pub mod zpool;
 pub mod zstream;
 

@@ -43,11 +43,15 @@ fn with_context<R>(f: impl FnOnce(&mut CCtx<'static>) -> R) -> Option<R> {
 /// `None` if zstd failed.
 pub fn compress(src: &[u8], dict: Option<&[u8]>, level: i32) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(zstd_safe::compress_bound(src.len()));
-    let done = with_context(|cctx| match dict {
-        // One-shot calls: neither leaves parameters or a dictionary behind in the
-        // context for the next user.
-        Some(d) => cctx.compress_using_dict(&mut out, src, d, level),
-        None => cctx.compress(&mut out, src, level),
+    let done = with_context(|cctx| {
+        // Parameters and a dictionary stay in a context that goes back to the pool:
+        // the reset clears both, so no call depends on what a previous user left.
+        cctx.reset(zstd_safe::ResetDirective::SessionAndParameters)?;
+        crate::zlevel::set(cctx, level)?;
+        if let Some(d) = dict {
+            cctx.load_dictionary(d)?;
+        }
+        cctx.compress2(&mut out, src)
     })?;
     done.ok().map(|_| out)
 }

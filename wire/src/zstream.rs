@@ -74,9 +74,7 @@ impl StreamCompressor {
             self.cctx
                 .reset(zstd_safe::ResetDirective::SessionAndParameters)
                 .ok()?;
-            self.cctx
-                .set_parameter(CParameter::CompressionLevel(level))
-                .ok()?;
+            crate::zlevel::set(&mut self.cctx, level).ok()?;
             self.cctx
                 .set_parameter(CParameter::WindowLog(self.window_log))
                 .ok()?;
