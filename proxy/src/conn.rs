@@ -555,6 +555,7 @@ async fn uplink(
         }
         let (encoding, every_try) = {
             let mut g = lock_governor(governor);
+            g.set_reply_paced(seg.awaits_replies());
             let e = g.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
             (e, g.worth_every_try())
         };

@@ -91,6 +91,10 @@ fn real_capture_every_page_found_any_split() {
             );
             let r = seg.report();
             assert_eq!(r.kind, "qemu-main");
+            assert!(
+                !seg.awaits_replies(),
+                "a precopy stream does not wait for replies"
+            );
             assert_eq!(r.gave_up, None, "{r:?}");
             assert_eq!(r.blocks_lost, 0);
             let pages = r.counters.iter().find(|(k, _)| *k == "pages").unwrap().1;
@@ -284,6 +288,7 @@ fn nbd_writes_become_aligned_blocks() {
         assert!(concat(&segs) == stream);
         let r = seg.report();
         assert_eq!(r.kind, "nbd-client", "{r:?}");
+        assert!(seg.awaits_replies(), "NBD's writes wait for their replies");
         assert_eq!(r.gave_up, None, "{r:?}");
         let blocks = blocks(&segs);
         assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");
@@ -359,6 +364,7 @@ fn nbd_read_replies_become_aligned_blocks() {
         assert!(concat(&segs) == stream);
         let r = seg.report();
         assert_eq!(r.kind, "nbd-server", "{r:?}");
+        assert!(seg.awaits_replies(), "NBD's replies answer requests");
         assert_eq!(r.gave_up, None, "{r:?}");
         let blocks = blocks(&segs);
         assert_eq!(blocks, pages, "exactly the aligned 4 KiB pieces, in order");

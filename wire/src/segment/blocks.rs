@@ -41,6 +41,13 @@ pub trait BlockFinder: Send {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+
+    /// Whether the stream's sender waits for the peer's reply to each request (NBD's
+    /// requests and replies): then the link's speed sets its pace even when nothing
+    /// waits for the link, and fewer bytes on the link mean sooner replies.
+    fn awaits_replies(&self) -> bool {
+        false
+    }
 }
 
 /// Cuts the stream at the blocks a [`BlockFinder`] reports.
@@ -168,6 +175,10 @@ impl<F: BlockFinder> Segmenter for BlockSegmenter<F> {
 
     fn kind(&self) -> &'static str {
         self.finder.kind()
+    }
+
+    fn awaits_replies(&self) -> bool {
+        self.finder.awaits_replies()
     }
 
     fn report(&self) -> SegmenterReport {

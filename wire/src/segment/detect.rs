@@ -93,6 +93,16 @@ impl BlockFinder for DetectingFinder {
         }
     }
 
+    fn awaits_replies(&self) -> bool {
+        match self {
+            DetectingFinder::Main(f) => f.awaits_replies(),
+            DetectingFinder::Multifd(f) => f.awaits_replies(),
+            DetectingFinder::Nbd(f) => f.awaits_replies(),
+            DetectingFinder::NbdServer(f) => f.awaits_replies(),
+            DetectingFinder::Unknown | DetectingFinder::Undecided(_) => false,
+        }
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         match self {
             DetectingFinder::Main(f) => f.counters(),

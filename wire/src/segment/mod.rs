@@ -48,6 +48,13 @@ pub trait Segmenter: Send {
     /// A short name for logs and stats ("cdc", "qemu-main", ...).
     fn kind(&self) -> &'static str;
 
+    /// Whether the stream's sender waits for the peer's reply to each request (NBD's
+    /// requests and replies): then the link's speed sets its pace even when nothing
+    /// waits for the link, and fewer bytes on the link mean sooner replies.
+    fn awaits_replies(&self) -> bool {
+        false
+    }
+
     /// What the segmenter recognised so far.
     fn report(&self) -> SegmenterReport {
         SegmenterReport {

@@ -163,6 +163,10 @@ impl BlockFinder for NbdClientFinder {
         "nbd-client"
     }
 
+    fn awaits_replies(&self) -> bool {
+        true
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("requests", self.requests),

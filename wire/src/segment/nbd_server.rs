@@ -222,6 +222,10 @@ impl BlockFinder for NbdServerFinder {
         "nbd-server"
     }
 
+    fn awaits_replies(&self) -> bool {
+        true
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("replies", self.replies),
