@@ -48,6 +48,10 @@ pub struct EncodeArgs {
     /// Send every new chunk as it is: no word differences (WORDS frames).
     #[arg(long)]
     no_words: bool,
+    /// Also write every batch's frames, uncompressed, to this file (what zstd sees:
+    /// e.g. `zstd -b1 -e9` on it compares levels and parameters).
+    #[arg(long)]
+    dump_batches: Option<PathBuf>,
 }
 
 /// Runs the encoding and prints the report.
@@ -59,11 +63,23 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
         .then(|| Arc::new(GroupMap::new(a.group_mib << 20)) as Arc<dyn GroupIndex>);
     let mut total = 0usize;
     let mut images = Vec::new();
+    let mut dump = match &a.dump_batches {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
     for file in &a.files {
         let image = std::fs::read(file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
         let started = Instant::now();
-        let (wire, s) = encode_image(&image, &a, peer.clone(), similar.clone(), groups.clone());
+        let (wire, s) = encode_image(
+            &image,
+            &a,
+            (peer.clone(), similar.clone(), groups.clone()),
+            &mut dump,
+        )?;
         total += wire;
         println!(
             "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs ({} in runs, {} runs), {} deltas ({} at their run's place; {} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
@@ -88,6 +104,9 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
             images.push(image);
         }
     }
+    if let Some(d) = dump.as_mut() {
+        std::io::Write::flush(d)?;
+    }
     println!("total: {total} B");
     if a.baseline {
         let mut enc = zstd::stream::Encoder::new(Vec::new(), 3)?;
@@ -105,14 +124,25 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Encodes one image as one connection; returns its wire bytes and counters.
+/// Where `--dump-batches` writes.
+type Dump = std::io::BufWriter<std::fs::File>;
+
+/// The edge-wide state every image's connection shares: what the peer holds, delta
+/// bases, groups.
+type Shared = (
+    Arc<dyn PeerHoldings>,
+    Option<Arc<dyn SimilarChunks>>,
+    Option<Arc<dyn GroupIndex>>,
+);
+
+/// Encodes one image as one connection; returns its wire bytes and counters. With
+/// `dump`, every batch's uncompressed frames are written there too.
 fn encode_image(
     image: &[u8],
     a: &EncodeArgs,
-    peer: Arc<dyn PeerHoldings>,
-    similar: Option<Arc<dyn SimilarChunks>>,
-    groups: Option<Arc<dyn GroupIndex>>,
-) -> (usize, EncoderStats) {
+    (peer, similar, groups): Shared,
+    dump: &mut Option<Dump>,
+) -> anyhow::Result<(usize, EncoderStats)> {
     let config = EncoderConfig {
         compress: CompressMode::Always,
         level: a.level,
@@ -148,7 +178,7 @@ fn encode_image(
             enc.handle_segments(&mut segments, &mut ledger);
         }
         if enc.batch_len() >= BATCH {
-            wire += enc.take_batch(true).map_or(0, |b| b.len());
+            wire += take_batch(&mut enc, dump)?;
         }
         // Nothing is lost in this model: every byte counts as acknowledged at once.
         let sent = ledger.sent();
@@ -158,8 +188,22 @@ fn encode_image(
     }
     enc.handle_segments(&mut segments, &mut ledger);
     enc.handle_end();
-    while let Some(b) = enc.take_batch(true) {
-        wire += b.len();
+    loop {
+        match take_batch(&mut enc, dump)? {
+            0 => break,
+            n => wire += n,
+        }
     }
-    (wire, enc.stats().clone())
+    Ok((wire, enc.stats().clone()))
+}
+
+/// The wire bytes of the next batch (0: none), its frames written to `dump` first.
+fn take_batch(enc: &mut Encoder, dump: &mut Option<Dump>) -> anyhow::Result<usize> {
+    let Some(batch) = enc.take_raw_batch() else {
+        return Ok(0);
+    };
+    if let Some(d) = dump {
+        std::io::Write::write_all(d, batch.frames())?;
+    }
+    Ok(enc.compress_batch(batch, true).len())
 }

@@ -26,6 +26,11 @@ pub struct RawBatch {
 }
 
 impl RawBatch {
+    /// The frames, uncompressed (END not included).
+    pub fn frames(&self) -> &[u8] {
+        &self.frames
+    }
+
     /// Bytes of frames (END not counted).
     pub fn len(&self) -> usize {
         self.frames.len()

@@ -568,7 +568,14 @@ impl Encoder {
     /// ended. `link_limited` feeds the `Auto` compression policy.
     pub fn take_batch(&mut self, link_limited: bool) -> Option<Bytes> {
         let batch = self.take_raw_batch()?;
-        Some(self.compressor.compress(batch, link_limited))
+        Some(self.compress_batch(batch, link_limited))
+    }
+
+    /// The wire bytes of a batch [`take_raw_batch`](Self::take_raw_batch) took, made by
+    /// this encoder's own compressor (what [`take_batch`](Self::take_batch) does in
+    /// one step; apart, a caller can look at the frames before they are compressed).
+    pub fn compress_batch(&mut self, batch: RawBatch, link_limited: bool) -> Bytes {
+        self.compressor.compress(batch, link_limited)
     }
 
     /// Takes the pending frames (and END, if the stream ended) uncompressed, for a
