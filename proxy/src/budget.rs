@@ -13,8 +13,9 @@ use std::sync::Arc;
 /// History per stream: 8 MiB (32 batches of 256 KiB).
 pub(crate) const STREAM_WINDOW_LOG: u32 = 23;
 /// What one stream costs this edge: its window plus zstd's match tables at the
-/// strongest level the governor uses.
-const STREAM_COST: usize = (1 << STREAM_WINDOW_LOG) + (2 << 20);
+/// strongest level the governor uses (a context's own size after a 4 MiB piece,
+/// `CCtx::sizeof`: 11.8 MB at level 6, 14.4 MB at level 8, the window 8 MiB of it).
+const STREAM_COST: usize = (1 << STREAM_WINDOW_LOG) + (6 << 20);
 
 /// The edge's stream memory.
 #[derive(Debug)]
