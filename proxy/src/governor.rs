@@ -62,9 +62,9 @@
 //! 100 Mbit/s, alternating runs beside the shared zstd stream: starting from the
 //! ceiling the last connection reached (the deeper level, after a first guest) with
 //! 200 ms spans, 3.82-3.90 s against the stream's 3.58-3.64 s (later guests 0.53-0.67 s
-//! each); starting at the strong level, 3.58-3.86 s against 3.56-3.84 s (the first
-//! later guest 0.52-0.57 s); starting at the fast level, 3.50-3.54 s against
-//! 3.59-3.72 s (later guests 0.45-0.50 s), for ~1% more bytes than the deep start. The
+//! each); starting at the strong level, 3.52-3.86 s against 3.56-3.84 s (the first
+//! later guest 0.51-0.69 s); starting at the fast level, 3.50-3.54 s against
+//! 3.59-3.72 s (later guests 0.43-0.49 s), for ~1% more bytes than the deep start. The
 //! ceiling is shared with the next connections to the peer like the capacity.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
