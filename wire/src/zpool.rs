@@ -65,6 +65,51 @@ fn idle_contexts() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Bytes that compress, at least in part: runs of a few values and copies of a
+    /// short pattern, with random bytes between them.
+    fn compressible(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec((0u8..4, any::<u8>(), 1usize..64), 0..max / 16).prop_map(
+            |pieces| {
+                let mut out = Vec::new();
+                for (kind, byte, len) in pieces {
+                    match kind {
+                        0 => out.extend(std::iter::repeat_n(byte, len)),
+                        1 => out.extend((0..len).map(|i| (i as u8).wrapping_mul(byte))),
+                        _ => out.push(byte),
+                    }
+                }
+                out
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any target, with or without any dictionary, at any level the edge uses:
+        /// the frame decodes to the target (with the same dictionary), whatever the
+        /// pooled context compressed before (its parameters and dictionary are reset).
+        #[test]
+        fn any_frame_decodes_to_its_source(
+            calls in proptest::collection::vec(
+                (compressible(16 << 10), proptest::option::of(compressible(8 << 10)), 1i32..=9),
+                1..6,
+            ),
+        ) {
+            for (src, dict, level) in calls {
+                let z = compress(&src, dict.as_deref(), level).expect("compresses");
+                let mut out = Vec::with_capacity(src.len());
+                let mut dctx = zstd_safe::DCtx::create();
+                match &dict {
+                    Some(d) => dctx.decompress_using_dict(&mut out, &z, d),
+                    None => dctx.decompress(&mut out, &z),
+                }
+                .expect("decodes");
+                prop_assert_eq!(&out, &src);
+            }
+        }
+    }
 
     #[test]
     fn frames_decode_and_idle_contexts_stay_bounded() {
