@@ -64,10 +64,10 @@
 //! 200 ms spans, 3.82-3.90 s against the stream's 3.58-3.64 s (later guests 0.53-0.67 s
 //! each); starting at the strong level, 3.52-3.86 s against 3.56-3.84 s (the first
 //! later guest 0.51-0.69 s); starting at the fast level, 3.50-3.54 s against
-//! 3.59-3.72 s (later guests 0.43-0.49 s), for ~1% more bytes than the deep start. The
-//! ceiling is shared with the next connections to the peer like the capacity.
+//! 3.59-3.72 s (later guests 0.43-0.49 s), for ~1% more bytes than the deep start. So
+//! the ceiling is each connection's own (the capacity is shared with the next ones).
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -193,8 +193,6 @@ pub(crate) struct LinkHistory {
     /// Whether `link_rate` was measured by a wait for the link (not by what queued at
     /// the peer, whose pace may be its CPU's).
     rate_by_wait: AtomicBool,
-    /// The CPU ceiling, as a zstd level.
-    ceiling: AtomicI32,
     /// Milliseconds since `origin` of the last update; 0 = never.
     updated_ms: AtomicU64,
     origin: std::sync::OnceLock<Instant>,
@@ -215,18 +213,12 @@ impl LinkHistory {
         *self.origin.get_or_init(Instant::now)
     }
 
-    fn store(&self, limited: bool, (rate, by_wait): (f64, bool), ceiling: i32, now: Instant) {
+    fn store(&self, limited: bool, (rate, by_wait): (f64, bool), now: Instant) {
         let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
         self.limited.store(limited, Relaxed);
         self.link_rate.store(rate as u64, Relaxed);
         self.rate_by_wait.store(by_wait, Relaxed);
-        self.ceiling.store(ceiling, Relaxed);
         self.updated_ms.store(ms, Relaxed);
-    }
-
-    /// The last CPU ceiling, if stored within [`HISTORY_TTL`] of `now`.
-    fn recall_ceiling(&self, now: Instant) -> Option<i32> {
-        self.recall(now).map(|_| self.ceiling.load(Relaxed))
     }
 
     /// The last decision, link rate and whether a wait measured that rate, if made
@@ -340,12 +332,10 @@ fn notch(level: i32, by: isize) -> i32 {
 impl CompressGovernor {
     pub(crate) fn new(now: Instant, history: std::sync::Arc<LinkHistory>) -> Self {
         let recalled = history.recall(now);
-        // The fast level: see the module notes (a new connection earns the stronger
-        // levels by waiting for the link).
-        let ceiling = history
-            .recall_ceiling(now)
-            .unwrap_or(FAST_LEVEL)
-            .min(FAST_LEVEL);
+        // The fast level, whatever the last connection to the peer reached: see the
+        // module notes (a new connection earns the stronger levels by waiting for the
+        // link).
+        let ceiling = FAST_LEVEL;
         // (A recalled capacity of 0 means "not known".)
         CompressGovernor {
             history,
@@ -660,7 +650,6 @@ impl CompressGovernor {
                 self.history.store(
                     self.limited,
                     (self.capacity.unwrap_or(0.0), self.capacity_by_wait),
-                    self.ceiling,
                     now,
                 );
             }
@@ -1116,9 +1105,11 @@ mod tests {
             window(&mut g, &mut t, &link, 500_000, 0);
         }
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
-        // The next connection to the peer starts there, still compressing.
+        // The next connection to the peer starts at the fast level too (every one
+        // does), still compressing: the link is known to be slow.
         let mut next = CompressGovernor::new(t, history);
         assert_eq!(next.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
+        assert!(next.link_is_slow());
     }
 
     #[test]
