@@ -178,7 +178,7 @@ fn encode_image(
             enc.handle_segments(&mut segments, &mut ledger);
         }
         if enc.batch_len() >= BATCH {
-            wire += take_batch(&mut enc, dump)?;
+            wire += take_batch(&mut enc, dump)?.unwrap_or(0);
         }
         // Nothing is lost in this model: every byte counts as acknowledged at once.
         let sent = ledger.sent();
@@ -188,22 +188,20 @@ fn encode_image(
     }
     enc.handle_segments(&mut segments, &mut ledger);
     enc.handle_end();
-    loop {
-        match take_batch(&mut enc, dump)? {
-            0 => break,
-            n => wire += n,
-        }
+    while let Some(n) = take_batch(&mut enc, dump)? {
+        wire += n;
     }
     Ok((wire, enc.stats().clone()))
 }
 
-/// The wire bytes of the next batch (0: none), its frames written to `dump` first.
-fn take_batch(enc: &mut Encoder, dump: &mut Option<Dump>) -> anyhow::Result<usize> {
+/// The wire bytes of the next batch, if there is one, its frames written to `dump`
+/// first.
+fn take_batch(enc: &mut Encoder, dump: &mut Option<Dump>) -> anyhow::Result<Option<usize>> {
     let Some(batch) = enc.take_raw_batch() else {
-        return Ok(0);
+        return Ok(None);
     };
     if let Some(d) = dump {
         std::io::Write::write_all(d, batch.frames())?;
     }
-    Ok(enc.compress_batch(batch, true).len())
+    Ok(Some(enc.compress_batch(batch, true).len()))
 }
