@@ -39,7 +39,8 @@ pub struct ClusterArgs {
     #[arg(long, default_value_t = 10.0)]
     pub delay_ms: f64,
     /// Scenarios, comma-separated: direct, relay (a plain TCP relay at each end of the
-    /// link: the cost of two hops alone), edge, zstd3, zstd3-long27,
+    /// link: the cost of two hops alone), lan (QEMU straight to QEMU on loopback, no
+    /// link emulator and no WAN: the fastest any path can be on this machine), edge, zstd3, zstd3-long27,
     /// zstd3-long30-shared (one zstd --long=30 stream carrying every migration in
     /// turn), and with --multifd: qemu-multifd-zstd (QEMU's own multifd compression).
     #[arg(long, default_value = "direct,edge,zstd3,zstd3-long27")]
@@ -388,6 +389,8 @@ fn start_path(
     };
     let fronts = lanes.iter().map(|l| l.front).collect();
     match scenario {
+        // No link at all: what QEMU itself takes here, the floor of every scenario.
+        "lan" => Ok(lanes.iter().map(|l| l.dst).collect()),
         "direct" | "qemu-multifd-zstd" => {
             shaper(&|l| l.dst)?;
             Ok(lanes.iter().map(|l| l.shaper).collect())
@@ -523,8 +526,10 @@ fn run_scenario(
     let mut link = Procs(Vec::new());
     let entries = start_path(args, env, scenario, &lanes, &stats, &mut procs, &mut link)?;
     for (lane, entry) in lanes.iter().zip(&entries) {
-        wait_port(lane.shaper)?;
-        wait_port(*entry)?;
+        if scenario != "lan" {
+            wait_port(lane.shaper)?;
+            wait_port(*entry)?;
+        }
     }
     std::thread::sleep(Duration::from_millis(300));
     // A hop that could not start (its port taken, say by a leftover of another run)

@@ -138,6 +138,9 @@ pub(crate) struct PumpCtx {
     /// Connections with this peer edge that failed, counted by all of them: a chunk
     /// a deferred reference here waits for may have been on one of them.
     pub(crate) peer_failures: Arc<AtomicU64>,
+    /// The tunnel's TCP socket, for the kernel's view of the link (`tcp_info`); the
+    /// socket lives as long as `pump` owns the tunnel. `None`: no such evidence.
+    pub(crate) tunnel_fd: Option<std::os::fd::RawFd>,
 }
 
 /// What a finished connection did.
@@ -556,6 +559,7 @@ async fn uplink(
         let (encoding, every_try) = {
             let mut g = lock_governor(governor);
             g.set_reply_paced(seg.awaits_replies());
+            g.observe_path(ctx.tunnel_fd.and_then(tcp_info::sample_fd));
             let e = g.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
             (e, g.worth_every_try())
         };

@@ -487,6 +487,7 @@ impl EdgeShared {
             link_history: peer.link,
             stats: self.stats.clone(),
             peer_failures: peer.failures,
+            tunnel_fd: None,
         }
     }
 
@@ -803,7 +804,9 @@ async fn forward_one(
         ));
     }
     debug!(peer_edge = %reply.edge, "tunnel open");
-    let ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
+    let mut ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
+    // `wan` counts the tunnel connection `open` used (a spare's or a fresh one).
+    ctx.tunnel_fd = wan.socket_fd();
     pump(local, tunnel, rbuf, ctx).await
 }
 
@@ -1001,6 +1004,8 @@ async fn accept_one(
 ) -> Result<Option<Result<Outcome, ConnError>>, String> {
     let _ = tcp.set_nodelay(true);
     let cfg = &shared.config;
+    wan.set_socket(&tcp);
+    let tunnel_fd = wan.socket_fd();
     let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
     let secured = timeout(cfg.connect_timeout, async {
         match &shared.tls_acceptor {
@@ -1112,7 +1117,8 @@ async fn accept_one(
     shared.stats.tunnels_accepted.fetch_add(1, Relaxed);
     shared.stats.active_connections.fetch_add(1, Relaxed);
     debug!(peer_edge = %hello.edge, target = %hello.target, seq = hello.open_seq, "tunnel accepted");
-    let ctx = shared.ctx(&hello.edge, hello.epoch, hello.cache_bytes, hello.window);
+    let mut ctx = shared.ctx(&hello.edge, hello.epoch, hello.cache_bytes, hello.window);
+    ctx.tunnel_fd = tunnel_fd;
     Ok(Some(pump(target, tunnel, rbuf, ctx).await))
 }
 

@@ -167,6 +167,24 @@ const STARVED_SPANS: u32 = 2;
 /// 4.2-5.4 s); every batch compressed, 93 MB in 4.16 s.
 const REPLY_PACED_SOURCE: f64 = 0.25;
 
+/// Bytes TCP holds back unsent at a window's end that say the path is full: more than
+/// a round trip's worth of segments TCP would send at once on a path that keeps up.
+const PATH_FULL_UNSENT: u64 = 256 << 10;
+/// ... and at most this unsent, with TCP held back by the windows for less than
+/// [`PATH_CLEAR_HELD`] of the window, the path took everything written.
+const PATH_CLEAR_UNSENT: u64 = 64 << 10;
+const PATH_CLEAR_HELD: f64 = 0.05;
+
+/// What the tunnel socket says of the path in one window (see
+/// [`CompressGovernor::path_verdict`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PathVerdict {
+    /// TCP holds written bytes back: the path is the bottleneck.
+    Full,
+    /// Everything written left at once: the path keeps up with this connection.
+    Clear,
+}
+
 /// What to do with the next batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Encoding {
@@ -298,6 +316,9 @@ pub(crate) struct CompressGovernor {
     starved_spans: u32,
     /// Whether the source waits for the peer's replies (see [`REPLY_PACED_SOURCE`]).
     reply_paced: bool,
+    /// The tunnel socket's latest kernel state, and its state when the window began.
+    path: Option<tcp_info::PathSample>,
+    path_at_start: Option<tcp_info::PathSample>,
 }
 
 /// Several windows taken together for the CPU ceiling.
@@ -359,7 +380,15 @@ impl CompressGovernor {
             span: None,
             starved_spans: 0,
             reply_paced: false,
+            path: None,
+            path_at_start: None,
         }
+    }
+
+    /// Records what the tunnel socket's kernel state says now (see
+    /// [`tcp_info::PathSample`]); `None` where there is no such evidence.
+    pub(crate) fn observe_path(&mut self, sample: Option<tcp_info::PathSample>) {
+        self.path = sample;
     }
 
     /// What to do with the next batch (closes a measurement window when due). `link`
@@ -431,6 +460,37 @@ impl CompressGovernor {
             && queued as f64 >= QUEUE_SHARE * arrived as f64
             && arrived > 0)
             .then(|| arrived as f64 / age.as_secs_f64())
+    }
+
+    /// What the tunnel socket's kernel state (`tcp_info`) at the window's end, and its
+    /// limited time during the window, say of the path beyond this edge: `Full` when
+    /// TCP holds written bytes back (the link or the peer takes less than is
+    /// written), `Clear` when everything written left the socket at once. `None`
+    /// without samples, in between, or before the connection is [`QUEUE_MIN_AGE`] old
+    /// and has written [`QUEUE_EVIDENCE`] (TCP's slow start holds bytes back on any
+    /// link at first).
+    fn path_verdict(
+        &self,
+        now: Instant,
+        elapsed: Duration,
+        own_written: u64,
+    ) -> Option<PathVerdict> {
+        let (p, q) = self.path.zip(self.path_at_start)?;
+        if now.duration_since(self.delivered_at_first.1) < QUEUE_MIN_AGE
+            || own_written < QUEUE_EVIDENCE
+        {
+            return None;
+        }
+        let held_us = (p.rwnd_limited_us + p.sndbuf_limited_us)
+            .saturating_sub(q.rwnd_limited_us + q.sndbuf_limited_us);
+        let held = held_us as f64 / 1e6 / elapsed.as_secs_f64();
+        if p.notsent >= PATH_FULL_UNSENT || held >= WAIT_SHARE {
+            Some(PathVerdict::Full)
+        } else if p.notsent < PATH_CLEAR_UNSENT && held < PATH_CLEAR_HELD {
+            Some(PathVerdict::Clear)
+        } else {
+            None
+        }
     }
 
     /// Adds a finished window to the span; at the span's end, what it says. `start`
@@ -513,9 +573,12 @@ impl CompressGovernor {
             let recalled = self.history.recall(now);
             // Still inside what kernel buffers take, and nothing known of this peer's
             // link from any connection.
+            // What the tunnel socket's kernel state says of the path (module notes).
+            let path = self.path_verdict(now, elapsed, own_written);
             let early = own_written < BUFFER_ALLOWANCE
                 && written.saturating_sub(self.peer_at_first) < PEER_ALLOWANCE
-                && recalled.is_none();
+                && recalled.is_none()
+                && path != Some(PathVerdict::Clear);
             // A window in which the uplink waited measures the link, except early on
             // at a rate that would keep compression going: then the wait is as likely
             // the CPU, shared by every connection starting at once (four concurrent
@@ -525,11 +588,33 @@ impl CompressGovernor {
             let known_capacity = self.capacity.or(recalled.map(|r| r.1).filter(|&c| c > 0.0));
             // Nothing has measured the link yet, nothing waited, and the buffers are
             // full: what queues on the way to the peer measures it instead.
-            let queued_rate = (!early && known_capacity.is_none() && waited_share < WAIT_SHARE)
-                .then(|| self.standing_queue(now, written))
-                .flatten();
-            let rate = queued_rate.unwrap_or(rate);
+            // (Not when the socket says everything written has left it: then what
+            // queues is at the peer, its CPU or its local socket, not on the link.)
+            let queued_rate = (!early
+                && known_capacity.is_none()
+                && waited_share < WAIT_SHARE
+                && path != Some(PathVerdict::Clear))
+            .then(|| self.standing_queue(now, written))
+            .flatten();
+            // A full path's pace is what the socket delivered, not what was written
+            // into it: after a pause of the source, a burst refills an empty socket
+            // buffer at many times the link's rate, and taken for the capacity it
+            // sent a 100 Mbit/s link's batches raw.
+            let path_rate = match path {
+                Some(PathVerdict::Full) if waited_share < WAIT_SHARE => {
+                    self.path.zip(self.path_at_start).map(|(p, q)| {
+                        p.bytes_acked.saturating_sub(q.bytes_acked) as f64 / elapsed.as_secs_f64()
+                    })
+                }
+                _ => None,
+            };
+            let rate = queued_rate
+                .or(path_rate.map(|r| r.min(rate)))
+                .unwrap_or(rate);
+            // A path the kernel holds bytes back from is saturated whatever this CPU
+            // does, so unlike a wait it counts even early on.
             let saturated = queued_rate.is_some()
+                || path == Some(PathVerdict::Full)
                 || (waited_share >= WAIT_SHARE && !(early && rate < self.zstd_rate * MARGIN));
             if saturated {
                 // A drop counts half at a time: one window that waited on a busy CPU
@@ -635,6 +720,8 @@ impl CompressGovernor {
                 zstd_mbs = self.zstd_rate / 1e6,
                 zstd_cpu_mbs = self.zstd_cpu_rate / 1e6,
                 queued_mib = written.saturating_sub(self.history.delivered().written()) >> 20,
+                arrived_kib = self.history.delivered().written().saturating_sub(self.delivered_at_first.0) >> 10,
+                age_ms = now.duration_since(self.delivered_at_first.1).as_millis() as u64,
                 queue_evidence = queued_rate.is_some(),
                 saturated,
                 buffering,
@@ -643,6 +730,13 @@ impl CompressGovernor {
                 capacity_mbs = self.capacity.map(|c| c / 1e6),
                 recalled_mbs = recalled.map(|r| r.1 / 1e6),
                 own_mib = own_written >> 20,
+                path = ?path,
+                notsent_kib = self.path.map(|p| p.notsent >> 10),
+                delivery_mbs = self.path.map(|p| p.delivery_rate as f64 / 1e6),
+                app_limited = self.path.map(|p| p.app_limited),
+                rwnd_ms = self.path.zip(self.path_at_start).map(|(p, q)| p.rwnd_limited_us.saturating_sub(q.rwnd_limited_us) / 1000),
+                sndbuf_ms = self.path.zip(self.path_at_start).map(|(p, q)| p.sndbuf_limited_us.saturating_sub(q.sndbuf_limited_us) / 1000),
+                acked_kib = self.path.zip(self.path_at_start).map(|(p, q)| p.bytes_acked.saturating_sub(q.bytes_acked) >> 10),
                 limited = self.limited,
                 "governor window"
             );
@@ -657,6 +751,7 @@ impl CompressGovernor {
             self.written_at_start = Some(written);
             self.waited = Duration::ZERO;
             self.source_waited = Duration::ZERO;
+            self.path_at_start = self.path;
         }
         self.limited
     }
@@ -1237,6 +1332,99 @@ mod tests {
         let after = unwaited_windows(&mut g, &mut t, (&link, &history), (4_000_000, 4_000_000), 2);
         assert_eq!(after, [false, false], "a fast link, no queue: raw");
         assert_eq!(g.capacity, None);
+    }
+
+    /// 100 ms windows in which the writers wrote `written` bytes (none waited), the peer
+    /// acknowledged `delivered`, and the tunnel socket's kernel state moved by `acked`
+    /// bytes taken by the path, `held_ms` held back by the windows, ending with
+    /// `notsent` unsent; the decision after each.
+    fn windows_with_path(
+        g: &mut CompressGovernor,
+        t: &mut Instant,
+        (link, history): (&LinkMeter, &LinkHistory),
+        (written, delivered): (usize, usize),
+        (acked, held_ms, notsent): (u64, u64, u64),
+        n: usize,
+    ) -> Vec<bool> {
+        (0..n)
+            .map(|_| {
+                let mut p = g.path.unwrap_or_default();
+                p.bytes_acked += acked;
+                p.rwnd_limited_us += held_ms * 1000;
+                p.notsent = notsent;
+                g.observe_path(Some(p));
+                link.record(written);
+                history.delivered().record(delivered);
+                *t += Duration::from_millis(100);
+                g.link_limited(*t, link, link)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_path_that_takes_everything_written_ends_the_buffer_allowance() {
+        // Four multifd channels at 1 Gbit/s on a busy CPU: each writes a few MB per
+        // migration, far inside the allowances, never waits, and the peer's
+        // acknowledgements lag (its CPU); without the socket's word every batch was
+        // compressed and the migration took longer than sending everything raw.
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, history.clone());
+        g.observe_path(Some(tcp_info::PathSample::default()));
+        assert!(g.link_limited(t, &link, &link));
+        let decided = windows_with_path(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (600_000, 200_000),
+            (600_000, 0, 0),
+            5,
+        );
+        // Young, or less than a megabyte written: no verdict yet, keep compressing;
+        // then the kernel says the path took it all: raw, though the peer's
+        // acknowledgements queue (they queue at the peer, not on the link).
+        assert_eq!(decided, [true, true, false, false, false], "{decided:?}");
+        assert_eq!(g.capacity, None);
+    }
+
+    #[test]
+    fn a_path_that_holds_bytes_back_is_saturated_at_the_pace_it_delivers() {
+        // 100 Mbit/s: kernel buffers take 2 MB per window, but TCP holds most of it
+        // back and the path takes 1.25 MB per 100 ms.
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, history.clone());
+        g.observe_path(Some(tcp_info::PathSample::default()));
+        assert!(g.link_limited(t, &link, &link));
+        let decided = windows_with_path(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (2_000_000, 0),
+            (1_250_000, 100, 4 << 20),
+            4,
+        );
+        assert!(decided.iter().all(|&l| l), "{decided:?}");
+        let capacity = g.capacity.expect("a capacity from the full path");
+        assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
+        // A burst into an emptied socket buffer after a pause of the source is not
+        // the link's pace: 40 MB written in a window that ends full.
+        let after = windows_with_path(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (40_000_000, 0),
+            (1_250_000, 60, 4 << 20),
+            1,
+        );
+        assert_eq!(after, [true]);
+        assert!(g.capacity.is_some_and(|c| c < 13e6), "{:?}", g.capacity);
+        // Sibling connections learn it as a measured capacity.
+        assert!(history
+            .recall(t)
+            .is_some_and(|(limited, c, _)| limited && c < 13e6));
     }
 
     #[test]

@@ -11,12 +11,46 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::stats::EdgeStats;
 
 /// WAN bytes of one tunnel connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnWan {
     /// Bytes read from the tunnel socket.
     pub bytes_in: std::sync::atomic::AtomicU64,
     /// Bytes written to the tunnel socket.
     pub bytes_out: std::sync::atomic::AtomicU64,
+    /// The tunnel socket's descriptor (-1: none recorded), for reading its kernel
+    /// state (`tcp_info`) while the connection that owns the socket runs.
+    fd: std::sync::atomic::AtomicI32,
+}
+
+impl ConnWan {
+    /// A counter for a tunnel connection over `tcp`.
+    pub fn for_socket(tcp: &impl std::os::fd::AsRawFd) -> Self {
+        let wan = ConnWan::default();
+        wan.fd.store(tcp.as_raw_fd(), Relaxed);
+        wan
+    }
+
+    /// Records the tunnel socket's descriptor.
+    pub fn set_socket(&self, tcp: &impl std::os::fd::AsRawFd) {
+        self.fd.store(tcp.as_raw_fd(), Relaxed);
+    }
+
+    /// The tunnel socket's descriptor, if recorded. Valid only while the tunnel
+    /// stream that owns the socket is alive (the connection's own tasks).
+    pub fn socket_fd(&self) -> Option<std::os::fd::RawFd> {
+        let fd = self.fd.load(Relaxed);
+        (fd >= 0).then_some(fd)
+    }
+}
+
+impl Default for ConnWan {
+    fn default() -> Self {
+        ConnWan {
+            bytes_in: Default::default(),
+            bytes_out: Default::default(),
+            fd: std::sync::atomic::AtomicI32::new(-1),
+        }
+    }
 }
 
 /// Counts the bytes that really cross the WAN (the tunnel's TCP payload, TLS included)

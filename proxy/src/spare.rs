@@ -81,6 +81,7 @@ pub(crate) async fn secure(shared: &EdgeShared, peer: &str) -> Result<Secured, S
             .await
             .map_err(|e| format!("cannot connect to peer edge {peer}: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        wan.set_socket(&tcp);
         let io = crate::io::WanCountingIo::new(tcp, shared.stats.clone(), wan.clone());
         let tunnel: Tunnel = match &shared.tls_connector {
             Some(c) => {
