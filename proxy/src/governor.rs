@@ -175,6 +175,13 @@ const PATH_FULL_UNSENT: u64 = 256 << 10;
 const PATH_CLEAR_UNSENT: u64 = 64 << 10;
 const PATH_CLEAR_HELD: f64 = 0.05;
 
+/// A clear path on one connection says nothing of a link its siblings keep full: each
+/// socket sees only its own share (four migrations at once over 100 Mbit/s: a
+/// connection the CPU slowed found its socket clear while the others' were full, and
+/// sent batches raw). A clear socket ends the allowance only when no connection to the
+/// peer found the path full this long before.
+const PATH_FULL_MEMORY: Duration = Duration::from_secs(1);
+
 /// What the tunnel socket says of the path in one window (see
 /// [`CompressGovernor::path_verdict`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,6 +220,9 @@ pub(crate) struct LinkHistory {
     rate_by_wait: AtomicBool,
     /// Milliseconds since `origin` of the last update; 0 = never.
     updated_ms: AtomicU64,
+    /// Milliseconds since `origin` when a connection last found the path full (its
+    /// socket held bytes back); 0 = never. See [`PATH_FULL_MEMORY`].
+    path_full_ms: AtomicU64,
     origin: std::sync::OnceLock<Instant>,
 }
 
@@ -237,6 +247,21 @@ impl LinkHistory {
         self.link_rate.store(rate as u64, Relaxed);
         self.rate_by_wait.store(by_wait, Relaxed);
         self.updated_ms.store(ms, Relaxed);
+    }
+
+    fn mark_path_full(&self, now: Instant) {
+        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
+        self.path_full_ms.store(ms, Relaxed);
+    }
+
+    /// Whether some connection found the path full within [`PATH_FULL_MEMORY`].
+    fn path_full_lately(&self, now: Instant) -> bool {
+        let at = self.path_full_ms.load(Relaxed);
+        at != 0
+            && now
+                .duration_since(self.origin())
+                .saturating_sub(Duration::from_millis(at - 1))
+                < PATH_FULL_MEMORY
     }
 
     /// The last decision, link rate and whether a wait measured that rate, if made
@@ -289,6 +314,8 @@ pub(crate) struct CompressGovernor {
     /// The meter's reading when the window started; `None` until the first call (the
     /// meter is the peer's, shared with earlier connections: it does not start at 0).
     written_at_start: Option<u64>,
+    /// This connection's own meter when the window started.
+    own_at_start: u64,
     waited: Duration,
     limited: bool,
     /// The link's rate as last measured while it was saturated (the uplink waited for
@@ -382,6 +409,7 @@ impl CompressGovernor {
             reply_paced: false,
             path: None,
             path_at_start: None,
+            own_at_start: 0,
         }
     }
 
@@ -557,6 +585,7 @@ impl CompressGovernor {
             // connections wrote to the peer (a bogus, huge rate that sent a new
             // migration's first batches raw).
             self.written_at_start = Some(link.written());
+            self.own_at_start = own.written();
             self.peer_at_first = link.written();
             self.delivered_at_first = (self.history.delivered().written(), now);
             self.window_start = now;
@@ -574,7 +603,14 @@ impl CompressGovernor {
             // Still inside what kernel buffers take, and nothing known of this peer's
             // link from any connection.
             // What the tunnel socket's kernel state says of the path (module notes).
-            let path = self.path_verdict(now, elapsed, own_written);
+            let path = match self.path_verdict(now, elapsed, own_written) {
+                Some(PathVerdict::Full) => {
+                    self.history.mark_path_full(now);
+                    Some(PathVerdict::Full)
+                }
+                Some(PathVerdict::Clear) if self.history.path_full_lately(now) => None,
+                other => other,
+            };
             let early = own_written < BUFFER_ALLOWANCE
                 && written.saturating_sub(self.peer_at_first) < PEER_ALLOWANCE
                 && recalled.is_none()
@@ -600,10 +636,17 @@ impl CompressGovernor {
             // into it: after a pause of the source, a burst refills an empty socket
             // buffer at many times the link's rate, and taken for the capacity it
             // sent a 100 Mbit/s link's batches raw.
+            // The socket is this connection's; the capacity is the peer's (all
+            // connections share the link): its delivery counts for the share of the
+            // peer's writes this connection made in the window.
+            let own_share = own_written.saturating_sub(self.own_at_start) as f64
+                / written.saturating_sub(start).max(1) as f64;
             let path_rate = match path {
-                Some(PathVerdict::Full) if waited_share < WAIT_SHARE => {
+                Some(PathVerdict::Full) if waited_share < WAIT_SHARE && own_share > 0.0 => {
                     self.path.zip(self.path_at_start).map(|(p, q)| {
-                        p.bytes_acked.saturating_sub(q.bytes_acked) as f64 / elapsed.as_secs_f64()
+                        p.bytes_acked.saturating_sub(q.bytes_acked) as f64
+                            / elapsed.as_secs_f64()
+                            / own_share.min(1.0)
                     })
                 }
                 _ => None,
@@ -752,6 +795,7 @@ impl CompressGovernor {
             self.waited = Duration::ZERO;
             self.source_waited = Duration::ZERO;
             self.path_at_start = self.path;
+            self.own_at_start = own_written;
         }
         self.limited
     }
