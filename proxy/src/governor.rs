@@ -220,6 +220,9 @@ pub(crate) struct LinkHistory {
     rate_by_wait: AtomicBool,
     /// Milliseconds since `origin` of the last update; 0 = never.
     updated_ms: AtomicU64,
+    /// Bytes the path took from every connection to the peer, as their sockets report
+    /// (`tcp_info`'s bytes acknowledged by the next hop).
+    path_taken: LinkMeter,
     /// Milliseconds since `origin` when a connection last found the path full (its
     /// socket held bytes back); 0 = never. See [`PATH_FULL_MEMORY`].
     path_full_ms: AtomicU64,
@@ -314,8 +317,8 @@ pub(crate) struct CompressGovernor {
     /// The meter's reading when the window started; `None` until the first call (the
     /// meter is the peer's, shared with earlier connections: it does not start at 0).
     written_at_start: Option<u64>,
-    /// This connection's own meter when the window started.
-    own_at_start: u64,
+    /// The peer's `path_taken` meter when the window started.
+    path_taken_at_start: u64,
     waited: Duration,
     limited: bool,
     /// The link's rate as last measured while it was saturated (the uplink waited for
@@ -409,13 +412,17 @@ impl CompressGovernor {
             reply_paced: false,
             path: None,
             path_at_start: None,
-            own_at_start: 0,
+            path_taken_at_start: 0,
         }
     }
 
     /// Records what the tunnel socket's kernel state says now (see
     /// [`tcp_info::PathSample`]); `None` where there is no such evidence.
     pub(crate) fn observe_path(&mut self, sample: Option<tcp_info::PathSample>) {
+        if let (Some(new), Some(old)) = (sample, self.path) {
+            let taken = new.bytes_acked.saturating_sub(old.bytes_acked);
+            self.history.path_taken.record(taken as usize);
+        }
         self.path = sample;
     }
 
@@ -585,7 +592,7 @@ impl CompressGovernor {
             // connections wrote to the peer (a bogus, huge rate that sent a new
             // migration's first batches raw).
             self.written_at_start = Some(link.written());
-            self.own_at_start = own.written();
+            self.path_taken_at_start = self.history.path_taken.written();
             self.peer_at_first = link.written();
             self.delivered_at_first = (self.history.delivered().written(), now);
             self.window_start = now;
@@ -611,10 +618,15 @@ impl CompressGovernor {
                 Some(PathVerdict::Clear) if self.history.path_full_lately(now) => None,
                 other => other,
             };
-            let early = own_written < BUFFER_ALLOWANCE
+            let within_allowance = own_written < BUFFER_ALLOWANCE
                 && written.saturating_sub(self.peer_at_first) < PEER_ALLOWANCE
-                && recalled.is_none()
-                && path != Some(PathVerdict::Clear);
+                && recalled.is_none();
+            let early = within_allowance && path != Some(PathVerdict::Clear);
+            // A clear socket speaks for its own connection only: its verdict tells
+            // siblings nothing (four migrations at once over 100 Mbit/s: one
+            // connection's clear socket, stored as "nothing limits", ended a
+            // sibling's allowance and it sent its batches raw).
+            let clear_own = within_allowance && !early;
             // A window in which the uplink waited measures the link, except early on
             // at a rate that would keep compression going: then the wait is as likely
             // the CPU, shared by every connection starting at once (four concurrent
@@ -636,19 +648,17 @@ impl CompressGovernor {
             // into it: after a pause of the source, a burst refills an empty socket
             // buffer at many times the link's rate, and taken for the capacity it
             // sent a 100 Mbit/s link's batches raw.
-            // The socket is this connection's; the capacity is the peer's (all
-            // connections share the link): its delivery counts for the share of the
-            // peer's writes this connection made in the window.
-            let own_share = own_written.saturating_sub(self.own_at_start) as f64
-                / written.saturating_sub(start).max(1) as f64;
+            // The capacity is the link's, shared by every connection to the peer: what
+            // all their sockets delivered in the window (one channel's own delivery,
+            // taken for the link, kept multifd's channels compressing; scaled by the
+            // channel's share of the writes, it overstated the link for connections
+            // that wrote little and sent their batches raw).
+            let path_taken = self.history.path_taken.written();
             let path_rate = match path {
-                Some(PathVerdict::Full) if waited_share < WAIT_SHARE && own_share > 0.0 => {
-                    self.path.zip(self.path_at_start).map(|(p, q)| {
-                        p.bytes_acked.saturating_sub(q.bytes_acked) as f64
-                            / elapsed.as_secs_f64()
-                            / own_share.min(1.0)
-                    })
-                }
+                Some(PathVerdict::Full) if waited_share < WAIT_SHARE => Some(
+                    path_taken.saturating_sub(self.path_taken_at_start) as f64
+                        / elapsed.as_secs_f64(),
+                ),
                 _ => None,
             };
             let rate = queued_rate
@@ -783,7 +793,7 @@ impl CompressGovernor {
                 limited = self.limited,
                 "governor window"
             );
-            if !buffering {
+            if !buffering && !clear_own {
                 self.history.store(
                     self.limited,
                     (self.capacity.unwrap_or(0.0), self.capacity_by_wait),
@@ -795,7 +805,7 @@ impl CompressGovernor {
             self.waited = Duration::ZERO;
             self.source_waited = Duration::ZERO;
             self.path_at_start = self.path;
-            self.own_at_start = own_written;
+            self.path_taken_at_start = path_taken;
         }
         self.limited
     }
@@ -1430,6 +1440,9 @@ mod tests {
         // acknowledgements queue (they queue at the peer, not on the link).
         assert_eq!(decided, [true, true, false, false, false], "{decided:?}");
         assert_eq!(g.capacity, None);
+        // Its own socket speaks for itself only: a sibling, whose share of a shared
+        // link may be the one held back, learns nothing from it.
+        assert!(history.recall(t).is_none());
     }
 
     #[test]
@@ -1469,6 +1482,44 @@ mod tests {
         assert!(history
             .recall(t)
             .is_some_and(|(limited, c, _)| limited && c < 13e6));
+    }
+
+    #[test]
+    fn a_full_path_is_measured_over_every_connection_to_the_peer() {
+        // Four migrations at once over 100 Mbit/s: one connection, slowed by the CPU,
+        // writes a twentieth of the peer's bytes and its socket is full; the link
+        // takes 1.25 MB per 100 ms from all of them together. Its own delivery (a
+        // backlog draining) scaled by its share of the writes overstated the link
+        // (capped by what was written: 20 MB/s here), and sent batches raw.
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let (link, own) = (LinkMeter::default(), LinkMeter::default());
+        let mut g = CompressGovernor::new(t, history.clone());
+        let mut sibling = CompressGovernor::new(t, history.clone());
+        let (mut mine, mut theirs) = (
+            tcp_info::PathSample::default(),
+            tcp_info::PathSample::default(),
+        );
+        g.observe_path(Some(mine));
+        sibling.observe_path(Some(theirs));
+        assert!(g.link_limited(t, &link, &own));
+        // (A verdict needs 1 MiB written by the connection.)
+        for _ in 0..12 {
+            // This connection: 100 kB written, 300 kB of its backlog taken; the
+            // others: 1.9 MB written, 950 kB taken. Both sockets end full.
+            mine.bytes_acked += 300_000;
+            mine.rwnd_limited_us += 100_000;
+            mine.notsent = 1 << 20;
+            theirs.bytes_acked += 950_000;
+            g.observe_path(Some(mine));
+            sibling.observe_path(Some(theirs));
+            own.record(100_000);
+            link.record(2_000_000);
+            t += Duration::from_millis(100);
+            assert!(g.link_limited(t, &link, &own));
+        }
+        let capacity = g.capacity.expect("measured by the full path");
+        assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
     }
 
     #[test]
