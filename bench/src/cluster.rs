@@ -42,7 +42,7 @@ pub struct ClusterArgs {
     /// link: the cost of two hops alone), lan (QEMU straight to QEMU on loopback, no
     /// link emulator and no WAN: the fastest any path can be on this machine), edge, zstd3, zstd3-long27,
     /// zstd3-long30-shared (one zstd --long=30 stream carrying every migration in
-    /// turn), and with --multifd: qemu-multifd-zstd (QEMU's own multifd compression).
+    /// turn), qemu-multifd-zstd (QEMU's own multifd compression, direct over the link).
     #[arg(long, default_value = "direct,edge,zstd3,zstd3-long27")]
     pub scenarios: String,
     /// Share (in 1/1000) of the shared pages that are near-duplicates: the pool page
@@ -64,6 +64,10 @@ pub struct ClusterArgs {
     /// Migrate with multifd and this many channels (0: off).
     #[arg(long, default_value_t = 0)]
     pub multifd: u32,
+    /// Channels of qemu-multifd-zstd when --multifd is off: the other scenarios then
+    /// migrate without multifd, so QEMU's own best is timed against them in one run.
+    #[arg(long, default_value_t = 4)]
+    pub multifd_zstd_channels: u32,
     /// Give each VM a disk of this many MiB, mirrored over NBD (drive-mirror) before
     /// its memory migrates (0: memory only). Disks share the pool's content.
     #[arg(long, default_value_t = 0)]
@@ -516,8 +520,8 @@ fn run_scenario(
     scenario: &str,
     index: u8,
 ) -> anyhow::Result<ScenarioFigures> {
-    if scenario == "qemu-multifd-zstd" && args.multifd == 0 {
-        bail!("qemu-multifd-zstd needs --multifd N");
+    if multifd_channels(args, scenario) == 0 && scenario == "qemu-multifd-zstd" {
+        bail!("qemu-multifd-zstd needs --multifd-zstd-channels of at least 1");
     }
     let lanes = lanes(index, if args.concurrent { args.vms } else { 1 });
     let stats = env.dir.join(format!("shaper-{scenario}.json"));
@@ -737,12 +741,35 @@ fn prepare_vm(
     })
 }
 
+/// Multifd channels a scenario's migrations use (0: none): --multifd for every
+/// scenario, or QEMU's own compression alone with its channels.
+fn multifd_channels(args: &ClusterArgs, scenario: &str) -> u32 {
+    match (args.multifd, scenario) {
+        (0, "qemu-multifd-zstd") => args.multifd_zstd_channels,
+        (n, _) => n,
+    }
+}
+
+/// How the run's migrations use multifd, for titles.
+fn multifd_label(args: &ClusterArgs) -> String {
+    let zstd_alone = args
+        .scenarios
+        .split(',')
+        .any(|s| s.trim() == "qemu-multifd-zstd");
+    match args.multifd {
+        0 if zstd_alone => format!(", qemu-multifd-zstd x{}", args.multifd_zstd_channels),
+        0 => String::new(),
+        n => format!(", multifd x{n}"),
+    }
+}
+
 /// Migrates one prepared VM (its disk first, when it has one) and waits until the
 /// destination has loaded everything.
 fn migrate_vm(args: &ClusterArgs, scenario: &str, v: &mut VmRun) -> anyhow::Result<Migrated> {
     let (vm, dst, entry) = (v.vm, v.lane.dst, v.entry);
     let (sq, dq) = (&mut v.sq, &mut v.dq);
-    if args.multifd > 0 {
+    let channels = multifd_channels(args, scenario);
+    if channels > 0 {
         for q in [&mut *sq, &mut *dq] {
             q.cmd(
                 "migrate-set-capabilities",
@@ -750,7 +777,7 @@ fn migrate_vm(args: &ClusterArgs, scenario: &str, v: &mut VmRun) -> anyhow::Resu
             )?;
             q.cmd(
                 "migrate-set-parameters",
-                json!({"multifd-channels": args.multifd}),
+                json!({"multifd-channels": channels}),
             )?;
             if scenario == "qemu-multifd-zstd" {
                 q.cmd(
@@ -997,7 +1024,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         args.rate_mbit,
         args.delay_ms,
         if args.concurrent { "concurrent" } else { "sequential" },
-        if args.multifd > 0 { format!(", multifd x{}", args.multifd) } else { String::new() }
+        multifd_label(&args)
     );
     println!(
         "{:<20} {:>14} {:>14} {:>9} {:>10} {:>9} {:>8} {:>10} {:>10} {:>10}",
@@ -1049,11 +1076,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             },
             args.rate_mbit,
             args.delay_ms,
-            if args.multifd > 0 {
-                format!(", multifd x{}", args.multifd)
-            } else {
-                String::new()
-            }
+            multifd_label(&args)
         );
         let wan: Vec<(String, f64)> = figures
             .iter()

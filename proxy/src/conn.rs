@@ -559,6 +559,9 @@ async fn uplink(
         let (encoding, every_try) = {
             let mut g = lock_governor(governor);
             g.set_reply_paced(seg.awaits_replies());
+            // One getsockopt per batch, a system call beside a batch's hashing and
+            // compression: the peer-wide meter of what the path took stays as fresh
+            // as the batches.
             g.observe_path(ctx.tunnel_fd.and_then(tcp_info::sample_fd));
             let e = g.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
             (e, g.worth_every_try())

@@ -1319,17 +1319,27 @@ mod tests {
         assert!(!window(&mut g, &mut t, &link, 10_000_000, 0));
     }
 
-    /// 100 ms windows without a wait in which the writers wrote `written` bytes and
-    /// the peer acknowledged `delivered`; the decision after each.
+    /// 100 ms windows in which the writers wrote `written` bytes (none waited) and the
+    /// peer acknowledged `delivered`; with `path`, the tunnel socket's kernel state
+    /// moved by `acked` bytes taken by the path, `held_ms` held back by the windows,
+    /// ending with `notsent` unsent. The decision after each.
     fn unwaited_windows(
         g: &mut CompressGovernor,
         t: &mut Instant,
         (link, history): (&LinkMeter, &LinkHistory),
         (written, delivered): (usize, usize),
+        path: Option<(u64, u64, u64)>,
         n: usize,
     ) -> Vec<bool> {
         (0..n)
             .map(|_| {
+                if let Some((acked, held_ms, notsent)) = path {
+                    let mut p = g.path.unwrap_or_default();
+                    p.bytes_acked += acked;
+                    p.rwnd_limited_us += held_ms * 1000;
+                    p.notsent = notsent;
+                    g.observe_path(Some(p));
+                }
                 link.record(written);
                 history.delivered().record(delivered);
                 *t += Duration::from_millis(100);
@@ -1347,8 +1357,14 @@ mod tests {
         assert!(g.link_limited(t, &link, &link));
         // The CPU is the limit (nothing waits), 20 MB/s leave into buffers, the peer
         // takes in 12.5 MB/s: past the allowances, the queue measures the link.
-        let decided =
-            unwaited_windows(&mut g, &mut t, (&link, &history), (2_000_000, 1_250_000), 6);
+        let decided = unwaited_windows(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (2_000_000, 1_250_000),
+            None,
+            6,
+        );
         assert!(decided.iter().all(|&limited| limited), "{decided:?}");
         let capacity = g.capacity.expect("a capacity from the queue");
         assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
@@ -1368,7 +1384,14 @@ mod tests {
             g.record(1 << 20, FAST_LEVEL, wall, cpu);
         }
         assert_eq!(
-            unwaited_windows(&mut g, &mut t, (&link, &history), (1_000_000, 1_000_000), 1),
+            unwaited_windows(
+                &mut g,
+                &mut t,
+                (&link, &history),
+                (1_000_000, 1_000_000),
+                None,
+                1
+            ),
             [false]
         );
     }
@@ -1381,38 +1404,25 @@ mod tests {
         let mut g = CompressGovernor::new(t, history.clone());
         assert!(g.link_limited(t, &link, &link));
         // 40 MB/s written, all of it acknowledged within the window but a round trip.
-        let first = unwaited_windows(&mut g, &mut t, (&link, &history), (4_000_000, 3_900_000), 2);
+        let first = unwaited_windows(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (4_000_000, 3_900_000),
+            None,
+            2,
+        );
         assert_eq!(first, [true, true], "inside the allowance: no verdict");
-        let after = unwaited_windows(&mut g, &mut t, (&link, &history), (4_000_000, 4_000_000), 2);
+        let after = unwaited_windows(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (4_000_000, 4_000_000),
+            None,
+            2,
+        );
         assert_eq!(after, [false, false], "a fast link, no queue: raw");
         assert_eq!(g.capacity, None);
-    }
-
-    /// 100 ms windows in which the writers wrote `written` bytes (none waited), the peer
-    /// acknowledged `delivered`, and the tunnel socket's kernel state moved by `acked`
-    /// bytes taken by the path, `held_ms` held back by the windows, ending with
-    /// `notsent` unsent; the decision after each.
-    fn windows_with_path(
-        g: &mut CompressGovernor,
-        t: &mut Instant,
-        (link, history): (&LinkMeter, &LinkHistory),
-        (written, delivered): (usize, usize),
-        (acked, held_ms, notsent): (u64, u64, u64),
-        n: usize,
-    ) -> Vec<bool> {
-        (0..n)
-            .map(|_| {
-                let mut p = g.path.unwrap_or_default();
-                p.bytes_acked += acked;
-                p.rwnd_limited_us += held_ms * 1000;
-                p.notsent = notsent;
-                g.observe_path(Some(p));
-                link.record(written);
-                history.delivered().record(delivered);
-                *t += Duration::from_millis(100);
-                g.link_limited(*t, link, link)
-            })
-            .collect()
     }
 
     #[test]
@@ -1427,12 +1437,12 @@ mod tests {
         let mut g = CompressGovernor::new(t, history.clone());
         g.observe_path(Some(tcp_info::PathSample::default()));
         assert!(g.link_limited(t, &link, &link));
-        let decided = windows_with_path(
+        let decided = unwaited_windows(
             &mut g,
             &mut t,
             (&link, &history),
             (600_000, 200_000),
-            (600_000, 0, 0),
+            Some((600_000, 0, 0)),
             5,
         );
         // Young, or less than a megabyte written: no verdict yet, keep compressing;
@@ -1455,12 +1465,12 @@ mod tests {
         let mut g = CompressGovernor::new(t, history.clone());
         g.observe_path(Some(tcp_info::PathSample::default()));
         assert!(g.link_limited(t, &link, &link));
-        let decided = windows_with_path(
+        let decided = unwaited_windows(
             &mut g,
             &mut t,
             (&link, &history),
             (2_000_000, 0),
-            (1_250_000, 100, 4 << 20),
+            Some((1_250_000, 100, 4 << 20)),
             4,
         );
         assert!(decided.iter().all(|&l| l), "{decided:?}");
@@ -1468,12 +1478,12 @@ mod tests {
         assert!((capacity - 12.5e6).abs() < 1e5, "{capacity}");
         // A burst into an emptied socket buffer after a pause of the source is not
         // the link's pace: 40 MB written in a window that ends full.
-        let after = windows_with_path(
+        let after = unwaited_windows(
             &mut g,
             &mut t,
             (&link, &history),
             (40_000_000, 0),
-            (1_250_000, 60, 4 << 20),
+            Some((1_250_000, 60, 4 << 20)),
             1,
         );
         assert_eq!(after, [true]);

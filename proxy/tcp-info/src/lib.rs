@@ -20,8 +20,6 @@ pub struct PathSample {
     /// Bytes written by the application that TCP has not sent yet (held back by the
     /// congestion or receive window).
     pub notsent: u64,
-    /// Bytes sent and not yet acknowledged by the receiving host.
-    pub unacked_segments: u32,
     /// The latest delivery-rate sample, bytes per second.
     pub delivery_rate: u64,
     /// Whether that sample was limited by the application (nothing to send), so that
@@ -31,12 +29,8 @@ pub struct PathSample {
     pub rwnd_limited_us: u64,
     /// Microseconds TCP spent limited by the send buffer (cumulative).
     pub sndbuf_limited_us: u64,
-    /// Microseconds TCP had data in flight (cumulative).
-    pub busy_us: u64,
     /// Bytes the receiving host acknowledged (cumulative).
     pub bytes_acked: u64,
-    /// Smoothed round-trip time, microseconds.
-    pub rtt_us: u32,
 }
 
 /// Reads `TCP_INFO` of a TCP socket. `None` where the platform has no `TCP_INFO`, the
@@ -79,14 +73,11 @@ pub fn sample_fd(fd: std::os::fd::RawFd) -> Option<PathSample> {
     };
     Some(PathSample {
         notsent: u64::from(info.tcpi_notsent_bytes),
-        unacked_segments: info.tcpi_unacked,
         delivery_rate: info.tcpi_delivery_rate,
         app_limited,
         rwnd_limited_us: info.tcpi_rwnd_limited,
         sndbuf_limited_us: info.tcpi_sndbuf_limited,
-        busy_us: info.tcpi_busy_time,
         bytes_acked: info.tcpi_bytes_acked,
-        rtt_us: info.tcpi_rtt,
     })
 }
 
