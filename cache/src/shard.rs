@@ -154,6 +154,11 @@ impl<V: DataLen> Sharded<V> {
         Some(r)
     }
 
+    /// Runs `f` on the value of `id`, without touching its recency.
+    pub(crate) fn peek_with<R>(&self, id: &ChunkId, f: impl FnOnce(&V) -> R) -> Option<R> {
+        self.shard(id).lock().lru.peek(id).map(f)
+    }
+
     /// Whether `id` is present, without touching its recency.
     pub(crate) fn contains(&self, id: &ChunkId) -> bool {
         self.shard(id).lock().lru.contains(id)

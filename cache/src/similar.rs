@@ -107,6 +107,10 @@ impl SimilarChunks for SimilarIndex {
         self.chunks.get(id)
     }
 
+    fn peek(&self, id: &ChunkId) -> Option<Bytes> {
+        self.chunks.peek(id)
+    }
+
     fn remember(&self, chunk: VerifiedChunk, sketch: &Sketch) {
         let id = *chunk.id();
         self.chunks.insert(chunk);

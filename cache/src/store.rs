@@ -73,6 +73,13 @@ impl ChunkStore {
         }
     }
 
+    /// Chunk `id`'s bytes (a reference count, no copy), without marking it recently
+    /// used or counting a hit or miss: for holders that need the bytes of a chunk
+    /// they already know of, not a lookup of the store's.
+    pub fn peek(&self, id: &ChunkId) -> Option<Bytes> {
+        self.inner.map.peek_with(id, Bytes::clone)
+    }
+
     /// Whether chunk `id` is held, without marking it recently used.
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.inner.map.contains(id)

@@ -270,3 +270,28 @@ fn concurrent_peer_index_small_budget() {
     assert!(index.bytes() <= cap);
     assert!(index.stats().evictions > 0);
 }
+
+#[test]
+fn a_peek_neither_refreshes_nor_counts() {
+    // Room for two 1000-byte chunks in one shard.
+    let s = ChunkStore::with_shards(2 * (1000 + ENTRY_OVERHEAD), 1);
+    let chunk = |n: u8| VerifiedChunk::from_local(Bytes::from(vec![n; 1000]));
+    let (first, second) = (chunk(1), chunk(2));
+    let (first_id, second_id) = (*first.id(), *second.id());
+    s.insert(first);
+    s.insert(second);
+    let before = s.stats();
+    // The same bytes as stored (a reference count, no copy), ...
+    let peeked = s.peek(&first_id).expect("held");
+    assert_eq!(peeked, Bytes::from(vec![1u8; 1000]));
+    assert!(s.peek(&ChunkId::of(b"absent")).is_none());
+    // ... no hit or miss counted, and the oldest stays the oldest: a third chunk
+    // evicts it, not the second.
+    let after = s.stats();
+    assert_eq!((after.hits, after.misses), (before.hits, before.misses));
+    s.insert(chunk(3));
+    assert!(!s.contains(&first_id));
+    assert!(s.contains(&second_id));
+    // A pin that shares the peeked bytes keeps them alive past the eviction.
+    assert_eq!(peeked.len(), 1000);
+}

@@ -82,6 +82,11 @@ pub trait SimilarChunks: Send + Sync {
     fn get(&self, _id: &ChunkId) -> Option<Bytes> {
         None
     }
+    /// As [`SimilarChunks::get`], without marking the chunk recently used: a chunk
+    /// referenced again is no better a delta base for it. The default is `get`.
+    fn peek(&self, id: &ChunkId) -> Option<Bytes> {
+        self.get(id)
+    }
 }
 
 /// The sending edge's memory of groups ([`crate::group`]) formed on its connections:

@@ -322,7 +322,10 @@ impl Encoder {
         if holding.is_held() {
             self.stats.refs += 1;
             self.stats.ref_bytes += data.len() as u64;
-            ledger.pin(id, &data);
+            // Pages referenced again are mostly ones this edge sent: their delta base
+            // copy serves as the pin.
+            let similar = self.similar.as_ref();
+            ledger.pin(id, &data, || similar.and_then(|s| s.peek(&id)));
             // A member sent moments ago is no risk in a run: runs follow only groups
             // the peer acknowledged, and it stores a group only once it delivered
             // every member, so a NEXT it cannot resolve was evicted.
@@ -379,9 +382,10 @@ impl Encoder {
         if let Some((name, content, pos)) = self.follow.as_mut() {
             if group::id_at(content, *pos + 1).as_ref() == Some(id) {
                 *pos += 1;
-                // Pinned again (a count, no copy): a receiver that evicted the group
+                // Pinned again (a count; the group index's copy if the first pin is
+                // gone): a receiver that evicted the group
                 // since the FOLLOW needs it for this NEXT.
-                ledger.pin(*name, content);
+                ledger.pin(*name, content, || Some(content.clone()));
                 Frame::Next.encode(&mut self.batch);
                 self.place = Some((content.clone(), *pos));
                 return true;
@@ -410,7 +414,7 @@ impl Encoder {
             return false;
         }
         // Pinned like a reference: a peer that evicted the group asks for it.
-        ledger.pin(name, &content);
+        ledger.pin(name, &content, || Some(content.clone()));
         Frame::Follow {
             group: name,
             pos: pos_byte,
@@ -513,7 +517,7 @@ impl Encoder {
                 self.stats.delta_patch_bytes += patch.len() as u64;
                 // Pinned like a reference: if the base is gone at the peer, it asks
                 // for the whole chunk.
-                ledger.pin(id, data);
+                ledger.pin(id, data, || None);
                 ledger.carry(id);
                 // Edits of similar pages still share bytes: let compression see them.
                 if !zstd {

@@ -85,14 +85,21 @@ impl SendLedger {
     }
 
     /// Pins `data` (just referenced as `id`, ending at the current `sent` offset).
-    pub(crate) fn pin(&mut self, id: ChunkId, data: &Bytes) {
+    /// `own` may give the same bytes in an allocation of their own (a store's copy),
+    /// pinned as they are; otherwise `data` is copied.
+    pub(crate) fn pin(&mut self, id: ChunkId, data: &Bytes, own: impl FnOnce() -> Option<Bytes>) {
         self.queue.push_back((self.sent, id));
         let e = self.pinned.entry(id).or_insert_with(|| {
             self.pinned_bytes += data.len();
             // A copy: `data` is usually a slice of a whole local read (256 KiB), which
             // a pin would keep alive until the peer's ACK; at 256 concurrent
-            // connections such buffers were most of the sending edge's heap.
-            (Bytes::copy_from_slice(data), 0)
+            // connections such buffers were most of the sending edge's heap. A
+            // store's copy of the chunk is shared instead: no allocation, no copy
+            // (the same bytes: both are the content of `id`).
+            let held = own()
+                .filter(|own| own.len() == data.len())
+                .unwrap_or_else(|| Bytes::copy_from_slice(data));
+            (held, 0)
         });
         e.1 += 1;
     }
@@ -186,6 +193,27 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_shares_a_copy_of_its_own_and_copies_a_slice() {
+        let read = Bytes::from(vec![7u8; 3 * 4096]);
+        let page = read.slice(4096..8192);
+        let stored = Bytes::copy_from_slice(&page);
+        let mut l = SendLedger::new();
+        // The store's copy is pinned as it is: no allocation, no copy.
+        l.pin(id(1), &page, || Some(stored.clone()));
+        assert_eq!(l.get(&id(1)).map(|b| b.as_ptr()), Some(stored.as_ptr()));
+        // Without one (or with bytes of another length), the slice is copied: the
+        // pin must not keep the whole read alive.
+        l.pin(id(2), &page, || None);
+        l.pin(id(3), &page, || Some(stored.slice(..100)));
+        for n in [2, 3] {
+            let pinned = l.get(&id(n)).expect("pinned");
+            assert_eq!(*pinned, page);
+            assert!(!std::ptr::eq(pinned.as_ptr(), page.as_ptr()));
+        }
+        assert_eq!(l.pinned_bytes(), 3 * 4096);
+    }
+
+    #[test]
     fn carried_chunks_stay_listed_until_acknowledged() {
         let mut l = SendLedger::new();
         for n in 1..=3 {
@@ -193,7 +221,7 @@ mod tests {
             l.carry(id(n));
         }
         l.advance(4096);
-        l.pin(id(9), &Bytes::from_static(&[9; 16]));
+        l.pin(id(9), &Bytes::from_static(&[9; 16]), || None);
         let listed = |l: &SendLedger| l.unacknowledged_carried().copied().collect::<Vec<_>>();
         assert_eq!(listed(&l), [id(1), id(2), id(3)]);
         // An ACK that ends inside the second chunk acknowledges only the first.
