@@ -1443,18 +1443,31 @@ mod tests {
         assert_eq!(g.capacity, None);
     }
 
+    /// A new connection to a new peer whose first batch has been decided (compress:
+    /// nothing known), with its socket's kernel state read once: the clock, the
+    /// peer's history, the meter of its writes and the governor.
+    fn watching_its_socket() -> (
+        Instant,
+        std::sync::Arc<LinkHistory>,
+        LinkMeter,
+        CompressGovernor,
+    ) {
+        let t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        let mut g = CompressGovernor::new(t, history.clone());
+        g.observe_path(Some(tcp_info::PathSample::default()));
+        assert!(g.link_limited(t, &link, &link));
+        (t, history, link, g)
+    }
+
     #[test]
     fn a_path_that_takes_everything_written_ends_the_buffer_allowance() {
         // Four multifd channels at 1 Gbit/s on a busy CPU: each writes a few MB per
         // migration, far inside the allowances, never waits, and the peer's
         // acknowledgements lag (its CPU); without the socket's word every batch was
         // compressed and the migration took longer than sending everything raw.
-        let mut t = Instant::now();
-        let history = std::sync::Arc::new(LinkHistory::default());
-        let link = LinkMeter::default();
-        let mut g = CompressGovernor::new(t, history.clone());
-        g.observe_path(Some(tcp_info::PathSample::default()));
-        assert!(g.link_limited(t, &link, &link));
+        let (mut t, history, link, mut g) = watching_its_socket();
         let decided = unwaited_windows(
             &mut g,
             &mut t,
@@ -1477,12 +1490,7 @@ mod tests {
     fn a_path_that_holds_bytes_back_is_saturated_at_the_pace_it_delivers() {
         // 100 Mbit/s: kernel buffers take 2 MB per window, but TCP holds most of it
         // back and the path takes 1.25 MB per 100 ms.
-        let mut t = Instant::now();
-        let history = std::sync::Arc::new(LinkHistory::default());
-        let link = LinkMeter::default();
-        let mut g = CompressGovernor::new(t, history.clone());
-        g.observe_path(Some(tcp_info::PathSample::default()));
-        assert!(g.link_limited(t, &link, &link));
+        let (mut t, history, link, mut g) = watching_its_socket();
         let decided = unwaited_windows(
             &mut g,
             &mut t,
@@ -1556,12 +1564,7 @@ mod tests {
         // without a capacity, which ends this connection's allowance; nothing has
         // measured the link, but its socket holds 2.4 MB back: no reason to go raw.
         for holding in [true, false] {
-            let mut t = Instant::now();
-            let history = std::sync::Arc::new(LinkHistory::default());
-            let link = LinkMeter::default();
-            let mut g = CompressGovernor::new(t, history.clone());
-            g.observe_path(Some(tcp_info::PathSample::default()));
-            assert!(g.link_limited(t, &link, &link));
+            let (mut t, history, link, mut g) = watching_its_socket();
             let path = if holding {
                 (10_000, 100, 2_400_000)
             } else {
