@@ -498,7 +498,8 @@ impl CompressGovernor {
     }
 
     /// What the tunnel socket's kernel state (`tcp_info`) at the window's end, and its
-    /// limited time during the window, say of the path beyond this edge: `Full` when
+    /// limited time during the window ([`CompressGovernor::held_back`]), say of the
+    /// path beyond this edge: `Full` when
     /// TCP holds written bytes back (the link or the peer takes less than is
     /// written), `Clear` when everything written left the socket at once. `None`
     /// without samples, in between, or before the connection is [`QUEUE_MIN_AGE`] old
@@ -507,10 +508,10 @@ impl CompressGovernor {
     fn path_verdict(
         &self,
         now: Instant,
-        elapsed: Duration,
+        held_back: Option<(u64, f64)>,
         own_written: u64,
     ) -> Option<PathVerdict> {
-        let (unsent, held) = self.held_back(elapsed)?;
+        let (unsent, held) = held_back?;
         if now.duration_since(self.delivered_at_first.1) < QUEUE_MIN_AGE
             || own_written < QUEUE_EVIDENCE
         {
@@ -614,10 +615,9 @@ impl CompressGovernor {
             let rate = written.saturating_sub(start) as f64 / elapsed.as_secs_f64();
             let waited_share = self.waited.as_secs_f64() / elapsed.as_secs_f64();
             let recalled = self.history.recall(now);
-            // Still inside what kernel buffers take, and nothing known of this peer's
-            // link from any connection.
             // What the tunnel socket's kernel state says of the path (module notes).
-            let path = match self.path_verdict(now, elapsed, own_written) {
+            let held_back = self.held_back(elapsed);
+            let path = match self.path_verdict(now, held_back, own_written) {
                 Some(PathVerdict::Full) => {
                     self.history.mark_path_full(now);
                     Some(PathVerdict::Full)
@@ -625,6 +625,8 @@ impl CompressGovernor {
                 Some(PathVerdict::Clear) if self.history.path_full_lately(now) => None,
                 other => other,
             };
+            // Still inside what kernel buffers take, and nothing known of this peer's
+            // link from any connection.
             let within_allowance = own_written < BUFFER_ALLOWANCE
                 && written.saturating_sub(self.peer_at_first) < PEER_ALLOWANCE
                 && recalled.is_none();
@@ -769,9 +771,8 @@ impl CompressGovernor {
                 // stands. (Four migrations at once over 100 Mbit/s: a connection
                 // 206 ms old, 2.4 MB unsent and held back the whole window, recalled
                 // a sibling's decision made without a capacity and sent its batches
-                // raw until its own verdict: 0-6 raw batches a run, once 30.)
-                let holding = self
-                    .held_back(elapsed)
+                // raw until its own verdict: 0-9 raw batches a run.)
+                let holding = held_back
                     .is_some_and(|(unsent, held)| unsent >= PATH_FULL_UNSENT || held >= WAIT_SHARE);
                 awaits_replies
                     || (known.is_none() && holding && self.limited)

@@ -383,8 +383,8 @@ impl Encoder {
             if group::id_at(content, *pos + 1).as_ref() == Some(id) {
                 *pos += 1;
                 // Pinned again (a count; the group index's copy if the first pin is
-                // gone): a receiver that evicted the group
-                // since the FOLLOW needs it for this NEXT.
+                // gone): a receiver that evicted the group since the FOLLOW needs it
+                // for this NEXT.
                 ledger.pin(*name, content, || Some(content.clone()));
                 Frame::Next.encode(&mut self.batch);
                 self.place = Some((content.clone(), *pos));
