@@ -499,12 +499,11 @@ impl CompressGovernor {
 
     /// What the tunnel socket's kernel state (`tcp_info`) at the window's end, and its
     /// limited time during the window ([`CompressGovernor::held_back`]), say of the
-    /// path beyond this edge: `Full` when
-    /// TCP holds written bytes back (the link or the peer takes less than is
-    /// written), `Clear` when everything written left the socket at once. `None`
-    /// without samples, in between, or before the connection is [`QUEUE_MIN_AGE`] old
-    /// and has written [`QUEUE_EVIDENCE`] (TCP's slow start holds bytes back on any
-    /// link at first).
+    /// path beyond this edge: `Full` when TCP holds written bytes back (the link or
+    /// the peer takes less than is written), `Clear` when everything written left the
+    /// socket at once. `None` without samples, in between, or before the connection is
+    /// [`QUEUE_MIN_AGE`] old and has written [`QUEUE_EVIDENCE`] (TCP's slow start
+    /// holds bytes back on any link at first).
     fn path_verdict(
         &self,
         now: Instant,
