@@ -1,6 +1,7 @@
 //! Speed of what the sending edge does with every new chunk while batches are
-//! compressed, before compression: the delta search's sketch (`wire::delta::Sketch`)
-//! and the word-difference price (`wire::words::choose`), on the 4 KiB pages of real
+//! compressed, before compression: the delta search's sketch (`wire::delta::Sketch`),
+//! the word-difference price (`wire::words::choose`) and the branch-target scan
+//! (`wire::branches::choose`), on the 4 KiB pages of real
 //! files (guest RAM images, or the new pages `scripts/new_pages.py` extracts), with
 //! BLAKE3 side by side (`PageHasher`, what every page gets) as the yardstick.
 
@@ -35,8 +36,9 @@ pub fn run(a: AnalyseArgs) -> anyhow::Result<()> {
     let bytes = pages.len() * PAGE;
     let mut hasher = PageHasher::new();
     let mut ids = Vec::with_capacity(pages.len());
-    let (mut hash, mut sketch, mut words) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut sketched, mut chosen) = (0usize, 0usize);
+    let (mut hash, mut sketch, mut words, mut branches) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut sketched, mut chosen, mut code) = (0usize, 0usize, 0usize);
     for run in 0..a.runs {
         let t = Instant::now();
         ids.clear();
@@ -56,21 +58,29 @@ pub fn run(a: AnalyseArgs) -> anyhow::Result<()> {
             .filter(|p| wire::words::choose(p).is_some())
             .count();
         words.push(ns_per_byte(bytes, t));
+        let t = Instant::now();
+        code = pages
+            .iter()
+            .filter(|p| wire::branches::choose(p).is_some())
+            .count();
+        branches.push(ns_per_byte(bytes, t));
         eprintln!(
-            "run {}: BLAKE3 {:.3}, sketch {:.3}, word price {:.3} ns/B",
+            "run {}: BLAKE3 {:.3}, sketch {:.3}, word price {:.3}, branch scan {:.3} ns/B",
             run + 1,
             hash[run],
             sketch[run],
-            words[run]
+            words[run],
+            branches[run]
         );
     }
     println!(
-        "{} pages, median of {}: BLAKE3 side by side {:.3} ns/B, sketch {:.3} ns/B ({sketched} with features), word price {:.3} ns/B ({chosen} as differences)",
+        "{} pages, median of {}: BLAKE3 side by side {:.3} ns/B, sketch {:.3} ns/B ({sketched} with features), word price {:.3} ns/B ({chosen} as differences), branch scan {:.3} ns/B ({code} as code)",
         pages.len(),
         a.runs,
         median(&mut hash),
         median(&mut sketch),
-        median(&mut words)
+        median(&mut words),
+        median(&mut branches)
     );
     Ok(())
 }

@@ -588,7 +588,7 @@ fn run_scenario(
     if let Some(c) = &edge_counters {
         let n = |k: &str| c[k].as_u64().unwrap_or(0);
         eprintln!(
-            "  edge A sent: {} new chunks ({} B), {} refs ({} recent, {} in runs), {} deltas ({} B of patches, {} zstd), {} word chunks, {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed",
+            "  edge A sent: {} new chunks ({} B), {} refs ({} recent, {} in runs), {} deltas ({} B of patches, {} zstd), {} word chunks, {} branch chunks, {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed",
             n("chunks_sent"),
             n("chunk_bytes"),
             n("refs_sent"),
@@ -598,6 +598,7 @@ fn run_scenario(
             n("delta_patch_bytes"),
             n("zstd_deltas_sent"),
             n("word_chunks_sent"),
+            n("branch_chunks_sent"),
             n("literal_bytes"),
             n("batches_raw"),
             n("batches_compressed"),

@@ -48,6 +48,9 @@ pub struct EncodeArgs {
     /// Send every new chunk as it is: no word differences (WORDS frames).
     #[arg(long)]
     no_words: bool,
+    /// Send x86 code as it is: no absolute branch targets (BRANCHES frames).
+    #[arg(long)]
+    no_branches: bool,
     /// Also write every batch's frames, uncompressed, to this file (what zstd sees:
     /// e.g. `zstd -b1 -e9` on it compares levels and parameters).
     #[arg(long)]
@@ -82,7 +85,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
         )?;
         total += wire;
         println!(
-            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs ({} in runs, {} runs), {} deltas ({} at their run's place; {} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences), {} of {} batches streamed",
+            "{}: {} B -> {wire} B on the WAN in {:.1} s: {} refs ({} in runs, {} runs), {} deltas ({} at their run's place; {} B of pages as {} B, {} zstd), {} chunks ({} B, {} as word differences, {} with absolute branch targets), {} of {} batches streamed",
             file.display(),
             image.len(),
             started.elapsed().as_secs_f64(),
@@ -97,6 +100,7 @@ pub fn run(a: EncodeArgs) -> anyhow::Result<()> {
             s.chunks,
             s.chunk_bytes,
             s.word_chunks,
+            s.branch_chunks,
             s.compression.batches_streamed,
             s.compression.batches_compressed,
         );
@@ -160,6 +164,7 @@ fn encode_image(
         enc.set_thorough(false);
     }
     enc.set_words(!a.no_words);
+    enc.set_branches(!a.no_branches);
     let mut ledger = SendLedger::new().confirming(peer_for_ledger);
     let mut wire = 0usize;
     let mut segments = Vec::new();

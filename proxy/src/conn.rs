@@ -587,6 +587,7 @@ async fn uplink(
         enc.set_deltas(always || limited);
         // Word differences only help batches that are compressed.
         enc.set_words(!off && (always || limited));
+        enc.set_branches(!off && (always || limited));
         // Compressing with history needs a stream: ask once the link limits.
         let grant = if (always || limited) && !off && !stream_granted {
             ctx.streams.take()

@@ -98,6 +98,9 @@ counters! {
     /// Of `chunks_sent`, those sent as the word differences of their bytes (WORDS
     /// frames: tables of 64-bit values that compress far better so).
     word_chunks_sent,
+    /// Of `chunks_sent`, those sent with their x86 branch targets made absolute
+    /// (BRANCHES frames: code whose calls of one function then carry the same bytes).
+    branch_chunks_sent,
     /// Deltas received, rebuilt, verified and stored.
     deltas_applied,
     /// Batches sent zstd-compressed.
@@ -175,6 +178,7 @@ impl EdgeStats {
         self.delta_bytes.fetch_add(s.delta_bytes, Relaxed);
         self.zstd_deltas_sent.fetch_add(s.zstd_deltas, Relaxed);
         self.word_chunks_sent.fetch_add(s.word_chunks, Relaxed);
+        self.branch_chunks_sent.fetch_add(s.branch_chunks, Relaxed);
         self.delta_patch_bytes
             .fetch_add(s.delta_patch_bytes, Relaxed);
         self.ref_bytes.fetch_add(s.ref_bytes, Relaxed);

@@ -1,4 +1,4 @@
-//! Tunnel frames (protocol v3; v2 added WORDS, v3 FOLLOW and NEXT) and their incremental decoder.
+//! Tunnel frames (protocol v4; v2 added WORDS, v3 FOLLOW and NEXT, v4 BRANCHES) and their incremental decoder.
 //!
 //! After the handshake ([`crate::handshake`]) each direction of a tunnel connection is
 //! a sequence of frames. Every frame starts with a one-byte type; every length is a
@@ -21,8 +21,9 @@
 //! | `0x0d` | WORDS | u8 stride (1..=64), varint len, len bytes: a CHUNK sent as the word differences of its bytes ([`crate::words`]) |
 //! | `0x0e` | FOLLOW | 32-byte group id, u8 position: a REF of the group's id at that position ([`crate::group`]) |
 //! | `0x0f` | NEXT | — (a REF of the followed group's next id) |
+//! | `0x10` | BRANCHES | varint len, len bytes: a CHUNK sent with its x86 branch targets made absolute ([`crate::branches`]) |
 //!
-//! LITERAL, CHUNK, WORDS, REF, REF_RECENT, DELTA, FOLLOW and NEXT are *data* frames: their order is the order of the bytes they
+//! LITERAL, CHUNK, WORDS, BRANCHES, REF, REF_RECENT, DELTA, FOLLOW and NEXT are *data* frames: their order is the order of the bytes they
 //! stand for. The others are control frames and may appear anywhere.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -58,6 +59,7 @@ const T_ZSTREAM: u8 = 0x0c;
 const T_WORDS: u8 = 0x0d;
 const T_FOLLOW: u8 = 0x0e;
 const T_NEXT: u8 = 0x0f;
+const T_BRANCHES: u8 = 0x10;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +70,10 @@ pub enum Frame {
     /// receiver hashes the bytes anyway, so an id would only cost 32 bytes and could
     /// not be trusted.
     Chunk(Bytes),
+    /// A [`Frame::Chunk`] whose x86 branch targets travel made absolute
+    /// ([`crate::branches`]): deliver and keep
+    /// [`branches::relative`](crate::branches::relative) of these bytes.
+    Branches(Bytes),
     /// Deliver the chunk the receiver already holds under this id.
     Ref(ChunkId),
     /// A [`Frame::Chunk`] whose bytes travel as their word differences at `stride`
@@ -138,6 +144,7 @@ impl Frame {
             Frame::Literal(_)
                 | Frame::Chunk(_)
                 | Frame::Words { .. }
+                | Frame::Branches(_)
                 | Frame::Ref(_)
                 | Frame::RefRecent(_)
                 | Frame::Delta { .. }
@@ -154,6 +161,7 @@ impl Frame {
         match self {
             Frame::Literal(data) => encode_bytes(dst, T_LITERAL, data, MAX_LITERAL),
             Frame::Chunk(data) => encode_bytes(dst, T_CHUNK, data, MAX_CHUNK),
+            Frame::Branches(data) => encode_bytes(dst, T_BRANCHES, data, MAX_CHUNK),
             Frame::Words { stride, diffs } => {
                 debug_assert!((1..=MAX_WORD_STRIDE).contains(stride));
                 debug_assert!(diffs.len() <= MAX_CHUNK);
@@ -219,7 +227,9 @@ impl Frame {
     /// Encoded size in bytes.
     pub fn encoded_len(&self) -> usize {
         match self {
-            Frame::Literal(d) | Frame::Chunk(d) => 1 + varint::len(d.len() as u64) + d.len(),
+            Frame::Literal(d) | Frame::Chunk(d) | Frame::Branches(d) => {
+                1 + varint::len(d.len() as u64) + d.len()
+            }
             Frame::Words { diffs, .. } => 2 + varint::len(diffs.len() as u64) + diffs.len(),
             Frame::Fill { data, .. } => {
                 1 + CHUNK_ID_LEN + varint::len(data.len() as u64) + data.len()
@@ -452,7 +462,15 @@ impl FrameDecoder {
             }
             if !matches!(
                 ty,
-                T_LITERAL | T_CHUNK | T_WORDS | T_REF | T_REF_RECENT | T_DELTA | T_FOLLOW | T_NEXT
+                T_LITERAL
+                    | T_CHUNK
+                    | T_WORDS
+                    | T_BRANCHES
+                    | T_REF
+                    | T_REF_RECENT
+                    | T_DELTA
+                    | T_FOLLOW
+                    | T_NEXT
             ) {
                 return Err(FrameError::BatchContent(type_name(ty)));
             }
@@ -469,6 +487,7 @@ fn type_name(ty: u8) -> &'static str {
         T_LITERAL => "LITERAL",
         T_CHUNK => "CHUNK",
         T_WORDS => "WORDS",
+        T_BRANCHES => "BRANCHES",
         T_REF => "REF",
         T_REF_RECENT => "REF_RECENT",
         T_DELTA => "DELTA",
@@ -509,6 +528,9 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
             .transpose()?,
         T_CHUNK => get_varint(rest, "CHUNK")?
             .map(|(n, l)| capped(n, MAX_CHUNK, "CHUNK").map(|n| (1 + l, n, ty)))
+            .transpose()?,
+        T_BRANCHES => get_varint(rest, "BRANCHES")?
+            .map(|(n, l)| capped(n, MAX_CHUNK, "BRANCHES").map(|n| (1 + l, n, ty)))
             .transpose()?,
         T_WORDS => {
             let Some(&stride) = rest.first() else {
@@ -598,6 +620,7 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
     Ok(match ty {
         T_LITERAL => Frame::Literal(body),
         T_CHUNK => Frame::Chunk(body),
+        T_BRANCHES => Frame::Branches(body),
         T_WORDS => {
             let stride = body.get_u8();
             let (_, l) = get_varint(&body, "WORDS")?.ok_or(FrameError::BadVarint("WORDS"))?;

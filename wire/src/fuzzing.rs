@@ -42,6 +42,30 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `len` bytes that look like x86 code to [`crate::branches`]: near calls (`E8`) of four
+/// functions from many places, with a few bytes of other instructions (none `E8` or
+/// `E9`) between them; the same for the same seed.
+pub fn code(len: usize, seed: u64) -> Vec<u8> {
+    const OTHER: [u8; 8] = [0x48, 0x89, 0xc7, 0x31, 0xc0, 0x0f, 0x85, 0x90];
+    const TARGETS: [u32; 4] = [0x0100, 0x2_0000, 0x80_0000, 0x1f_f000];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() + 16 <= len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for k in 0..(x % 8) as usize {
+            out.push(OTHER[(k + x as usize) % OTHER.len()]);
+        }
+        let target = TARGETS[(x >> 8) as usize % TARGETS.len()];
+        let after = out.len() as u32 + 5;
+        out.push(0xE8);
+        out.extend_from_slice(&target.wrapping_sub(after).to_le_bytes());
+    }
+    out.resize(len, 0xcc);
+    out
+}
+
 // ---------------------------------------------------------------------------------------
 // Read-split patterns
 // ---------------------------------------------------------------------------------------
@@ -818,6 +842,7 @@ impl Tunnel {
                     Frame::Literal(_)
                         | Frame::Chunk(_)
                         | Frame::Words { .. }
+                        | Frame::Branches(_)
                         | Frame::Ref(_)
                         | Frame::RefRecent(_)
                         | Frame::Delta { .. }
@@ -1134,5 +1159,37 @@ pub fn word_differences(data: &[u8]) {
     if let Some((s, d)) = crate::words::choose(chunk) {
         assert!((1..=crate::words::MAX_STRIDE).contains(&s), "stride {s}");
         assert!(crate::words::restore(&d, s) == chunk, "chosen form differs");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// branch_targets
+// ---------------------------------------------------------------------------------------
+
+/// `branch_targets`: the input is a chunk. Made absolute and made relative are inverse
+/// both ways (a BRANCHES frame's payload is arbitrary bytes from the peer, and any of
+/// them makes the one chunk whose absolute form they are); lengths are kept; whatever
+/// [`crate::branches::choose`] picks makes the chunk again.
+pub fn branch_targets(chunk: &[u8]) {
+    let (absolute, _) = crate::branches::absolute(chunk);
+    assert_eq!(
+        absolute.len(),
+        chunk.len(),
+        "made absolute, changed the length"
+    );
+    assert!(
+        crate::branches::relative(&absolute) == chunk,
+        "relative does not undo absolute"
+    );
+    let relative = crate::branches::relative(chunk);
+    assert!(
+        crate::branches::absolute(&relative).0 == chunk,
+        "absolute does not undo relative"
+    );
+    if let Some(made) = crate::branches::choose(chunk) {
+        assert!(
+            crate::branches::relative(&made) == chunk,
+            "chosen form differs"
+        );
     }
 }

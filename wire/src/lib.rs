@@ -10,8 +10,8 @@
 //! - [`page_hash`]: BLAKE3 of many 4 KiB blocks side by side (SIMD lanes full).
 //! - [`verified`]: [`VerifiedChunk`] / [`UnverifiedChunk`], trust as a type.
 //! - [`store`]: the traits the session needs from the shared cache.
-//! - [`delta`], [`words`]: near-duplicate chunks as deltas; tables of 64-bit words as
-//!   their differences.
+//! - [`delta`], [`words`], [`branches`]: near-duplicate chunks as deltas; tables of
+//!   64-bit words as their differences; x86 code with its branch targets made absolute.
 //! - [`zlevel`], [`zpool`], [`zstream`]: compression levels tuned to memory pages; pooled
 //!   contexts for one-shot frames; context-keeping streams of batches.
 //! - [`group`]: runs of block ids named by content, so a repeated run of references
@@ -26,6 +26,7 @@ pub mod verified;
 pub use id::ChunkId;
 pub use store::{ContentStore, GroupIndex, Holding, PeerHoldings, SimilarChunks};
 pub use verified::{HashMismatch, UnverifiedChunk, VerifiedChunk};
+pub mod branches;
 pub mod chunk;
 pub mod delta;
 pub mod frame;

@@ -133,6 +133,11 @@ fn replay_word_differences() {
 }
 
 #[test]
+fn replay_branch_targets() {
+    replay("branch_targets", fuzzing::branch_targets);
+}
+
+#[test]
 fn qemu_segment_corpus() {
     replay("qemu_segment", fuzzing::qemu_segment);
 }
@@ -266,6 +271,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let chunk = Bytes::from(noise(600, 1));
     let id = ChunkId::of(&chunk);
     let table = Bytes::from(wire::words::difference(&tabley(512, 1, 0x5000), 1));
+    let code = Bytes::from(wire::branches::absolute(&fuzzing::code(4096, 5)).0);
     let every = vec![
         Frame::Literal(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n")),
         Frame::Chunk(chunk.clone()),
@@ -273,6 +279,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             stride: 1,
             diffs: table.clone(),
         },
+        Frame::Branches(code.clone()),
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Delta {
@@ -303,6 +310,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
             stride: 8,
             diffs: table.clone(),
         },
+        Frame::Branches(code.clone()),
         Frame::Ref(id),
         Frame::RefRecent(id),
         Frame::Ref(id),
@@ -511,6 +519,9 @@ fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
             stride: 1,
             diffs: Bytes::from(wire::words::difference(&tabley(256, 1, 0xabc000), 1)),
         },
+        Frame::Branches(Bytes::from(
+            wire::branches::absolute(&fuzzing::code(2048, 11)).0,
+        )),
         Frame::Fill {
             id: ids[3],
             data: blocks[3].clone(),
@@ -689,6 +700,7 @@ fn generate_seed_corpus() {
     );
     write_seeds("delta_patch", &delta_seeds(), fuzzing::delta_patch);
     write_seeds("word_differences", &word_seeds(), fuzzing::word_differences);
+    write_seeds("branch_targets", &branch_seeds(), fuzzing::branch_targets);
 }
 
 /// Tables of 64-bit words growing by a constant, every `k`-th word stepping (1: a
@@ -723,6 +735,22 @@ fn word_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("noise", [&[200u8][..], &noise(4096, 31)].concat()),
         ("zeros", vec![0u8; 4097]),
+    ]
+}
+
+fn branch_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    // Opcodes whose operands sit on the edge of the near range, and at the very end.
+    let mut edges = vec![0xE8, 0xff, 0xff, 0xff, 0x00, 0xE9, 0x00, 0x00, 0x00, 0x01];
+    edges.extend_from_slice(&[0xE8, 0xff, 0xff, 0xff, 0xfe, 0xE8, 0xE8, 0xE9, 0xE8]);
+    vec![
+        ("empty", vec![]),
+        ("code", fuzzing::code(4096, 3)),
+        (
+            "code-absolute",
+            wire::branches::absolute(&fuzzing::code(4096, 4)).0,
+        ),
+        ("edges", edges),
+        ("noise", noise(4096, 77)),
     ]
 }
 

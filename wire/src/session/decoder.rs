@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::SessionError;
+use crate::branches;
 use crate::delta;
 use crate::frame::Frame;
 use crate::group::{self, GroupCutter};
@@ -171,11 +172,17 @@ impl Decoder {
         if frames.is_empty() {
             return Ok(());
         }
-        // A WORDS frame is a CHUNK in other clothes: restored first, it is hashed
-        // with the others.
+        // WORDS and BRANCHES frames are CHUNKs in other clothes: restored first, they
+        // are hashed with the others.
         for frame in frames.iter_mut() {
-            if let Frame::Words { stride, diffs } = frame {
-                *frame = Frame::Chunk(Bytes::from(words::restore(diffs, *stride)));
+            match frame {
+                Frame::Words { stride, diffs } => {
+                    *frame = Frame::Chunk(Bytes::from(words::restore(diffs, *stride)));
+                }
+                Frame::Branches(data) => {
+                    *frame = Frame::Chunk(Bytes::from(branches::relative(data)));
+                }
+                _ => {}
             }
         }
         let blocks: Vec<Bytes> = frames
@@ -214,6 +221,10 @@ impl Decoder {
             Frame::Literal(data) => Pending::Ready(data, None),
             Frame::Words { stride, diffs } => {
                 let chunk = Frame::Chunk(Bytes::from(words::restore(&diffs, stride)));
+                return self.handle_hashed(chunk, None);
+            }
+            Frame::Branches(data) => {
+                let chunk = Frame::Chunk(Bytes::from(branches::relative(&data)));
                 return self.handle_hashed(chunk, None);
             }
             Frame::Chunk(data) => {

@@ -68,6 +68,9 @@ pub struct EncoderStats {
     pub positional_deltas: u64,
     /// Of `chunks`, those sent as word differences (WORDS frames, [`crate::words`]).
     pub word_chunks: u64,
+    /// Of `chunks`, those sent with absolute branch targets (BRANCHES frames,
+    /// [`crate::branches`]).
+    pub branch_chunks: u64,
     /// What compressing its batches did.
     pub compression: CompressStats,
 }
@@ -124,6 +127,9 @@ pub struct Encoder {
     /// Send new chunks that hold regular 64-bit words as their differences (a pass or
     /// two over each new chunk; pays only when batches are compressed).
     words: bool,
+    /// Send new chunks of x86 code with their branch targets made absolute (a scan
+    /// for two opcode bytes; pays only when batches are compressed).
+    branches: bool,
     /// zstd level (zstd deltas use it, capped).
     level: i32,
     /// Compresses the batches [`Encoder::take_batch`] hands out (a driver that
@@ -166,6 +172,7 @@ impl Encoder {
             deltas: true,
             thorough: true,
             words: true,
+            branches: true,
             level: config.level,
             compressor: BatchCompressor::new(config.compress, config.level),
             hasher: PageHasher::new(),
@@ -223,6 +230,13 @@ impl Encoder {
     /// turns it off where they are not (on by default).
     pub fn set_words(&mut self, words: bool) {
         self.words = words;
+    }
+
+    /// Whether to send new chunks of x86 code with their branch targets made absolute
+    /// ([`crate::branches`]): like word differences, it only helps batches that are
+    /// compressed (on by default).
+    pub fn set_branches(&mut self, branches: bool) {
+        self.branches = branches;
     }
 
     /// Compresses batches as pieces of one zstd stream keeping `2^window_log` bytes of
@@ -357,8 +371,14 @@ impl Encoder {
             self.stats.chunks += 1;
             self.stats.chunk_bytes += data.len() as u64;
             self.batch_payload += data.len();
-            match words {
-                Some((stride, diffs)) => {
+            // Code is tried only for a chunk that no other form took: a code page
+            // resembling one the peer holds crosses as a small delta instead.
+            let branches = match words {
+                None if self.branches => crate::branches::choose(&data),
+                _ => None,
+            };
+            match (words, branches) {
+                (Some((stride, diffs)), _) => {
                     self.stats.word_chunks += 1;
                     Frame::Words {
                         stride,
@@ -366,7 +386,11 @@ impl Encoder {
                     }
                     .encode(&mut self.batch);
                 }
-                None => Frame::Chunk(data).encode(&mut self.batch),
+                (None, Some(absolute)) => {
+                    self.stats.branch_chunks += 1;
+                    Frame::Branches(Bytes::from(absolute)).encode(&mut self.batch);
+                }
+                (None, None) => Frame::Chunk(data).encode(&mut self.batch),
             }
         }
     }
