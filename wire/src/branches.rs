@@ -70,13 +70,8 @@ pub fn choose(chunk: &[u8]) -> Option<Vec<u8>> {
 /// The scan of the module docs, applying `map` to every near operand in place.
 fn convert(bytes: &mut [u8], map: impl Fn(u32, u32) -> u32) -> usize {
     let mut n = 0;
-    let mut i = 0;
-    while let Some(at) = next_opcode(&bytes[i..]) {
-        let op = i + at;
-        if op + 5 > bytes.len() {
-            break;
-        }
-        let operand = u32::from_le_bytes(bytes[op + 1..op + 5].try_into().expect("4 bytes"));
+    let mut from = 0;
+    while let Some((op, operand)) = next_operand(bytes, from) {
         if is_near(operand) {
             // Positions beyond 2^32 wrap; only the low 25 bits matter anyway.
             let position = (op + 5) as u32;
@@ -84,7 +79,7 @@ fn convert(bytes: &mut [u8], map: impl Fn(u32, u32) -> u32) -> usize {
             bytes[op + 1..op + 5].copy_from_slice(&mapped.to_le_bytes());
             n += 1;
         }
-        i = op + 5;
+        from = op + 5;
     }
     n
 }
@@ -92,21 +87,20 @@ fn convert(bytes: &mut [u8], map: impl Fn(u32, u32) -> u32) -> usize {
 /// How many near operands the scan finds in `chunk`.
 fn near_branches(chunk: &[u8]) -> usize {
     let mut n = 0;
-    let mut i = 0;
-    while let Some(at) = next_opcode(&chunk[i..]) {
-        let op = i + at;
-        if op + 5 > chunk.len() {
-            break;
-        }
-        let operand = u32::from_le_bytes(chunk[op + 1..op + 5].try_into().expect("4 bytes"));
+    let mut from = 0;
+    while let Some((op, operand)) = next_operand(chunk, from) {
         n += usize::from(is_near(operand));
-        i = op + 5;
+        from = op + 5;
     }
     n
 }
 
-fn next_opcode(bytes: &[u8]) -> Option<usize> {
-    memchr::memchr2(0xE8, 0xE9, bytes)
+/// The scan's next opcode at or after `from` with four bytes after it, and those
+/// four as its operand. The scan resumes after the operand, converted or not.
+fn next_operand(bytes: &[u8], from: usize) -> Option<(usize, u32)> {
+    let op = from + memchr::memchr2(0xE8, 0xE9, bytes.get(from..)?)?;
+    let operand = bytes.get(op + 1..op + 5)?;
+    Some((op, u32::from_le_bytes(operand.try_into().expect("4 bytes"))))
 }
 
 /// Whether `operand` is a 25-bit signed value (its top 8 bits copies of bit 24).
@@ -133,14 +127,10 @@ mod tests {
         let made = choose(&page).expect("a page of calls is code");
         // Every call operand now names one of four targets.
         let mut operands = std::collections::HashSet::new();
-        let mut i = 0;
-        while let Some(at) = next_opcode(&made[i..]) {
-            let op = i + at;
-            if op + 5 > made.len() {
-                break;
-            }
-            operands.insert(u32::from_le_bytes(made[op + 1..op + 5].try_into().unwrap()));
-            i = op + 5;
+        let mut from = 0;
+        while let Some((op, operand)) = next_operand(&made, from) {
+            operands.insert(operand);
+            from = op + 5;
         }
         assert_eq!(operands.len(), 4, "{operands:x?}");
         assert_eq!(relative(&made), page);

@@ -2,7 +2,7 @@
 //! store size and eviction pattern, and any interleaving of concurrent connections
 //! sharing one store and one peer model, the receiving side rebuilds exactly the input.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -974,26 +974,10 @@ fn word_tables_cross_as_differences_and_rebuild_exactly() {
         pages.push(workload_raw(9000 + i, 4096));
     }
     let input: Vec<u8> = pages.concat();
-    let send = |words: bool| {
-        let store: Arc<dyn ContentStore> = Arc::new(TinyStore::new(1 << 30));
-        let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
-        let mut enc = Encoder::new(
-            peer,
-            EncoderConfig {
-                compress: CompressMode::Always,
-                level: 3,
-            },
-        );
-        enc.set_words(words);
-        let mut dec = Decoder::new(store, DecoderConfig::default());
-        // The frames of the batch go to the decoder together, as the edge hands over
-        // a read's frames (WORDS restored before the pages are hashed side by side).
-        let wire_len = pages_through(&mut enc, &mut dec, &input, true, true);
-        assert_eq!(dec.stats().chunks_stored, 64);
-        (enc.stats(), wire_len)
-    };
-    let (with, with_bytes) = send(true);
-    let (without, without_bytes) = send(false);
+    // The frames of the batch go to the decoder together, as the edge hands over a
+    // read's frames (WORDS restored before the pages are hashed side by side).
+    let (with, with_bytes) = pages_compressed(&input, |e| e.set_words(true), true);
+    let (without, without_bytes) = pages_compressed(&input, |e| e.set_words(false), true);
     assert_eq!(with.word_chunks, 48, "{with:?}");
     assert_eq!(without.word_chunks, 0);
     assert_eq!(with.chunks, 64);
@@ -1018,25 +1002,9 @@ fn code_pages_cross_with_absolute_branch_targets_and_are_rebuilt_exactly() {
         pages.push(workload_raw(7000 + i, 4096));
     }
     let input: Vec<u8> = pages.concat();
-    let send = |branches: bool, together: bool| {
-        let store: Arc<dyn ContentStore> = Arc::new(TinyStore::new(1 << 30));
-        let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
-        let mut enc = Encoder::new(
-            peer,
-            EncoderConfig {
-                compress: CompressMode::Always,
-                level: 3,
-            },
-        );
-        enc.set_branches(branches);
-        let mut dec = Decoder::new(store, DecoderConfig::default());
-        let wire_len = pages_through(&mut enc, &mut dec, &input, true, together);
-        assert_eq!(dec.stats().chunks_stored, 48);
-        (enc.stats(), wire_len)
-    };
-    let (with, with_bytes) = send(true, true);
-    let (one_by_one, _) = send(true, false);
-    let (without, without_bytes) = send(false, true);
+    let (with, with_bytes) = pages_compressed(&input, |e| e.set_branches(true), true);
+    let (one_by_one, _) = pages_compressed(&input, |e| e.set_branches(true), false);
+    let (without, without_bytes) = pages_compressed(&input, |e| e.set_branches(false), true);
     assert_eq!(with.branch_chunks, 32, "{with:?}");
     assert_eq!(one_by_one.branch_chunks, 32);
     assert_eq!(without.branch_chunks, 0);
@@ -1044,6 +1012,31 @@ fn code_pages_cross_with_absolute_branch_targets_and_are_rebuilt_exactly() {
         with_bytes < without_bytes,
         "{with_bytes} B with absolute branch targets, {without_bytes} B without"
     );
+}
+
+/// Sends `input` as 4 KiB blocks in one compressed batch (level 3) through a fresh
+/// encoder, `set` up, and decoder, decoded frame by frame or all `together`; checks
+/// every distinct page is stored and returns the encoder's counters and wire size.
+fn pages_compressed(
+    input: &[u8],
+    set: impl FnOnce(&mut Encoder),
+    together: bool,
+) -> (EncoderStats, usize) {
+    let store: Arc<dyn ContentStore> = Arc::new(TinyStore::new(1 << 30));
+    let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist::default());
+    let mut enc = Encoder::new(
+        peer,
+        EncoderConfig {
+            compress: CompressMode::Always,
+            level: 3,
+        },
+    );
+    set(&mut enc);
+    let mut dec = Decoder::new(store, DecoderConfig::default());
+    let wire_len = pages_through(&mut enc, &mut dec, input, true, together);
+    let distinct: HashSet<&[u8]> = input.chunks(4096).collect();
+    assert_eq!(dec.stats().chunks_stored, distinct.len() as u64);
+    (enc.stats(), wire_len)
 }
 
 /// Sends each input in turn as 4 KiB blocks (as the QEMU and NBD parsers cut them)
