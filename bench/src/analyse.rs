@@ -46,24 +46,21 @@ pub fn run(a: AnalyseArgs) -> anyhow::Result<()> {
             hasher.hash_all(group, &mut ids);
         }
         hash.push(ns_per_byte(bytes, t));
-        let t = Instant::now();
-        sketched = pages
-            .iter()
-            .filter(|p| wire::delta::Sketch::of(p).is_some())
-            .count();
-        sketch.push(ns_per_byte(bytes, t));
-        let t = Instant::now();
-        chosen = pages
-            .iter()
-            .filter(|p| wire::words::choose(p).is_some())
-            .count();
-        words.push(ns_per_byte(bytes, t));
-        let t = Instant::now();
-        code = pages
-            .iter()
-            .filter(|p| wire::branches::choose(p).is_some())
-            .count();
-        branches.push(ns_per_byte(bytes, t));
+        // How many pages `keep` takes, and its time per byte.
+        let timed = |keep: &dyn Fn(&[u8]) -> bool| {
+            let t = Instant::now();
+            let n = pages.iter().filter(|p| keep(p)).count();
+            (n, ns_per_byte(bytes, t))
+        };
+        let (n, ns) = timed(&|p| wire::delta::Sketch::of(p).is_some());
+        sketched = n;
+        sketch.push(ns);
+        let (n, ns) = timed(&|p| wire::words::choose(p).is_some());
+        chosen = n;
+        words.push(ns);
+        let (n, ns) = timed(&|p| wire::branches::choose(p).is_some());
+        code = n;
+        branches.push(ns);
         eprintln!(
             "run {}: BLAKE3 {:.3}, sketch {:.3}, word price {:.3}, branch scan {:.3} ns/B",
             run + 1,

@@ -585,9 +585,10 @@ async fn uplink(
         enc.set_thorough(thorough);
         // On a fast link the CPU is the limit: no delta search at all.
         enc.set_deltas(always || limited);
-        // Word differences only help batches that are compressed.
-        enc.set_words(!off && (always || limited));
-        enc.set_branches(!off && (always || limited));
+        // Word differences and branch targets only help batches that are compressed.
+        let transforms = !off && (always || limited);
+        enc.set_words(transforms);
+        enc.set_branches(transforms);
         // Compressing with history needs a stream: ask once the link limits.
         let grant = if (always || limited) && !off && !stream_granted {
             ctx.streams.take()

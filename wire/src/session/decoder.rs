@@ -16,6 +16,16 @@ use crate::store::ContentStore;
 use crate::verified::{UnverifiedChunk, VerifiedChunk};
 use crate::words;
 
+/// The chunk a WORDS or BRANCHES frame stands for (its transform undone); `None` for
+/// any other frame.
+fn disguised_chunk(frame: &Frame) -> Option<Bytes> {
+    match frame {
+        Frame::Words { stride, diffs } => Some(Bytes::from(words::restore(diffs, *stride))),
+        Frame::Branches(data) => Some(Bytes::from(branches::relative(data))),
+        _ => None,
+    }
+}
+
 /// Decoder settings.
 #[derive(Clone, Debug)]
 pub struct DecoderConfig {
@@ -175,14 +185,8 @@ impl Decoder {
         // WORDS and BRANCHES frames are CHUNKs in other clothes: restored first, they
         // are hashed with the others.
         for frame in frames.iter_mut() {
-            match frame {
-                Frame::Words { stride, diffs } => {
-                    *frame = Frame::Chunk(Bytes::from(words::restore(diffs, *stride)));
-                }
-                Frame::Branches(data) => {
-                    *frame = Frame::Chunk(Bytes::from(branches::relative(data)));
-                }
-                _ => {}
+            if let Some(data) = disguised_chunk(frame) {
+                *frame = Frame::Chunk(data);
             }
         }
         let blocks: Vec<Bytes> = frames
@@ -219,13 +223,9 @@ impl Decoder {
         }
         let item = match frame {
             Frame::Literal(data) => Pending::Ready(data, None),
-            Frame::Words { stride, diffs } => {
-                let chunk = Frame::Chunk(Bytes::from(words::restore(&diffs, stride)));
-                return self.handle_hashed(chunk, None);
-            }
-            Frame::Branches(data) => {
-                let chunk = Frame::Chunk(Bytes::from(branches::relative(&data)));
-                return self.handle_hashed(chunk, None);
+            Frame::Words { .. } | Frame::Branches(_) => {
+                let data = disguised_chunk(&frame).expect("WORDS and BRANCHES carry a chunk");
+                return self.handle_hashed(Frame::Chunk(data), None);
             }
             Frame::Chunk(data) => {
                 // Named by its own hash: verified by construction, cannot poison.
