@@ -661,6 +661,13 @@ fn tunnel_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         (
+            "code-always-stream",
+            with_header(
+                &h(0x07 | 0x10 | 0x40, 0x40, [3, 11], [3, 12]),
+                &fuzzing::code(9000, 41),
+            ),
+        ),
+        (
             "tables-always-stream",
             with_header(
                 &h(0x07 | 0x10 | 0x40, 0x40, [3, 11], [3, 12]),

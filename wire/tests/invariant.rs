@@ -355,6 +355,13 @@ fn workload(seed: u64, len: usize, pool: &[Vec<u8>]) -> Vec<u8> {
                 }
                 out.extend_from_slice(&page);
             }
+            // Unique bytes: random, or x86-like code (calls of a few functions from
+            // many places), whose chunks the encoder sends with absolute branch
+            // targets.
+            2 if next() % 2 == 0 => {
+                let n = 2048 + (next() % 8192) as usize;
+                out.extend_from_slice(&wire::fuzzing::code(n, next()));
+            }
             2 => {
                 let n = (next() % 3000) as usize;
                 for _ in 0..n {
@@ -420,14 +427,15 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Runs the connections to completion, checks each rebuilt its input exactly, and
-/// returns how many chunks went as word differences and how many references in runs.
+/// returns how many chunks went as word differences, how many references in runs and
+/// how many chunks with absolute branch targets.
 fn run(
     inputs: Vec<Vec<u8>>,
     store_cap: usize,
     mode: CompressMode,
     ops: Vec<Op>,
     recent: u64,
-) -> (u64, u64) {
+) -> (u64, u64, u64) {
     let store = Arc::new(TinyStore::new(store_cap));
     let peer: Arc<dyn PeerHoldings> = Arc::new(Optimist(Mutex::default(), recent));
     let similar: Arc<dyn SimilarChunks> = Arc::new(Similar::default());
@@ -491,19 +499,21 @@ fn run(
     (
         stats.iter().map(|s| s.word_chunks).sum(),
         stats.iter().map(|s| s.group_refs).sum(),
+        stats.iter().map(|s| s.branch_chunks).sum(),
     )
 }
 
 #[test]
-fn the_property_workload_holds_word_tables_and_runs() {
-    // The generator above must exercise WORDS, FOLLOW and NEXT frames, or the
-    // properties would not cover them.
+fn the_property_workload_holds_word_tables_code_and_runs() {
+    // The generator above must exercise WORDS, BRANCHES, FOLLOW and NEXT frames, or
+    // the properties would not cover them.
     let p = pool(11);
     let inputs = (0..3)
         .map(|i| workload(11 ^ (i + 1), 120_000, &p))
         .collect();
-    let (words, runs) = run(inputs, 1 << 30, CompressMode::Always, Vec::new(), 0);
+    let (words, runs, code) = run(inputs, 1 << 30, CompressMode::Always, Vec::new(), 0);
     assert!(words >= 20, "{words} chunks as word differences");
+    assert!(code >= 20, "{code} chunks with absolute branch targets");
     assert!(runs >= 20, "{runs} references in runs");
 }
 
