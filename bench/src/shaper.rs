@@ -40,19 +40,29 @@ impl Bucket {
         }
     }
 
-    /// How long to wait before `n` bytes may pass (and takes them).
-    pub fn take(&mut self, n: usize, now: Instant) -> Duration {
+    /// When the `n` bytes that reached the link at `ready` may leave (and takes them).
+    ///
+    /// The time is when the bytes reached the link, not when the emulator got round to
+    /// them: on a busy machine the emulator wakes late, and refilling from its own
+    /// clock would cap the refill at the burst and lose the link time in between, so
+    /// the emulated link would drain below its rate exactly when the hosts on it
+    /// work hardest (measured: 100 Mbit/s windows of 3.5-8 MB/s with megabytes
+    /// queued). A real link sends while its hosts are busy; late bytes catch up.
+    pub fn take(&mut self, n: usize, ready: Instant) -> Instant {
         if self.rate <= 0.0 {
-            return Duration::ZERO;
+            return ready;
         }
+        // Pieces of several lanes may come out of order of their ready times: an
+        // earlier one does not refill what a later one already took.
+        let now = ready.max(self.last);
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         self.tokens -= n as f64;
         if self.tokens >= 0.0 {
-            Duration::ZERO
+            now
         } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            now + Duration::from_secs_f64(-self.tokens / self.rate)
         }
     }
 }
@@ -258,17 +268,28 @@ async fn pipe<R, W>(
             }
         }
     });
+    let mut unblocked = Instant::now();
     while let Some((at, piece, _permit)) = rx.recv().await {
         // tokio's timer has 1 ms granularity: never touch it when no delay is asked.
         if !delay.is_zero() && Instant::now() < at + delay {
             tokio::time::sleep_until(at + delay).await;
         }
-        let wait = bucket.lock().await.take(piece.len(), Instant::now());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        // The piece reached the end of the delay line at `ready`; it leaves when the
+        // rate allows, counted from then (see `Bucket::take`), but not from before the
+        // next hop last took a write: time in which it held the link back (its
+        // socket full, as TCP's window would stop a real sender) is no credit.
+        let ready = (at + delay).max(unblocked);
+        let leave = bucket.lock().await.take(piece.len(), ready);
+        if leave > Instant::now() {
+            tokio::time::sleep_until(leave).await;
         }
+        let before = Instant::now();
         if w.write_all(&piece).await.is_err() {
             break;
+        }
+        let after = Instant::now();
+        if after - before > Duration::from_millis(1) {
+            unblocked = after;
         }
         count(piece.len() as u64);
     }
@@ -335,13 +356,13 @@ mod tests {
 
     #[test]
     fn bucket_paces_to_its_rate() {
-        let t0 = Instant::now();
         let mut b = Bucket::new(1e6); // 1 MB/s, burst 64 KiB
-        assert_eq!(b.take(65_536, t0), Duration::ZERO);
-        let w = b.take(100_000, t0);
+        let t0 = Instant::now();
+        assert_eq!(b.take(65_536, t0), t0);
+        let w = b.take(100_000, t0) - t0;
         assert!((w.as_secs_f64() - 0.1).abs() < 1e-3, "{w:?}");
         let mut free = Bucket::new(0.0);
-        assert_eq!(free.take(1 << 30, t0), Duration::ZERO);
+        assert_eq!(free.take(1 << 30, t0), t0);
     }
 
     fn pattern(len: usize) -> Vec<u8> {
@@ -406,17 +427,21 @@ mod tests {
     #[test]
     fn bucket_is_shared_debt() {
         // Two takers in a row at the same instant: the second waits for both.
-        let t0 = Instant::now();
         let mut b = Bucket::new(1e6);
-        assert_eq!(b.take(65_536, t0), Duration::ZERO);
-        let w1 = b.take(10_000, t0);
-        let w2 = b.take(10_000, t0);
+        let t0 = Instant::now();
+        assert_eq!(b.take(65_536, t0), t0);
+        let w1 = b.take(10_000, t0) - t0;
+        let w2 = b.take(10_000, t0) - t0;
         assert!((w1.as_secs_f64() - 0.01).abs() < 1e-4, "{w1:?}");
         assert!((w2.as_secs_f64() - 0.02).abs() < 1e-4, "{w2:?}");
         // Refill is capped at the burst.
         let later = t0 + Duration::from_secs(10);
-        assert_eq!(b.take(65_536 - 20_000, later), Duration::ZERO);
-        assert!(b.take(20_001, later) > Duration::ZERO);
+        assert_eq!(b.take(65_536 - 20_000, later), later);
+        assert!(b.take(20_001, later) > later);
+        // A piece that reached the link before one already taken does not refill.
+        let at = later + Duration::from_millis(5);
+        let first = b.take(10_000, at);
+        assert!(b.take(10_000, later) > first);
     }
 
     #[tokio::test]
@@ -446,6 +471,30 @@ mod tests {
         assert!(
             last.as_secs_f64() > ideal * 0.9 && last.as_secs_f64() < ideal + 1.0,
             "{last:?} vs {ideal}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_late_emulator_does_not_slow_the_link() {
+        // 2 MB at 4 MB/s: ~0.5 s of link. Meanwhile the (only) runtime thread is
+        // blocked four times for 80 ms, as a busy machine deschedules the emulator:
+        // the bytes that reached the link meanwhile leave at once when it wakes. With
+        // the refill counted from the emulator's own clock (capped at the 16 ms burst)
+        // each block cost ~64 ms of link time: ~0.75 s in all.
+        let blocker = tokio::spawn(async {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                std::thread::sleep(Duration::from_millis(80));
+            }
+        });
+        let data = pattern(2_000_000);
+        let (out, _, last, _) = through(data.clone(), 4e6, Duration::ZERO).await;
+        blocker.await.unwrap();
+        assert!(out == data);
+        let ideal = (2_000_000.0 - 65_536.0) / 4e6;
+        assert!(
+            last.as_secs_f64() < ideal + 0.15,
+            "{last:?} for {ideal:.3} s of link"
         );
     }
 
