@@ -319,7 +319,11 @@ mod tests {
     fn connect_retry(addr: SocketAddr) -> TcpStream {
         for _ in 0..500 {
             if let Ok(s) = TcpStream::connect(addr) {
-                return s;
+                // A connect to a free loopback port can meet itself (TCP simultaneous
+                // open when the kernel picks that port as the source): not the server.
+                if s.local_addr().ok() != s.peer_addr().ok() {
+                    return s;
+                }
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
