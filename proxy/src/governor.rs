@@ -43,12 +43,19 @@
 //! sending edge shares the machine with the hypervisor, or most of a migration's pages
 //! are already held by the peer and what remains costs more CPU per byte sent), the
 //! link starves while a strong level runs: the uplink waits neither for the link nor
-//! for its source, and the link drains below its known capacity. Judged over spans of
+//! for its source, and the link drains below its known pace. Judged over spans of
 //! a few windows (one 50 ms window alternates between a burst into kernel buffers and
 //! a writer blocked on a full socket, 0 B), two starved spans in a row step the level
 //! down a notch, or straight to the fast level when the second drained below half the
-//! capacity (a *ceiling* under the level the capacity allows), and a span that waits
-//! for the link again steps it back up. Later guests of a cluster, mostly references and
+//! pace (a *ceiling* under the level the capacity allows), and a span that waits
+//! for the link again steps it back up. The pace is what the path delivered in
+//! saturated windows where that exceeds the capacity, and a span whose socket held a
+//! backlog is not starved (the link was busy): while a CPU-bound sender's backlog
+//! drains, the capacity (the smaller of delivered and written, which the levels are
+//! tuned to) sinks to the CPU's pace, and a first guest over 100 Mbit/s at the deeper
+//! level once idled the link for a second with no span starved (2.5-3.1 s against
+//! ~2.15 s, about one run in ten; twelve alternating runs each: 0 such runs against
+//! 1, median 4.25 against 4.15 s, 39.24 against 39.17 MB). Later guests of a cluster, mostly references and
 //! deltas after the first, sent at the deep level, kept a 100 Mbit/s link busy about
 //! half the time (0.78-0.96 s per guest; capped at the fast level 0.51-0.74 s for 2%
 //! more bytes).
@@ -327,6 +334,13 @@ pub(crate) struct CompressGovernor {
     /// Whether a wait for the link measured `capacity` (rather than the queue at the
     /// peer, see [`CompressGovernor::standing_queue`]).
     capacity_by_wait: bool,
+    /// What the path delivered in this connection's last saturated windows, for
+    /// judging whether the CPU starves the link. `capacity` takes the smaller of
+    /// delivered and written, which the levels are tuned to; but while a CPU-bound
+    /// sender writes less than its socket's backlog drains, that smaller figure is
+    /// the CPU's pace, not the link's, and the link then idled for a second at the
+    /// deeper level with no span counted as starved (module notes).
+    drained: Option<f64>,
     /// Consecutive unsaturated windows that drained more than twice `capacity`.
     faster_windows: u32,
     /// Bytes drained beyond `capacity` in consecutive windows without a wait.
@@ -359,6 +373,9 @@ struct Span {
     written: u64,
     waited: Duration,
     source_waited: Duration,
+    /// Whether the tunnel socket held a backlog back in any of its windows: the link
+    /// was busy then, whatever this edge wrote.
+    path_full: bool,
 }
 
 /// What a finished span says about the link's use.
@@ -401,6 +418,7 @@ impl CompressGovernor {
             limited: recalled.is_none_or(|r| r.0),
             capacity: recalled.map(|r| r.1).filter(|&c| c > 0.0),
             capacity_by_wait: recalled.is_some_and(|r| r.2),
+            drained: None,
             faster_windows: 0,
             excess: 0.0,
             peer_at_first: 0,
@@ -537,15 +555,22 @@ impl CompressGovernor {
 
     /// Adds a finished window to the span; at the span's end, what it says. `start`
     /// and `written` are the peer meter's readings at the window's start and end.
-    fn close_span(&mut self, now: Instant, start: u64, written: u64) -> Option<SpanVerdict> {
+    fn close_span(
+        &mut self,
+        now: Instant,
+        (start, written): (u64, u64),
+        path_full: bool,
+    ) -> Option<SpanVerdict> {
         let span = self.span.get_or_insert(Span {
             start: self.window_start,
             written: start,
             waited: Duration::ZERO,
             source_waited: Duration::ZERO,
+            path_full: false,
         });
         span.waited += self.waited;
         span.source_waited += self.source_waited;
+        span.path_full |= path_full;
         let elapsed = now.duration_since(span.start);
         if elapsed < SPAN {
             return None;
@@ -556,9 +581,12 @@ impl CompressGovernor {
         if span.waited.as_secs_f64() / secs >= WAIT_SHARE {
             return Some(SpanVerdict::LinkBound);
         }
-        Some(match self.capacity {
+        // The link's pace: the capacity, or what the path delivered when more.
+        let pace = self.capacity.map(|c| c.max(self.drained.unwrap_or(0.0)));
+        Some(match pace {
             Some(c)
                 if span.source_waited.as_secs_f64() / secs < SOURCE_SHARE
+                    && !span.path_full
                     && rate < c * STARVED_SHARE =>
             {
                 SpanVerdict::Starved {
@@ -669,6 +697,7 @@ impl CompressGovernor {
                 ),
                 _ => None,
             };
+            let delivered = queued_rate.or(path_rate).unwrap_or(rate);
             let rate = queued_rate
                 .or(path_rate.map(|r| r.min(rate)))
                 .unwrap_or(rate);
@@ -685,6 +714,10 @@ impl CompressGovernor {
                 self.capacity = Some(match self.capacity {
                     Some(c) if rate < c => (rate + c) / 2.0,
                     _ => rate,
+                });
+                self.drained = Some(match self.drained {
+                    Some(d) if delivered < d => (delivered + d) / 2.0,
+                    _ => delivered,
                 });
                 self.capacity_by_wait = queued_rate.is_none();
                 self.excess = 0.0;
@@ -710,6 +743,7 @@ impl CompressGovernor {
                 };
                 if self.faster_windows >= STALE_WINDOWS || self.excess > PEER_ALLOWANCE as f64 {
                     self.capacity = None;
+                    self.drained = None;
                     self.faster_windows = 0;
                     self.excess = 0.0;
                 }
@@ -725,7 +759,7 @@ impl CompressGovernor {
                 self.span = None;
                 None
             } else {
-                self.close_span(now, start, written)
+                self.close_span(now, (start, written), path == Some(PathVerdict::Full))
             };
             if let Some(verdict) = span {
                 self.follow_cpu(verdict);
@@ -1014,6 +1048,48 @@ mod tests {
             window(&mut g, &mut t, &link, 450_000, 0);
         }
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+    }
+
+    #[test]
+    fn a_cpu_bound_sender_draining_its_socket_still_counts_as_starving_the_link() {
+        // A first guest over 50 Mbit/s (625 kB per 100 ms): waiting spans take the
+        // ceiling to the deeper level.
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        link.record(PEER_ALLOWANCE as usize);
+        let mut g = CompressGovernor::new(t, history.clone());
+        g.link_limited(t, &link, &link);
+        g.observe_path(Some(tcp_info::PathSample::default()));
+        for _ in 0..3 {
+            window(&mut g, &mut t, &link, 625_000, 80);
+        }
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEPER_LEVEL));
+        // Then the level is more than the CPU keeps up with: the sender writes 300 kB
+        // per 100 ms while its socket's backlog (megabytes) drains at the link's pace.
+        // The capacity reads the smaller figure and sinks towards the CPU's pace...
+        unwaited_windows(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (300_000, 625_000),
+            Some((625_000, 100, 2 << 20)),
+            4,
+        );
+        let capacity = g.capacity.expect("a capacity");
+        assert!(capacity < 4.5e6, "{capacity}");
+        // ...but once the backlog is gone and the sender writes 400 kB per 100 ms
+        // (64% of the link), the spans count as starved against what the path
+        // delivered: the ceiling comes down a notch.
+        unwaited_windows(
+            &mut g,
+            &mut t,
+            (&link, &history),
+            (400_000, 400_000),
+            Some((400_000, 0, 0)),
+            3,
+        );
+        assert_eq!(g.ceiling, DEEP_LEVEL);
     }
 
     /// A 100 ms window past the allowances in which `bytes` left, the uplink never
