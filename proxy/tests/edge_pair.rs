@@ -1612,7 +1612,14 @@ async fn a_window_smaller_than_a_batch_of_references_does_not_stall() {
         ca["group_refs_sent"].as_u64().unwrap(),
     );
     assert!(refs > 4000, "the second copy went as references: {ca}");
-    assert!(runs * 10 > refs * 9, "most references went in runs: {ca}");
+    // A reference to a chunk that left moments ago (REF_RECENT) cannot be in a run:
+    // runs follow only groups the peer acknowledged, and under load the first
+    // connection's ACKs may come after the second began (CI: 464 of 4,596).
+    let recent = ca["refs_recent_sent"].as_u64().unwrap();
+    assert!(
+        runs * 10 > (refs - recent) * 9,
+        "most references that could went in runs: {ca}"
+    );
     let sb = b.wait_for("runs resolved", |c| c["group_refs_resolved"] == runs);
     assert_eq!(sb["counters"]["misses_sent"], 0, "{}", b.log());
 }
