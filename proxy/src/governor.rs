@@ -55,10 +55,10 @@
 //! tuned to) sinks to the CPU's pace, and a first guest over 100 Mbit/s at the deeper
 //! level once idled the link for a second with no span starved (2.5-3.1 s against
 //! ~2.15 s, about one run in ten; twelve alternating runs each: 0 such runs against
-//! 1, median 4.25 against 4.15 s, 39.24 against 39.17 MB). Later guests of a cluster, mostly references and
-//! deltas after the first, sent at the deep level, kept a 100 Mbit/s link busy about
-//! half the time (0.78-0.96 s per guest; capped at the fast level 0.51-0.74 s for 2%
-//! more bytes).
+//! 1, median 4.25 against 4.15 s, 39.24 against 39.17 MB). Later guests of a
+//! cluster, mostly references and deltas after the first, sent at the deep level,
+//! kept a 100 Mbit/s link busy about half the time (0.78-0.96 s per guest; capped at
+//! the fast level 0.51-0.74 s for 2% more bytes).
 //!
 //! A migration of a later guest lasts half a second, so the ceiling must move within
 //! a tenth of that: spans are two windows long, and a new connection starts at the
@@ -390,6 +390,15 @@ enum SpanVerdict {
     Neither,
 }
 
+/// A rate estimate after a new measurement: a rise is taken at once, a drop half at a
+/// time (see where the capacity is measured).
+fn follow_half_down(old: Option<f64>, measured: f64) -> f64 {
+    match old {
+        Some(o) if measured < o => (measured + o) / 2.0,
+        _ => measured,
+    }
+}
+
 /// The level `by` notches along [`LADDER`] from `level` (the nearest at the ends).
 fn notch(level: i32, by: isize) -> i32 {
     let at = LADDER.iter().rposition(|&l| l <= level).unwrap_or(0);
@@ -711,14 +720,8 @@ impl CompressGovernor {
                 // at a low rate would otherwise set the deep level at 1 Gbit/s, whose
                 // CPU cost then keeps the uplink from ever waiting again (5.99 s
                 // against 3.1-3.8 s). A real slowdown gets there in a few windows.
-                self.capacity = Some(match self.capacity {
-                    Some(c) if rate < c => (rate + c) / 2.0,
-                    _ => rate,
-                });
-                self.drained = Some(match self.drained {
-                    Some(d) if delivered < d => (delivered + d) / 2.0,
-                    _ => delivered,
-                });
+                self.capacity = Some(follow_half_down(self.capacity, rate));
+                self.drained = Some(follow_half_down(self.drained, delivered));
                 self.capacity_by_wait = queued_rate.is_none();
                 self.excess = 0.0;
             } else if let Some(c) = self.capacity {
