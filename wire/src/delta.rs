@@ -22,13 +22,25 @@
 //! as a raw-content dictionary (`ZSTD_compress_usingDict`).
 //!
 //! # Sketch
-//! A gear rolling hash (the one FastCDC uses: each value covers the last 64 bytes)
-//! runs over the chunk; the [`FEATURES`] smallest distinct values are its features
-//! (min-hash). Two chunks sharing most of their 64-byte windows, at any offsets, share
-//! most of their smallest values, so edits and shifts both keep features. Windows in
-//! uniform runs (zero pages, fill patterns) repeat the same value and are skipped: they
-//! match everything and predict nothing. Features only *propose* a base; the payload
-//! size decides, and the target hash makes a wrong proposal harmless.
+//! Two min-hashes over the chunk give its [`FEATURES`]: the smallest distinct values
+//! of each ([`GEAR_FEATURES`] of a byte-granular one, the rest of a word-granular one).
+//! Two chunks sharing most of their windows share most of their smallest values, so
+//! a chunk proposes the stored chunks it shares features with.
+//! - A gear rolling hash (the one FastCDC uses: each value covers the last 64 bytes)
+//!   at every byte: content at any offset keeps its values (text or structures
+//!   shifted by a few bytes).
+//! - A hash of every run of [`WORD_WINDOW`] aligned 64-bit words (24 bytes): guest
+//!   memory changes in whole words (counters, pointers relocated by a different load
+//!   address, tables whose every few words differ), and a page edited every 32-64
+//!   bytes keeps no unchanged 64-byte window at all, but many unchanged 24-byte ones.
+//!   On four real Linux guests (`bench encode --level 8`) later guests found 29% more
+//!   bases and crossed in 12-14% fewer bytes than with gear features alone; the first
+//!   guest, whose near-duplicates are more often shifted, keeps its gear features
+//!   (word features alone cost it 1.4%).
+//!
+//! Windows in uniform runs (zero pages, fill patterns) repeat the same value and are
+//! skipped: they match everything and predict nothing. Features only *propose* a base;
+//! the payload size decides, and the target hash makes a wrong proposal harmless.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -37,6 +49,18 @@ use crate::varint;
 /// Features per chunk.
 pub const FEATURES: usize = 8;
 
+/// Of the [`FEATURES`], how many come from the gear hash (the rest from word
+/// windows). Measured with `bench encode --level 8` on four Linux guests: 0 of 8
+/// 35.67 MB, 1 35.55, 2 35.53, 3 35.63, 4 35.76, 6 36.30, all 8 (gear only) 37.17.
+pub const GEAR_FEATURES: usize = 2;
+
+/// 64-bit words per word window. On the same guests: 2 words 35.78 MB, 3 35.67,
+/// 4 35.75, 6 36.31, 8 36.49 (word features alone).
+pub const WORD_WINDOW: usize = 3;
+
+/// Mixed into word features so that they never equal a gear feature.
+const WORD_TAG: u64 = 0x5555_5555_5555_5555;
+
 /// Smallest chunk worth a delta: below it, the 64 bytes of ids in a DELTA frame eat
 /// the gain.
 pub const MIN_DELTA_CHUNK: usize = 1024;
@@ -44,7 +68,8 @@ pub const MIN_DELTA_CHUNK: usize = 1024;
 /// Largest chunk a zstd delta may rebuild (the wire's chunk cap).
 const MAX_TARGET: usize = crate::frame::MAX_CHUNK;
 
-/// The features of one chunk: its smallest distinct gear-hash values, ascending.
+/// The features of one chunk: its smallest distinct gear-hash values, then its
+/// smallest distinct word-window values, each ascending (see the module notes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sketch(pub [Option<u64>; FEATURES]);
 
@@ -55,40 +80,21 @@ impl Sketch {
         if chunk.len() < MIN_DELTA_CHUNK {
             return None;
         }
-        let gear = gear_table();
-        // The FEATURES smallest distinct values seen, ascending; `worst` is the largest
-        // kept once full, so most positions cost one comparison.
-        let mut mins = [u64::MAX; FEATURES];
-        let mut kept = 0usize;
-        let mut h = 0u64;
-        let mut prev = 0u64;
-        for (i, &b) in chunk.iter().enumerate() {
-            h = (h << 1).wrapping_add(gear[usize::from(b)]);
-            let repeat = h == prev;
-            prev = h;
-            // A value needs a full 64-byte window; a value equal to the previous
-            // position's comes from a uniform run.
-            if i < 64 || repeat || (kept == FEATURES && h >= mins[FEATURES - 1]) {
-                continue;
-            }
-            let at = mins[..kept].partition_point(|&m| m < h);
-            if at < kept && mins[at] == h {
-                continue;
-            }
-            let end = kept.min(FEATURES - 1);
-            mins.copy_within(at..end, at + 1);
-            mins[at] = h;
-            kept = (kept + 1).min(FEATURES);
-        }
-        if kept == 0 {
+        let mut gear = Smallest::<GEAR_FEATURES>::new();
+        gear_values(chunk, |h| gear.offer(h));
+        let mut words = Smallest::<{ FEATURES - GEAR_FEATURES }>::new();
+        word_values(chunk, |h| words.offer(h));
+        if gear.kept == 0 && words.kept == 0 {
             return None;
         }
         // Mixed with the length class so tiny and huge chunks do not propose each other
         // (a chunk and its base are usually about the same size).
-        let class = (chunk.len() as u64).ilog2() as u64;
+        let class = ((chunk.len() as u64).ilog2() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let mut out = [None; FEATURES];
-        for (slot, &m) in out.iter_mut().zip(&mins[..kept]) {
-            *slot = Some(m ^ class.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let values = gear.values().map(|m| m ^ class);
+        let values = values.chain(words.values().map(|m| m ^ class ^ WORD_TAG));
+        for (slot, v) in out.iter_mut().zip(values) {
+            *slot = Some(v);
         }
         Some(Sketch(out))
     }
@@ -96,6 +102,90 @@ impl Sketch {
     /// The usable features.
     pub fn features(&self) -> impl Iterator<Item = u64> + '_ {
         self.0.iter().flatten().copied()
+    }
+}
+
+/// The `N` smallest distinct values offered, ascending.
+struct Smallest<const N: usize> {
+    mins: [u64; N],
+    kept: usize,
+}
+
+impl<const N: usize> Smallest<N> {
+    fn new() -> Self {
+        Smallest {
+            mins: [u64::MAX; N],
+            kept: 0,
+        }
+    }
+
+    /// Keeps `h` if it is among the `N` smallest so far; once full, most values cost
+    /// one comparison with the largest kept.
+    #[inline]
+    fn offer(&mut self, h: u64) {
+        if N == 0 || (self.kept == N && h >= self.mins[N - 1]) {
+            return;
+        }
+        let at = self.mins[..self.kept].partition_point(|&m| m < h);
+        if at < self.kept && self.mins[at] == h {
+            return;
+        }
+        let end = self.kept.min(N - 1);
+        self.mins.copy_within(at..end, at + 1);
+        self.mins[at] = h;
+        self.kept = (self.kept + 1).min(N);
+    }
+
+    fn values(&self) -> impl Iterator<Item = u64> + '_ {
+        self.mins[..self.kept].iter().copied()
+    }
+}
+
+/// Offers the gear hash's value at every position with a full 64-byte window, except
+/// values equal to the previous position's (a uniform run).
+fn gear_values(chunk: &[u8], mut offer: impl FnMut(u64)) {
+    let gear = gear_table();
+    let mut h = 0u64;
+    let mut prev = 0u64;
+    for (i, &b) in chunk.iter().enumerate() {
+        h = (h << 1).wrapping_add(gear[usize::from(b)]);
+        let repeat = h == prev;
+        prev = h;
+        if i >= 64 && !repeat {
+            offer(h);
+        }
+    }
+}
+
+/// Offers a hash of every run of [`WORD_WINDOW`] aligned 64-bit words, except runs of
+/// one word repeated and values equal to the previous run's. Bytes after the last
+/// whole word are not covered.
+fn word_values(chunk: &[u8], mut offer: impl FnMut(u64)) {
+    const _: () = assert!(
+        WORD_WINDOW == 3,
+        "the window below is written out for 3 words"
+    );
+    // Each word mixed once; a window combines the last three, rotated apart so that
+    // the same words in another order give another value.
+    let (mut older, mut old) = (0u64, 0u64);
+    let mut prev = 0u64;
+    for (i, bytes) in chunk.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+        let mut w = (x ^ 0x243F_6A88_85A3_08D3).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        w ^= w >> 29;
+        if i + 1 >= WORD_WINDOW {
+            let mut h = w ^ old.rotate_left(8) ^ older.rotate_left(16);
+            h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            h ^= h >> 27;
+            // One word three times is a uniform run, wherever it starts.
+            let uniform = w == old && w == older;
+            if h != prev && !uniform {
+                offer(h);
+            }
+            prev = h;
+        }
+        older = old;
+        old = w;
     }
 }
 
@@ -347,11 +437,19 @@ mod tests {
             "edited: {}",
             shared_features(&base, &edited)
         );
-        // The same content 100 bytes further on, other bytes in front.
+        // The same content 100 bytes further on, other bytes in front: the gear
+        // features see it at any offset.
         let shifted = [&page(9)[..100], &base[..3996]].concat();
         assert!(
-            shared_features(&base, &shifted) >= 4,
+            shared_features(&base, &shifted) >= GEAR_FEATURES,
             "shifted: {}",
+            shared_features(&base, &shifted)
+        );
+        // Shifted by whole words, the word windows see it too.
+        let shifted = [&page(9)[..96], &base[..4000]].concat();
+        assert!(
+            shared_features(&base, &shifted) >= 4,
+            "shifted by words: {}",
             shared_features(&base, &shifted)
         );
         // Unrelated content shares nothing.
@@ -365,6 +463,37 @@ mod tests {
         // Too small for a delta; deterministic.
         assert_eq!(Sketch::of(&base[..1000]), None);
         assert_eq!(Sketch::of(&base), Sketch::of(&base.clone()));
+    }
+
+    #[test]
+    fn a_table_changed_every_eighth_word_keeps_word_features() {
+        // A table of pointers relocated by another load address: every eighth word
+        // differs, so no 64-byte window is unchanged and the gear hash finds nothing
+        // in common; most 24-byte windows are unchanged.
+        let mut x = 11u64;
+        let base: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut edited = base.clone();
+        for word in edited.chunks_exact_mut(64) {
+            word[0] ^= 0x40;
+        }
+        let (a, b) = (Sketch::of(&base).unwrap(), Sketch::of(&edited).unwrap());
+        let gear_shared = a.0[..GEAR_FEATURES]
+            .iter()
+            .filter(|f| b.0[..GEAR_FEATURES].contains(f))
+            .count();
+        assert_eq!(gear_shared, 0, "no 64-byte window survives");
+        assert!(
+            shared_features(&base, &edited) >= 2,
+            "word windows: {}",
+            shared_features(&base, &edited)
+        );
     }
 
     #[test]
