@@ -39,7 +39,7 @@ mod store;
 pub use groups::{GroupMap, GroupStats};
 pub use peer::{NameConflict, PeerIndex, PeerIndexStats, PeerLookup, PeerRegistry, RECENT_MARK};
 pub use shard::{default_shards, DEFAULT_SHARDS, ENTRY_OVERHEAD, MIN_SHARD_BYTES};
-pub use similar::{SimilarIndex, SimilarStats};
+pub use similar::{SimilarIndex, SimilarStats, FEATURE_ENTRY_CHARGE};
 pub use store::{ChunkStore, StoreStats};
 
 #[cfg(test)]

@@ -12,17 +12,29 @@ use wire::delta::{Sketch, FEATURES};
 use wire::{ChunkId, ContentStore, SimilarChunks, VerifiedChunk};
 
 use crate::store::ChunkStore;
+use crate::ENTRY_OVERHEAD;
 
 /// Feature-map shards (a power of two); features are hashes, so the low bits pick.
 const FEATURE_SHARDS: usize = 16;
+
+/// Memory charged per feature-map entry: the `lru` node (a 64-bit key, a 32-byte id and
+/// two links: 56 bytes, a 64-byte allocation) plus its hash-table slot (16 bytes and a
+/// control byte, in a table that `LruCache::new` sizes up front to at most 16/7 slots
+/// per entry). An upper bound, like [`ENTRY_OVERHEAD`] for the stored bytes.
+pub const FEATURE_ENTRY_CHARGE: u64 = 104;
+
+/// The chunk size the budget split assumes (guest pages and disk blocks).
+const ASSUMED_CHUNK: u64 = 4096;
 
 /// Chunks sent to any peer, bounded in bytes, plus a map from each chunk's features
 /// to its id.
 ///
 /// The bytes live in a [`ChunkStore`] of their own (not the edge's receiving store:
-/// peers model that one's evictions, and sent chunks must not disturb it). The feature
-/// map is bounded to [`FEATURES`] entries per chunk the byte budget can hold (4 KiB
-/// chunks assumed); a feature whose chunk was evicted simply finds nothing.
+/// peers model that one's evictions, and sent chunks must not disturb it). The byte
+/// budget covers both: it is split so that every 4 KiB chunk it can hold also pays for
+/// its [`FEATURES`] feature-map entries ([`FEATURE_ENTRY_CHARGE`] each), so
+/// `--delta-mem` bounds the whole index, not only the bytes. A feature whose chunk was
+/// evicted simply finds nothing.
 pub struct SimilarIndex {
     chunks: ChunkStore,
     features: Box<[Mutex<LruCache<u64, ChunkId>>]>,
@@ -37,6 +49,8 @@ pub struct SimilarStats {
     pub chunks: usize,
     /// Bytes charged for them.
     pub bytes: u64,
+    /// Entries in the feature map.
+    pub feature_entries: usize,
     /// `similar` calls.
     pub lookups: u64,
     /// `similar` calls that proposed at least one base.
@@ -44,16 +58,16 @@ pub struct SimilarStats {
 }
 
 impl SimilarIndex {
-    /// An index keeping up to `capacity_bytes` of sent chunks.
+    /// An index within `capacity_bytes`: the sent chunks' bytes and their feature-map
+    /// entries together.
     pub fn new(capacity_bytes: u64) -> Self {
-        let per_shard = (capacity_bytes / 4096)
-            .saturating_mul(FEATURES as u64)
-            .div_ceil(FEATURE_SHARDS as u64)
-            .max(1);
-        let cap = NonZeroUsize::new(usize::try_from(per_shard).unwrap_or(usize::MAX))
+        let feature_bytes = FEATURES as u64 * FEATURE_ENTRY_CHARGE;
+        let chunks = capacity_bytes / (ASSUMED_CHUNK + ENTRY_OVERHEAD + feature_bytes);
+        let per_shard = chunks.saturating_mul(FEATURES as u64) / FEATURE_SHARDS as u64;
+        let cap = NonZeroUsize::new(usize::try_from(per_shard.max(1)).unwrap_or(usize::MAX))
             .unwrap_or(NonZeroUsize::MIN);
         SimilarIndex {
-            chunks: ChunkStore::new(capacity_bytes),
+            chunks: ChunkStore::new(capacity_bytes - chunks * feature_bytes),
             features: (0..FEATURE_SHARDS)
                 .map(|_| Mutex::new(LruCache::new(cap)))
                 .collect(),
@@ -71,6 +85,7 @@ impl SimilarIndex {
         SimilarStats {
             chunks: self.chunks.len(),
             bytes: self.chunks.bytes(),
+            feature_entries: self.features.iter().map(|f| f.lock().len()).sum(),
             lookups: self.lookups.load(Relaxed),
             found: self.found.load(Relaxed),
         }
@@ -162,9 +177,33 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_covers_the_feature_map() {
+        let budget: u64 = 8 << 20;
+        let idx = SimilarIndex::new(budget);
+        for n in 0..4000u32 {
+            let p: Vec<u8> = (0..4096u32)
+                .map(|i| {
+                    (i.wrapping_mul(2_654_435_761) ^ n.wrapping_mul(40_503)).to_le_bytes()
+                        [(i % 4) as usize]
+                        ^ (n >> 8) as u8
+                })
+                .collect();
+            let p = Bytes::from(p);
+            if let Some(sk) = Sketch::of(&p) {
+                idx.remember(VerifiedChunk::from_local(p), &sk);
+            }
+        }
+        let st = idx.stats();
+        // Full: more pages were offered than the budget holds.
+        assert!(st.chunks > 1000 && st.chunks < 4000, "{st:?}");
+        let charged = st.bytes + st.feature_entries as u64 * FEATURE_ENTRY_CHARGE;
+        assert!(charged <= budget, "{charged} > {budget}: {st:?}");
+    }
+
+    #[test]
     fn evicted_bytes_propose_nothing() {
-        // Room for one page only.
-        let idx = SimilarIndex::new(4096 + crate::ENTRY_OVERHEAD);
+        // Room for one page and its features only.
+        let idx = SimilarIndex::new(4096 + ENTRY_OVERHEAD + FEATURES as u64 * FEATURE_ENTRY_CHARGE);
         let (a, b) = (Bytes::from(page(1)), Bytes::from(page(2)));
         for p in [&a, &b] {
             idx.remember(
