@@ -81,9 +81,9 @@ impl Sketch {
             return None;
         }
         let mut gear = Smallest::<GEAR_FEATURES>::new();
-        gear_values(chunk, |h| gear.offer(h));
+        gear_values(chunk, &mut gear);
         let mut words = Smallest::<{ FEATURES - GEAR_FEATURES }>::new();
-        word_values(chunk, |h| words.offer(h));
+        word_values(chunk, &mut words);
         if gear.kept == 0 && words.kept == 0 {
             return None;
         }
@@ -136,57 +136,184 @@ impl<const N: usize> Smallest<N> {
         self.kept = (self.kept + 1).min(N);
     }
 
+    /// Whether [`Smallest::offer`] could keep a value this small.
+    #[inline]
+    fn could_keep(&self, h: u64) -> bool {
+        N > 0 && (self.kept < N || h < self.mins[N - 1])
+    }
+
+    /// What a value must be below to be kept, and whether `u64::MAX` may be kept
+    /// too (while not full): [`Smallest::could_keep`] in two plain values.
+    #[inline]
+    fn bound(&self) -> (u64, bool) {
+        match (N, self.kept < N) {
+            (0, _) => (0, false),
+            (_, true) => (u64::MAX, true),
+            _ => (self.mins[N - 1], false),
+        }
+    }
+
     fn values(&self) -> impl Iterator<Item = u64> + '_ {
         self.mins[..self.kept].iter().copied()
     }
 }
 
-/// Offers the gear hash's value at every position with a full 64-byte window, except
-/// values equal to the previous position's (a uniform run).
-fn gear_values(chunk: &[u8], mut offer: impl FnMut(u64)) {
-    let gear = gear_table();
-    let mut h = 0u64;
-    let mut prev = 0u64;
-    for (i, &b) in chunk.iter().enumerate() {
-        h = (h << 1).wrapping_add(gear[usize::from(b)]);
-        let repeat = h == prev;
-        prev = h;
-        if i >= 64 && !repeat {
-            offer(h);
+/// Positions a gear value covers: the hash at a position depends on these bytes only.
+const GEAR_WINDOW: usize = 64;
+
+/// Positions hashed before their values are looked at together.
+const GEAR_BLOCK: usize = 8;
+
+/// Offers the gear hash's value at every position with a full 64-byte window (from
+/// the 65th byte on), skipping values equal to the previous position's (a uniform
+/// run; [`Smallest`] would refuse them anyway).
+///
+/// Built for speed, the sketch having cost 9 times BLAKE3 per byte with a comparison
+/// and a branch per position: the values are hashed [`GEAR_BLOCK`] at a time and a
+/// block is offered value by value only if its smallest could still be kept (once
+/// `kept` is full, almost never); and since a value depends only on the 64 bytes
+/// before it, the two halves of the chunk are hashed as two independent chains side
+/// by side (one chain is a serial dependency that leaves most of a core idle).
+/// Offers exactly what the tests' `gear_values_one_by_one` offers.
+fn gear_values<const N: usize>(chunk: &[u8], kept: &mut Smallest<N>) {
+    if chunk.len() <= GEAR_WINDOW {
+        return;
+    }
+    // Chain `a` covers the first `half` positions, `b` the rest (warmed up on the
+    // 64 bytes before its first position).
+    let half = (chunk.len() - GEAR_WINDOW) / 2 / GEAR_BLOCK * GEAR_BLOCK;
+    let (mut a, a_rest) = GearChain::warmed(&chunk[..GEAR_WINDOW + half]);
+    let (mut b, b_rest) = GearChain::warmed(&chunk[half..]);
+    let mut b_blocks = b_rest.chunks_exact(GEAR_BLOCK);
+    for (block_a, block_b) in a_rest.chunks_exact(GEAR_BLOCK).zip(&mut b_blocks) {
+        let (va, vb) = (a.hash(block_a), b.hash(block_b));
+        let lowest = va.iter().chain(&vb).fold(u64::MAX, |m, &v| m.min(v));
+        if kept.could_keep(lowest) {
+            a.offer(&va, kept);
+            b.offer(&vb, kept);
+        } else {
+            a.pass(&va);
+            b.pass(&vb);
         }
+    }
+    for block in &mut b_blocks {
+        let vb = b.hash(block);
+        if kept.could_keep(vb.iter().fold(u64::MAX, |m, &v| m.min(v))) {
+            b.offer(&vb, kept);
+        } else {
+            b.pass(&vb);
+        }
+    }
+    for &byte in b_blocks.remainder() {
+        let v = b.hash(&[byte]);
+        b.offer(&v, kept);
+    }
+}
+
+/// One gear hash chain over consecutive positions.
+struct GearChain {
+    table: &'static [u64; 256],
+    /// The value at the last position hashed.
+    h: u64,
+    /// The value at the last position offered or passed.
+    prev: u64,
+}
+
+impl GearChain {
+    /// A chain over `bytes` whose first [`GEAR_WINDOW`] bytes are hashed, and the rest.
+    fn warmed(bytes: &[u8]) -> (GearChain, &[u8]) {
+        let table = gear_table();
+        let (head, rest) = bytes.split_at(GEAR_WINDOW);
+        let h = head
+            .iter()
+            .fold(0u64, |h, &b| (h << 1).wrapping_add(table[usize::from(b)]));
+        (GearChain { table, h, prev: h }, rest)
+    }
+
+    /// The values at the positions of `bytes` (at most [`GEAR_BLOCK`]; unused slots
+    /// repeat the last value).
+    #[inline]
+    fn hash(&mut self, bytes: &[u8]) -> [u64; GEAR_BLOCK] {
+        let mut values = [0u64; GEAR_BLOCK];
+        for (v, &b) in values.iter_mut().zip(bytes) {
+            self.h = (self.h << 1).wrapping_add(self.table[usize::from(b)]);
+            *v = self.h;
+        }
+        values[bytes.len()..].fill(self.h);
+        values
+    }
+
+    /// Offers a block's values, each unless it repeats the one before.
+    #[inline]
+    fn offer<const N: usize>(&mut self, values: &[u64; GEAR_BLOCK], kept: &mut Smallest<N>) {
+        for &v in values {
+            if v != self.prev {
+                kept.offer(v);
+            }
+            self.prev = v;
+        }
+    }
+
+    /// Moves past a block none of whose values can be kept.
+    #[inline]
+    fn pass(&mut self, values: &[u64; GEAR_BLOCK]) {
+        self.prev = values[GEAR_BLOCK - 1];
     }
 }
 
 /// Offers a hash of every run of [`WORD_WINDOW`] aligned 64-bit words, except runs of
 /// one word repeated and values equal to the previous run's. Bytes after the last
 /// whole word are not covered.
-fn word_values(chunk: &[u8], mut offer: impl FnMut(u64)) {
+///
+/// The bound a window must beat is kept in a local between offers, so most windows
+/// cost their hash and one comparison (blocks as in [`gear_values`] do not pay here:
+/// with a few hundred windows per page and six kept, a third of all blocks would
+/// hold a value to offer). Offers exactly what the tests' `word_values_one_by_one`
+/// offers.
+fn word_values<const N: usize>(chunk: &[u8], kept: &mut Smallest<N>) {
     const _: () = assert!(
         WORD_WINDOW == 3,
         "the window below is written out for 3 words"
     );
-    // Each word mixed once; a window combines the last three, rotated apart so that
-    // the same words in another order give another value.
-    let (mut older, mut old) = (0u64, 0u64);
-    let mut prev = 0u64;
-    for (i, bytes) in chunk.chunks_exact(8).enumerate() {
-        let x = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
-        let mut w = (x ^ 0x243F_6A88_85A3_08D3).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        w ^= w >> 29;
-        if i + 1 >= WORD_WINDOW {
-            let mut h = w ^ old.rotate_left(8) ^ older.rotate_left(16);
-            h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            h ^= h >> 27;
-            // One word three times is a uniform run, wherever it starts.
-            let uniform = w == old && w == older;
-            if h != prev && !uniform {
-                offer(h);
-            }
-            prev = h;
-        }
-        older = old;
-        old = w;
+    if chunk.len() < 8 * WORD_WINDOW {
+        return;
     }
+    let mut words = chunk.chunks_exact(8);
+    let (mut older, mut old) = (0u64, 0u64);
+    for bytes in words.by_ref().take(WORD_WINDOW - 1) {
+        (older, old) = (old, word_mix(bytes));
+    }
+    let mut prev = 0u64;
+    let mut bound = kept.bound();
+    for bytes in words {
+        let w = word_mix(bytes);
+        let (v, uniform) = word_window(w, old, older);
+        let keepable = v < bound.0 || bound.1 && v == u64::MAX;
+        if keepable && v != prev && !uniform {
+            kept.offer(v);
+            bound = kept.bound();
+        }
+        prev = v;
+        (older, old) = (old, w);
+    }
+}
+
+/// One aligned word, mixed once (the windows it ends and is part of combine it).
+#[inline]
+fn word_mix(bytes: &[u8]) -> u64 {
+    let x = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+    let w = (x ^ 0x243F_6A88_85A3_08D3).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    w ^ (w >> 29)
+}
+
+/// The value of the window of mixed words `older, old, w` (rotated apart so that the
+/// same words in another order give another value), and whether it is one word three
+/// times: a uniform run, wherever it starts.
+#[inline]
+fn word_window(w: u64, old: u64, older: u64) -> (u64, bool) {
+    let mut h = w ^ old.rotate_left(8) ^ older.rotate_left(16);
+    h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (h ^ (h >> 27), w == old && w == older)
 }
 
 /// A fixed pseudo-random table (splitmix64 of the byte value), the gear hash's input.
@@ -361,6 +488,22 @@ fn next_varint(src: &mut &[u8]) -> Result<u64, PatchError> {
 mod tests {
     use super::*;
 
+    /// The gear features' definition, one position at a time: the oracle for the
+    /// block-wise [`gear_values`].
+    fn gear_values_one_by_one(chunk: &[u8], mut offer: impl FnMut(u64)) {
+        let gear = gear_table();
+        let mut h = 0u64;
+        let mut prev = 0u64;
+        for (i, &b) in chunk.iter().enumerate() {
+            h = (h << 1).wrapping_add(gear[usize::from(b)]);
+            let repeat = h == prev;
+            prev = h;
+            if i >= 64 && !repeat {
+                offer(h);
+            }
+        }
+    }
+
     fn page(seed: u8) -> Vec<u8> {
         (0..4096u32)
             .map(|i| (i.wrapping_mul(31) as u8) ^ seed)
@@ -512,5 +655,73 @@ mod tests {
         assert!(zstd_encode(&base, &page(2), 3, 100).is_none());
         // Garbage is refused, not trusted.
         assert_eq!(zstd_apply(&base, b"not zstd"), Err(PatchError::BadZstd));
+    }
+
+    /// The word features' definition, one window at a time: the oracle for the
+    /// block-wise [`word_values`].
+    fn word_values_one_by_one(chunk: &[u8], mut offer: impl FnMut(u64)) {
+        const _: () = assert!(
+            WORD_WINDOW == 3,
+            "the window below is written out for 3 words"
+        );
+        // Each word mixed once; a window combines the last three, rotated apart so that
+        // the same words in another order give another value.
+        let (mut older, mut old) = (0u64, 0u64);
+        let mut prev = 0u64;
+        for (i, bytes) in chunk.chunks_exact(8).enumerate() {
+            let x = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+            let mut w = (x ^ 0x243F_6A88_85A3_08D3).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            w ^= w >> 29;
+            if i + 1 >= WORD_WINDOW {
+                let mut h = w ^ old.rotate_left(8) ^ older.rotate_left(16);
+                h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                h ^= h >> 27;
+                // One word three times is a uniform run, wherever it starts.
+                let uniform = w == old && w == older;
+                if h != prev && !uniform {
+                    offer(h);
+                }
+                prev = h;
+            }
+            older = old;
+            old = w;
+        }
+    }
+
+    /// Chunks of uniform runs, repeating patterns and noise: the repeat rule and
+    /// blocks that straddle them are where the block-wise loop could differ.
+    fn mixed_chunk() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let segment = prop_oneof![
+            (any::<u8>(), 1..300usize).prop_map(|(b, n)| vec![b; n]),
+            (proptest::collection::vec(any::<u8>(), 1..9), 1..60usize)
+                .prop_map(|(pat, n)| pat.repeat(n)),
+            proptest::collection::vec(any::<u8>(), 1..400),
+        ];
+        proptest::collection::vec(segment, 0..24).prop_map(|s| s.concat())
+    }
+
+    fn kept_by<const N: usize>(fill: impl FnOnce(&mut Smallest<N>)) -> Vec<u64> {
+        let mut kept = Smallest::<N>::new();
+        fill(&mut kept);
+        kept.values().collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn gear_blocks_keep_what_one_by_one_keeps(chunk in mixed_chunk()) {
+            let one = kept_by::<2>(|k| gear_values_one_by_one(&chunk, |h| k.offer(h)));
+            proptest::prop_assert_eq!(kept_by::<2>(|k| gear_values(&chunk, k)), one);
+            let one = kept_by::<8>(|k| gear_values_one_by_one(&chunk, |h| k.offer(h)));
+            proptest::prop_assert_eq!(kept_by::<8>(|k| gear_values(&chunk, k)), one);
+        }
+
+        #[test]
+        fn word_blocks_keep_what_one_by_one_keeps(chunk in mixed_chunk()) {
+            let one = kept_by::<6>(|k| word_values_one_by_one(&chunk, |h| k.offer(h)));
+            proptest::prop_assert_eq!(kept_by::<6>(|k| word_values(&chunk, k)), one);
+            let one = kept_by::<1>(|k| word_values_one_by_one(&chunk, |h| k.offer(h)));
+            proptest::prop_assert_eq!(kept_by::<1>(|k| word_values(&chunk, k)), one);
+        }
     }
 }
