@@ -10,6 +10,7 @@
 //! - [`io`]: the WAN byte-counting socket wrapper.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod allocator;
 pub mod allow;
 mod budget;
 pub mod config;

@@ -776,6 +776,38 @@ fn config_errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("LISTEN=PEER=TARGET"));
 }
 
+/// The edge re-executes itself with glibc's malloc tunables (`proxy::allocator`):
+/// its environment, as the kernel holds it for the running image, has them (without
+/// it, the test's environment has no `GLIBC_TUNABLES`).
+#[test]
+fn an_edge_runs_with_its_malloc_tunables() {
+    let dir = Scratch::new("tunables");
+    let tunnel = addr(18, 17020);
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[
+            s("--tunnel-listen"),
+            tunnel.to_string(),
+            s("--insecure-plaintext"),
+        ],
+        tunnel,
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", b.child.id())).unwrap();
+    // glibc cuts the string it parsed at the first `:` (2.36), so the first tunable.
+    let first = proxy::allocator::EDGE_TUNABLES.split(':').next().unwrap();
+    let want = format!("GLIBC_TUNABLES={first}");
+    assert!(
+        environ
+            .split(|&c| c == 0)
+            .any(|v| v.starts_with(want.as_bytes())),
+        "{}",
+        String::from_utf8_lossy(&environ)
+    );
+    let log = b.stop();
+    assert!(log.contains("edge stopped"), "{log}");
+}
+
 #[test]
 fn sigterm_stops_gracefully_and_writes_final_stats() {
     let dir = Scratch::new("sigterm");

@@ -46,6 +46,10 @@ fn init_logging(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Edges (the demo runs two) copy every chunk they keep: see `proxy::allocator`.
+    if matches!(cli.cmd, Cmd::Edge(_) | Cmd::Demo(_)) {
+        proxy::allocator::reexec_with_edge_tunables();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
