@@ -146,6 +146,16 @@ pub(crate) const DEEPER_LEVEL: i32 = 8;
 /// input: ~18 MB/s, 3.6% of the fast level's speed. Below 3.5% the link stays the
 /// bottleneck (a 100 Mbit/s link is 2.5-3% of it on this machine's cores).
 const DEEPER_SHARE: f64 = 0.035;
+/// zstd level while nothing has measured the link to the peer (the first connection,
+/// or the first after [`HISTORY_TTL`] of silence): the batches that fill kernel
+/// buffers before any write waits. A first Linux guest over 100 Mbit/s wrote ~7 MiB
+/// that way, at the fast level 10.6% larger than at the deeper one. At the strong
+/// level the cluster crossed in 0.5% fewer bytes with a faster first guest (36.69 /
+/// 36.71 MB against 36.87 / 36.87, 2.09-2.10 s against 2.12-2.26 s) and no slower at
+/// 1 Gbit/s (1.65-1.89 s against 1.69-1.81 s); at the deep level 0.8% fewer bytes,
+/// but a first guest 0.15 s slower at 1 Gbit/s (docs/BENCHMARKS.md §4 "The
+/// allocator's arenas").
+pub(crate) const UNMEASURED_LEVEL: i32 = STRONG_LEVEL;
 /// The levels, weakest first: the CPU ceiling moves along them a notch at a time.
 const LADDER: [i32; 4] = [FAST_LEVEL, STRONG_LEVEL, DEEP_LEVEL, DEEPER_LEVEL];
 /// A span drained below this share of the link's known capacity, while the uplink
@@ -458,6 +468,9 @@ impl CompressGovernor {
     pub(crate) fn encoding(&mut self, now: Instant, link: &LinkMeter, own: &LinkMeter) -> Encoding {
         if !self.link_limited(now, link, own) {
             return Encoding::Raw;
+        }
+        if self.capacity.is_none() && self.history.recall(now).is_none() {
+            return Encoding::Zstd(UNMEASURED_LEVEL);
         }
         Encoding::Zstd(self.link_level().min(self.ceiling))
     }
@@ -1317,6 +1330,30 @@ mod tests {
         }
         assert_eq!(g.encoding(*t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
         (g, link)
+    }
+
+    #[test]
+    fn an_unmeasured_link_gets_the_strong_level_and_a_measured_one_its_own() {
+        let mut t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        link.record(BUFFER_ALLOWANCE as usize);
+        // The first connection to a peer: nothing measured, nothing recalled.
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert_eq!(
+            g.encoding(t, &link, &link),
+            Encoding::Zstd(UNMEASURED_LEVEL)
+        );
+        // Waits measure the link: from then on its level, under the CPU ceiling,
+        // which climbs from the fast level.
+        assert!(window(&mut g, &mut t, &link, 1_250_000, 40));
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(STRONG_LEVEL));
+        assert!(window(&mut g, &mut t, &link, 1_250_000, 40));
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+        // The next connection recalls the link: it starts at the fast level, as a
+        // later guest, CPU-bound from its first batch, should.
+        let mut next = CompressGovernor::new(t, history);
+        assert_eq!(next.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
     }
 
     #[test]
