@@ -31,10 +31,7 @@ pub const EDGE_TUNABLES: &str =
 /// The `GLIBC_TUNABLES` value to re-execute with, given the current one: `None` when
 /// the variable is set already (by the user, or by this function's re-execution).
 pub fn tunables_to_set(current: Option<&OsStr>) -> Option<&'static str> {
-    match current {
-        Some(_) => None,
-        None => Some(EDGE_TUNABLES),
-    }
+    current.is_none().then_some(EDGE_TUNABLES)
 }
 
 /// Re-executes this process with [`EDGE_TUNABLES`] in `GLIBC_TUNABLES` (same program,

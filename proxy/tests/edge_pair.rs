@@ -776,14 +776,9 @@ fn config_errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("LISTEN=PEER=TARGET"));
 }
 
-/// The edge re-executes itself with glibc's malloc tunables (`proxy::allocator`):
-/// its environment, as the kernel holds it for the running image, has them (without
-/// it, the test's environment has no `GLIBC_TUNABLES`).
-#[test]
-fn an_edge_runs_with_its_malloc_tunables() {
-    let dir = Scratch::new("tunables");
-    let tunnel = addr(18, 17020);
-    let b = EdgeProc::start(
+/// Edge "b" alone, accepting plaintext tunnels on `tunnel`.
+fn plaintext_tunnel_edge(dir: &Scratch, tunnel: std::net::SocketAddr) -> EdgeProc {
+    EdgeProc::start(
         dir.path(),
         "b",
         &[
@@ -792,7 +787,17 @@ fn an_edge_runs_with_its_malloc_tunables() {
             s("--insecure-plaintext"),
         ],
         tunnel,
-    );
+    )
+}
+
+/// The edge re-executes itself with glibc's malloc tunables (`proxy::allocator`):
+/// its environment, as the kernel holds it for the running image, has them (without
+/// it, the test's environment has no `GLIBC_TUNABLES`).
+#[test]
+fn an_edge_runs_with_its_malloc_tunables() {
+    let dir = Scratch::new("tunables");
+    let tunnel = addr(18, 17020);
+    let b = plaintext_tunnel_edge(&dir, tunnel);
     let environ = std::fs::read(format!("/proc/{}/environ", b.child.id())).unwrap();
     // glibc cuts the string it parsed at the first `:` (2.36), so the first tunable.
     let first = proxy::allocator::EDGE_TUNABLES.split(':').next().unwrap();
@@ -812,16 +817,7 @@ fn an_edge_runs_with_its_malloc_tunables() {
 fn sigterm_stops_gracefully_and_writes_final_stats() {
     let dir = Scratch::new("sigterm");
     let tunnel = addr(18, 17000);
-    let b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[
-            s("--tunnel-listen"),
-            tunnel.to_string(),
-            s("--insecure-plaintext"),
-        ],
-        tunnel,
-    );
+    let b = plaintext_tunnel_edge(&dir, tunnel);
     let stats = b.stats.clone();
     let log = b.stop();
     assert!(log.contains("edge stopped"), "{log}");
