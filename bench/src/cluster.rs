@@ -588,7 +588,7 @@ fn run_scenario(
     if let Some(c) = &edge_counters {
         let n = |k: &str| c[k].as_u64().unwrap_or(0);
         eprintln!(
-            "  edge A sent: {} new chunks ({} B), {} refs ({} recent, {} in runs), {} deltas ({} B of patches, {} zstd), {} word chunks, {} branch chunks, {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed",
+            "  edge A sent: {} new chunks ({} B), {} refs ({} recent, {} in runs), {} deltas ({} B of patches, {} zstd), {} word chunks, {} branch chunks, {} literal B; {} batches raw, {} compressed (mean level {:.2}), {} of them streamed, {} in spare time",
             n("chunks_sent"),
             n("chunk_bytes"),
             n("refs_sent"),
@@ -604,6 +604,7 @@ fn run_scenario(
             n("batches_compressed"),
             n("batch_level_sum") as f64 / n("batches_compressed").max(1) as f64,
             n("batches_streamed"),
+            n("spare_batches"),
         );
     }
     if scenario == "edge" {

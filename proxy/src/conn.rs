@@ -75,6 +75,12 @@ const DATA_QUEUE: usize = 8;
 /// blocking-pool thread, beside the uplink; smaller ones (interactive messages) inline,
 /// where a thread hand-off would add latency for little CPU.
 const OFFLOAD_MIN: usize = 64 * 1024;
+/// Bytes waiting for the link (queued for the writer, plus held unsent by the tunnel
+/// socket) above which a batch the governor would send raw is compressed at the fast
+/// level anyway: the link has work queued for longer than compressing the batch takes,
+/// so the CPU it costs is time the link does not wait for (see
+/// [`spare_time_compression`]).
+const SPARE_BACKLOG: u64 = 1 << 20;
 /// Frames smaller than this are gathered into one write.
 const COALESCE: usize = 64 * 1024;
 /// How long a finished tunnel waits for the peer's close before closing anyway.
@@ -216,6 +222,8 @@ struct Shared {
     wrote: Notify,
     lan_out: AtomicU64,
     fills_sent: AtomicU64,
+    /// Wire bytes handed to the writer and not yet written to the tunnel.
+    queued: AtomicU64,
     /// Every connection to the same peer records its writes here: the governor reads
     /// the link's pace from all of them together.
     peer_link: Arc<LinkHistory>,
@@ -306,6 +314,7 @@ where
         wrote: Notify::new(),
         lan_out: AtomicU64::new(0),
         fills_sent: AtomicU64::new(0),
+        queued: AtomicU64::new(0),
         peer_link: ctx.link_history.clone(),
         own_link: LinkMeter::default(),
         delivery: DeliveryMarks::new(ctx.link_history.clone()),
@@ -651,13 +660,21 @@ async fn compressor(
             _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
         };
         let Some(taken) = taken else { break };
-        comp.set_level(taken.level);
+        let raw = taken.batch.len();
+        let spare = !taken.limited
+            && raw >= OFFLOAD_MIN
+            && ctx.encoder.compress == wire::session::CompressMode::Auto
+            && spare_time_compression(shared, ctx);
+        if spare {
+            ctx.stats.spare_batches.fetch_add(1, Relaxed);
+        }
+        comp.set_level(if spare { FAST_LEVEL } else { taken.level });
         comp.set_persistent(taken.persistent);
         if let Some(grant) = taken.grant {
             comp.set_stream(Some(grant.window_log()));
             _grant = Some(grant);
         }
-        let (raw, limited, taken_end) = (taken.batch.len(), taken.limited, taken.stream_end);
+        let (limited, taken_end) = (taken.limited || spare, taken.stream_end);
         end_sent |= taken.batch.end();
         let attempts = comp.stats().attempts();
         let (done, out, took) = if raw >= OFFLOAD_MIN && comp.may_try(limited) {
@@ -690,6 +707,7 @@ async fn compressor(
         };
         comp = done;
         shared.delivery.queued(taken_end, out.len());
+        shared.queued.fetch_add(out.len() as u64, Relaxed);
         if comp.stats().attempts() > attempts {
             lock_governor(governor).record(raw, comp.level(), took.0, took.1);
         }
@@ -706,6 +724,29 @@ async fn compressor(
         shared.uplink_finished.notify_one();
     }
     Ok(comp.stats().clone())
+}
+
+/// Whether the link has more work queued ahead of this connection's next batch than
+/// compressing the batch takes ([`SPARE_BACKLOG`]): then a batch the governor would
+/// send raw (the CPU, not the link, looks like the limit) is compressed at the fast
+/// level, in time the link spends on what is queued. Compression then runs exactly
+/// while the link is busy and stops when it would starve it, whichever of the two is
+/// short: on a fast link with a busy CPU (1 Gbit/s, two cores shared with both
+/// QEMUs), a first guest's new pages went out raw and the link, not the CPU, set its
+/// time.
+fn spare_time_compression(shared: &Shared, ctx: &PumpCtx) -> bool {
+    link_backlog_exceeds(SPARE_BACKLOG, shared.queued.load(Relaxed), || {
+        ctx.tunnel_fd
+            .and_then(tcp_info::sample_fd)
+            .map(|p| p.notsent)
+    })
+}
+
+/// Whether `queued` bytes (handed to the writer) plus what the tunnel socket holds
+/// unsent reach `limit`; the socket is asked (a system call) only when `queued` alone
+/// does not, and counts as empty where it cannot tell.
+fn link_backlog_exceeds(limit: u64, queued: u64, unsent: impl FnOnce() -> Option<u64>) -> bool {
+    queued >= limit || queued + unsent().unwrap_or(0) >= limit
 }
 
 async fn downlink<T: AsyncRead>(
@@ -976,6 +1017,7 @@ async fn writer<T: AsyncWrite>(
                 b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
                     Some((b, end)) => {
                         write_or_abort(tw, &b, shared).await?;
+                        shared.queued.fetch_sub(b.len() as u64, Relaxed);
                         shared.peer_link.meter().record(b.len());
                         shared.own_link.record(b.len());
                         shared.written.store(end, Relaxed);
@@ -1064,5 +1106,23 @@ async fn write_or_abort<T: AsyncWrite>(
     tokio::select! {
         r = tw.write_all(data) => r,
         _ = shared.abort.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "aborted")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spare_time_counts_the_writer_queue_and_the_socket_together() {
+        let limit = 1 << 20;
+        // The writer's queue alone: the socket is not asked.
+        assert!(link_backlog_exceeds(limit, limit, || panic!("asked")));
+        // Neither alone, both together.
+        assert!(link_backlog_exceeds(limit, 600 << 10, || Some(500 << 10)));
+        assert!(!link_backlog_exceeds(limit, 600 << 10, || Some(100 << 10)));
+        // A socket that cannot tell counts as empty: the link may be idle.
+        assert!(!link_backlog_exceeds(limit, 600 << 10, || None));
+        assert!(!link_backlog_exceeds(limit, 0, || Some(limit - 1)));
     }
 }

@@ -114,6 +114,11 @@ counters! {
     /// Batches sent without trying compression: the link was not the bottleneck, or
     /// compression was backing off after batches that did not pay.
     batches_raw,
+    /// Batches compressed at the fast level although the governor found the CPU, not
+    /// the link, the limit: the link had more than a batch's compression time of work
+    /// queued (spare-time compression). Counted in `batches_compressed` too when it
+    /// paid.
+    spare_batches,
     /// Times a connection stopped reading its local socket because what it held on the
     /// way to the peer used up its share of `--send-ahead-mem` (it waited for its
     /// tunnel writes).
