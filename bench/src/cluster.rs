@@ -40,7 +40,9 @@ pub struct ClusterArgs {
     pub delay_ms: f64,
     /// Scenarios, comma-separated: direct, relay (a plain TCP relay at each end of the
     /// link: the cost of two hops alone), lan (QEMU straight to QEMU on loopback, no
-    /// link emulator and no WAN: the fastest any path can be on this machine), edge, zstd3, zstd3-long27,
+    /// link emulator and no WAN: the fastest any path can be on this machine), lan-relay
+    /// (QEMU to QEMU through one plain relay, no link: the LAN-side copies every pair of
+    /// hops pays, alone), edge, zstd3, zstd3-long27,
     /// zstd3-long30-shared (one zstd --long=30 stream carrying every migration in
     /// turn), qemu-multifd-zstd (QEMU's own multifd compression, direct over the link).
     #[arg(long, default_value = "direct,edge,zstd3,zstd3-long27")]
@@ -395,6 +397,18 @@ fn start_path(
     match scenario {
         // No link at all: what QEMU itself takes here, the floor of every scenario.
         "lan" => Ok(lanes.iter().map(|l| l.dst).collect()),
+        // One plain relay between the QEMUs, no link: the LAN-side reads and writes
+        // every path of hops pays (a sending edge reads the whole stream from the
+        // source QEMU, a receiving edge writes it all to the destination), alone.
+        "lan-relay" => {
+            procs.0.push(spawn(
+                Command::new(&env.me)
+                    .arg("relay")
+                    .args(lane_args(lanes.iter().map(|l| (l.front, l.dst)))),
+                env.dir.join("relay-lan.log"),
+            )?);
+            Ok(fronts)
+        }
         "direct" | "qemu-multifd-zstd" => {
             shaper(&|l| l.dst)?;
             Ok(lanes.iter().map(|l| l.shaper).collect())
@@ -530,7 +544,9 @@ fn run_scenario(
     let mut link = Procs(Vec::new());
     let entries = start_path(args, env, scenario, &lanes, &stats, &mut procs, &mut link)?;
     for (lane, entry) in lanes.iter().zip(&entries) {
-        if scenario != "lan" {
+        if scenario == "lan-relay" {
+            wait_port(*entry)?;
+        } else if scenario != "lan" {
             wait_port(lane.shaper)?;
             wait_port(*entry)?;
         }
