@@ -86,7 +86,7 @@ cargo build --release --locked -p shrinker-bench
 smoke_logs=$(mktemp -d)
 ./target/release/shrinker-bench cluster --vms 2 --ram-mib 32 --pool-mib 16 \
   --rate-mbit 400 --delay-ms 2 --concurrent \
-  --scenarios direct,relay,edge,zstd3,zstd3-long27,zstd3-long30-shared \
+  --scenarios direct,relay,edge,zstd3,zstd3-long27,zstd3-long30-shared,lan,lan-relay \
   --keep-logs "$smoke_logs"
 test -s "$smoke_logs/edge-a.json"
 test -s "$smoke_logs/edge-b.log"
