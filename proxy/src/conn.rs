@@ -565,7 +565,7 @@ async fn uplink(
         if !flush && enc.batch_len() < BATCH_TARGET && enc.batch_logical() < BATCH_LOGICAL_TARGET {
             continue;
         }
-        let (encoding, every_try) = {
+        let (encoding, every_try, transforms_pay) = {
             let mut g = lock_governor(governor);
             g.set_reply_paced(seg.awaits_replies());
             // One getsockopt per batch, a system call beside a batch's hashing and
@@ -573,7 +573,7 @@ async fn uplink(
             // as the batches.
             g.observe_path(ctx.tunnel_fd.and_then(tcp_info::sample_fd));
             let e = g.encoding(Instant::now(), shared.peer_link.meter(), &shared.own_link);
-            (e, g.worth_every_try())
+            (e, g.worth_every_try(), g.worth_transforms())
         };
         let limited = encoding != Encoding::Raw;
         // `auto` picks the level by the link's pace; `always` asks for few bytes
@@ -596,11 +596,11 @@ async fn uplink(
         // sketch, the price pass, the scan) to save bytes that only a link far slower
         // than compression turns into time: while the link's known pace is within
         // reach of the fast level (1 Gbit/s here), they run only where that pace is
-        // unknown yet. (At 1 Gbit/s, with them in every batch the link limited, the
+        // unknown yet and the tunnel socket has held bytes back. (At 1 Gbit/s, with them in every batch the link limited, the
         // four guests took a median of 1.81 s against 1.695 s, the edges' CPU
         // 1.26-2.36 s against 1.35-1.61 s; at 100 Mbit/s the link is slow and nothing
         // changes.) Word differences and branch targets only help compressed batches.
-        let slow = limited && every_try;
+        let slow = limited && transforms_pay;
         enc.set_deltas(always || slow);
         let transforms = !off && (always || slow);
         enc.set_words(transforms);

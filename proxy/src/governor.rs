@@ -147,14 +147,19 @@ pub(crate) const DEEPER_LEVEL: i32 = 8;
 /// bottleneck (a 100 Mbit/s link is 2.5-3% of it on this machine's cores).
 const DEEPER_SHARE: f64 = 0.035;
 /// zstd level while nothing has measured the link to the peer (the first connection,
-/// or the first after [`HISTORY_TTL`] of silence): the batches that fill kernel
-/// buffers before any write waits. A first Linux guest over 100 Mbit/s wrote ~7 MiB
-/// that way, at the fast level 10.6% larger than at the deeper one. At the strong
-/// level the cluster crossed in 0.5% fewer bytes with a faster first guest (36.69 /
-/// 36.71 MB against 36.87 / 36.87, 2.09-2.10 s against 2.12-2.26 s) and no slower at
-/// 1 Gbit/s (1.65-1.89 s against 1.69-1.81 s); at the deep level 0.8% fewer bytes,
-/// but a first guest 0.15 s slower at 1 Gbit/s (docs/BENCHMARKS.md §4 "The
-/// allocator's arenas").
+/// or the first after [`HISTORY_TTL`] of silence) once the tunnel socket has held
+/// written bytes back ([`PATH_FULL_UNSENT`], the link or TCP's slow start takes less
+/// than is written): the batches that fill kernel buffers before any write waits. A
+/// first Linux guest over 100 Mbit/s wrote ~7 MiB that way, at the fast level 10.6%
+/// larger than at the deeper one. At the strong level the cluster crossed in 0.5%
+/// fewer bytes with a faster first guest (36.69 / 36.71 MB against 36.87 / 36.87,
+/// 2.09-2.10 s against 2.12-2.26 s); at the deep level 0.8% fewer bytes, but a first
+/// guest 0.15 s slower at 1 Gbit/s (docs/BENCHMARKS.md §4 "The allocator's arenas").
+/// Until the socket holds bytes back the fast level without transforms runs
+/// ([`CompressGovernor::worth_transforms`]): a path that takes everything at once is
+/// no evidence of a slow link, and at 1 Gbit/s the strong level with every transform
+/// held a first guest's sender to 27-63 MB/s for its first 0.4 s (docs/BENCHMARKS.md
+/// §4 "A first guest on an unmeasured link").
 pub(crate) const UNMEASURED_LEVEL: i32 = STRONG_LEVEL;
 /// The levels, weakest first: the CPU ceiling moves along them a notch at a time.
 const LADDER: [i32; 4] = [FAST_LEVEL, STRONG_LEVEL, DEEP_LEVEL, DEEPER_LEVEL];
@@ -336,6 +341,10 @@ pub(crate) struct CompressGovernor {
     written_at_start: Option<u64>,
     /// The peer's `path_taken` meter when the window started.
     path_taken_at_start: u64,
+    /// Whether the tunnel socket has held written bytes back ([`PATH_FULL_UNSENT`])
+    /// since this connection began: before the link is measured, the sign that it may
+    /// be slow.
+    held_early: bool,
     waited: Duration,
     limited: bool,
     /// The link's rate as last measured while it was saturated (the uplink waited for
@@ -450,12 +459,16 @@ impl CompressGovernor {
             path: None,
             path_at_start: None,
             path_taken_at_start: 0,
+            held_early: false,
         }
     }
 
     /// Records what the tunnel socket's kernel state says now (see
     /// [`tcp_info::PathSample`]); `None` where there is no such evidence.
     pub(crate) fn observe_path(&mut self, sample: Option<tcp_info::PathSample>) {
+        // Any sample, however young the connection: TCP holding bytes back during its
+        // slow start is a slow path for now, as much as a slow link is.
+        self.held_early |= sample.is_some_and(|s| s.notsent >= PATH_FULL_UNSENT);
         if let (Some(new), Some(old)) = (sample, self.path) {
             let taken = new.bytes_acked.saturating_sub(old.bytes_acked);
             self.history.path_taken.record(taken as usize);
@@ -470,7 +483,11 @@ impl CompressGovernor {
             return Encoding::Raw;
         }
         if self.capacity.is_none() && self.history.recall(now).is_none() {
-            return Encoding::Zstd(UNMEASURED_LEVEL);
+            return Encoding::Zstd(if self.held_early {
+                UNMEASURED_LEVEL
+            } else {
+                FAST_LEVEL
+            });
         }
         Encoding::Zstd(self.link_level().min(self.ceiling))
     }
@@ -490,6 +507,14 @@ impl CompressGovernor {
     /// images in guest RAM) backed off 1+2+4+8+16 batches, 0.7 MB more on the WAN.
     pub(crate) fn worth_every_try(&self) -> bool {
         self.link_is_slow() || self.capacity.is_none()
+    }
+
+    /// Whether the CPU-costly transforms (deltas, word differences, branch targets)
+    /// are worth running while the link limits: when it is far slower than compression,
+    /// and while no capacity is known yet once the tunnel socket has held written bytes
+    /// back (see [`UNMEASURED_LEVEL`]). Before that, nothing says the link is slow.
+    pub(crate) fn worth_transforms(&self) -> bool {
+        self.link_is_slow() || (self.capacity.is_none() && self.held_early)
     }
 
     /// The level the link's known capacity allows, CPU aside.
@@ -1333,27 +1358,69 @@ mod tests {
     }
 
     #[test]
-    fn an_unmeasured_link_gets_the_strong_level_and_a_measured_one_its_own() {
+    fn an_unmeasured_link_gets_the_strong_level_once_the_socket_holds_bytes_back() {
         let mut t = Instant::now();
         let history = std::sync::Arc::new(LinkHistory::default());
         let link = LinkMeter::default();
         link.record(BUFFER_ALLOWANCE as usize);
-        // The first connection to a peer: nothing measured, nothing recalled.
+        // The first connection to a peer: nothing measured, nothing recalled. While
+        // the socket takes everything written, nothing says the link is slow: the fast
+        // level, every batch tried, no transforms.
         let mut g = CompressGovernor::new(t, history.clone());
+        let unsent = |notsent| {
+            Some(tcp_info::PathSample {
+                notsent,
+                ..Default::default()
+            })
+        };
+        g.observe_path(unsent(PATH_FULL_UNSENT - 1));
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
+        assert!(g.worth_every_try());
+        assert!(!g.worth_transforms());
+        // Without samples (not a TCP socket) likewise.
+        g.observe_path(None);
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
+        // The socket holds bytes back (a slow link, or TCP's slow start): the strong
+        // level and every transform, and a socket that empties again does not undo it.
+        g.observe_path(unsent(PATH_FULL_UNSENT));
+        g.observe_path(unsent(0));
         assert_eq!(
             g.encoding(t, &link, &link),
             Encoding::Zstd(UNMEASURED_LEVEL)
         );
+        assert!(g.worth_transforms());
         // Waits measure the link: from then on its level, under the CPU ceiling,
         // which climbs from the fast level.
         assert!(window(&mut g, &mut t, &link, 1_250_000, 40));
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(STRONG_LEVEL));
         assert!(window(&mut g, &mut t, &link, 1_250_000, 40));
         assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(DEEP_LEVEL));
+        assert!(g.worth_transforms(), "a slow link");
         // The next connection recalls the link: it starts at the fast level, as a
         // later guest, CPU-bound from its first batch, should.
         let mut next = CompressGovernor::new(t, history);
         assert_eq!(next.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
+        assert!(next.worth_transforms(), "the recalled link is slow");
+    }
+
+    #[test]
+    fn a_fast_link_measured_ends_the_unmeasured_transforms() {
+        let mut t = Instant::now();
+        let link = LinkMeter::default();
+        // Past what kernel buffers take.
+        link.record(BUFFER_ALLOWANCE as usize);
+        let mut g = CompressGovernor::new(t, std::sync::Arc::new(LinkHistory::default()));
+        g.link_limited(t, &link, &link);
+        g.observe_path(Some(tcp_info::PathSample {
+            notsent: PATH_FULL_UNSENT,
+            ..Default::default()
+        }));
+        assert!(g.worth_transforms());
+        // Waits measure a link of 150 MB/s, within reach of the fast level.
+        window(&mut g, &mut t, &link, 15_000_000, 90);
+        assert!(g.capacity.is_some());
+        assert!(!g.link_is_slow());
+        assert!(!g.worth_transforms());
     }
 
     #[test]
