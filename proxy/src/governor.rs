@@ -147,9 +147,10 @@ pub(crate) const DEEPER_LEVEL: i32 = 8;
 /// bottleneck (a 100 Mbit/s link is 2.5-3% of it on this machine's cores).
 const DEEPER_SHARE: f64 = 0.035;
 /// zstd level while nothing has measured the link to the peer (the first connection,
-/// or the first after [`HISTORY_TTL`] of silence) once the tunnel socket has held
-/// written bytes back ([`PATH_FULL_UNSENT`], the link or TCP's slow start takes less
-/// than is written): the batches that fill kernel buffers before any write waits. A
+/// or the first after [`HISTORY_TTL`] of silence) once the tunnel socket, or within
+/// the last [`PATH_FULL_MEMORY`] a sibling connection's, has held written bytes back
+/// ([`PATH_FULL_UNSENT`], the link or TCP's slow start takes less than is written):
+/// the batches that fill kernel buffers before any write waits. A
 /// first Linux guest over 100 Mbit/s wrote ~7 MiB that way, at the fast level 10.6%
 /// larger than at the deeper one. At the strong level the cluster crossed in 0.5%
 /// fewer bytes with a faster first guest (36.69 / 36.71 MB against 36.87 / 36.87,
@@ -159,7 +160,10 @@ const DEEPER_SHARE: f64 = 0.035;
 /// ([`CompressGovernor::worth_transforms`]): a path that takes everything at once is
 /// no evidence of a slow link, and at 1 Gbit/s the strong level with every transform
 /// held a first guest's sender to 27-63 MB/s for its first 0.4 s (docs/BENCHMARKS.md
-/// §4 "A first guest on an unmeasured link").
+/// §4 "A first guest on an unmeasured link"). A sibling's evidence counts because
+/// connections starting together share the link: four migrations at once over 100
+/// Mbit/s, each waiting for its own socket, sent 0.8% more bytes than with the strong
+/// level from the start; with the siblings' evidence, 0.15%.
 pub(crate) const UNMEASURED_LEVEL: i32 = STRONG_LEVEL;
 /// The levels, weakest first: the CPU ceiling moves along them a notch at a time.
 const LADDER: [i32; 4] = [FAST_LEVEL, STRONG_LEVEL, DEEP_LEVEL, DEEPER_LEVEL];
@@ -248,6 +252,9 @@ pub(crate) struct LinkHistory {
     /// Milliseconds since `origin` when a connection last found the path full (its
     /// socket held bytes back); 0 = never. See [`PATH_FULL_MEMORY`].
     path_full_ms: AtomicU64,
+    /// Milliseconds since `origin` when a connection's socket last held written bytes
+    /// back ([`PATH_FULL_UNSENT`]), however young the connection; 0 = never.
+    held_ms: AtomicU64,
     origin: std::sync::OnceLock<Instant>,
 }
 
@@ -281,12 +288,27 @@ impl LinkHistory {
 
     /// Whether some connection found the path full within [`PATH_FULL_MEMORY`].
     fn path_full_lately(&self, now: Instant) -> bool {
-        let at = self.path_full_ms.load(Relaxed);
+        self.within(&self.path_full_ms, now, PATH_FULL_MEMORY)
+    }
+
+    fn mark_held(&self, now: Instant) {
+        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
+        self.held_ms.store(ms, Relaxed);
+    }
+
+    /// Whether some connection's socket held bytes back within [`PATH_FULL_MEMORY`].
+    fn held_lately(&self, now: Instant) -> bool {
+        self.within(&self.held_ms, now, PATH_FULL_MEMORY)
+    }
+
+    /// Whether the time stamped in `at_ms` (see `path_full_ms`) is within `memory`.
+    fn within(&self, at_ms: &AtomicU64, now: Instant, memory: Duration) -> bool {
+        let at = at_ms.load(Relaxed);
         at != 0
             && now
                 .duration_since(self.origin())
                 .saturating_sub(Duration::from_millis(at - 1))
-                < PATH_FULL_MEMORY
+                < memory
     }
 
     /// The last decision, link rate and whether a wait measured that rate, if made
@@ -345,6 +367,12 @@ pub(crate) struct CompressGovernor {
     /// since this connection began: before the link is measured, the sign that it may
     /// be slow.
     held_early: bool,
+    /// Whether the latest socket sample held bytes back (told to the peer's history
+    /// at the next decision, which knows the time).
+    held_now: bool,
+    /// Whether, at the last decision, a sibling connection's socket had held bytes
+    /// back lately ([`LinkHistory::held_lately`]).
+    sibling_held: bool,
     waited: Duration,
     limited: bool,
     /// The link's rate as last measured while it was saturated (the uplink waited for
@@ -460,6 +488,8 @@ impl CompressGovernor {
             path_at_start: None,
             path_taken_at_start: 0,
             held_early: false,
+            held_now: false,
+            sibling_held: false,
         }
     }
 
@@ -468,7 +498,8 @@ impl CompressGovernor {
     pub(crate) fn observe_path(&mut self, sample: Option<tcp_info::PathSample>) {
         // Any sample, however young the connection: TCP holding bytes back during its
         // slow start is a slow path for now, as much as a slow link is.
-        self.held_early |= sample.is_some_and(|s| s.notsent >= PATH_FULL_UNSENT);
+        self.held_now = sample.is_some_and(|s| s.notsent >= PATH_FULL_UNSENT);
+        self.held_early |= self.held_now;
         if let (Some(new), Some(old)) = (sample, self.path) {
             let taken = new.bytes_acked.saturating_sub(old.bytes_acked);
             self.history.path_taken.record(taken as usize);
@@ -479,11 +510,18 @@ impl CompressGovernor {
     /// What to do with the next batch (closes a measurement window when due). `link`
     /// counts the writes of every connection to the peer, `own` this connection's.
     pub(crate) fn encoding(&mut self, now: Instant, link: &LinkMeter, own: &LinkMeter) -> Encoding {
+        if self.held_now {
+            self.history.mark_held(now);
+        }
+        // Concurrent connections starting together (four migrations at once, multifd's
+        // channels) share one link: a sibling's socket holding bytes back speaks for
+        // it too.
+        self.sibling_held = self.history.held_lately(now);
         if !self.link_limited(now, link, own) {
             return Encoding::Raw;
         }
         if self.capacity.is_none() && self.history.recall(now).is_none() {
-            return Encoding::Zstd(if self.held_early {
+            return Encoding::Zstd(if self.suspect() {
                 UNMEASURED_LEVEL
             } else {
                 FAST_LEVEL
@@ -514,7 +552,13 @@ impl CompressGovernor {
     /// and while no capacity is known yet once the tunnel socket has held written bytes
     /// back (see [`UNMEASURED_LEVEL`]). Before that, nothing says the link is slow.
     pub(crate) fn worth_transforms(&self) -> bool {
-        self.link_is_slow() || (self.capacity.is_none() && self.held_early)
+        self.link_is_slow() || (self.capacity.is_none() && self.suspect())
+    }
+
+    /// Whether a link nothing has measured may be slow: this connection's socket, or
+    /// lately a sibling's, held written bytes back.
+    fn suspect(&self) -> bool {
+        self.held_early || self.sibling_held
     }
 
     /// The level the link's known capacity allows, CPU aside.
@@ -1401,6 +1445,37 @@ mod tests {
         let mut next = CompressGovernor::new(t, history);
         assert_eq!(next.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
         assert!(next.worth_transforms(), "the recalled link is slow");
+    }
+
+    #[test]
+    fn a_siblings_socket_holding_bytes_back_makes_an_unmeasured_link_suspect() {
+        let t = Instant::now();
+        let history = std::sync::Arc::new(LinkHistory::default());
+        let link = LinkMeter::default();
+        // Two connections starting together (migrations at once, multifd's channels).
+        let mut sibling = CompressGovernor::new(t, history.clone());
+        let mut g = CompressGovernor::new(t, history.clone());
+        assert_eq!(g.encoding(t, &link, &link), Encoding::Zstd(FAST_LEVEL));
+        sibling.observe_path(Some(tcp_info::PathSample {
+            notsent: PATH_FULL_UNSENT,
+            ..Default::default()
+        }));
+        sibling.encoding(t, &link, &link);
+        // Its own socket says nothing yet; the sibling's held bytes back.
+        g.observe_path(Some(tcp_info::PathSample::default()));
+        assert_eq!(
+            g.encoding(t, &link, &link),
+            Encoding::Zstd(UNMEASURED_LEVEL)
+        );
+        assert!(g.worth_transforms());
+        // Evidence that old no longer counts.
+        let later = t + PATH_FULL_MEMORY + Duration::from_millis(1);
+        let mut next = CompressGovernor::new(later, history);
+        assert_eq!(
+            next.encoding(later, &link, &link),
+            Encoding::Zstd(FAST_LEVEL)
+        );
+        assert!(!next.worth_transforms());
     }
 
     #[test]
