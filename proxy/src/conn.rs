@@ -596,10 +596,11 @@ async fn uplink(
         // sketch, the price pass, the scan) to save bytes that only a link far slower
         // than compression turns into time: while the link's known pace is within
         // reach of the fast level (1 Gbit/s here), they run only where that pace is
-        // unknown yet and the tunnel socket has held bytes back. (At 1 Gbit/s, with them in every batch the link limited, the
-        // four guests took a median of 1.81 s against 1.695 s, the edges' CPU
-        // 1.26-2.36 s against 1.35-1.61 s; at 100 Mbit/s the link is slow and nothing
-        // changes.) Word differences and branch targets only help compressed batches.
+        // unknown yet and a tunnel socket has held bytes back. (At 1 Gbit/s, with
+        // them in every batch the link limited, the four guests took a median of
+        // 1.81 s against 1.695 s, the edges' CPU 1.26-2.36 s against 1.35-1.61 s; at
+        // 100 Mbit/s the link is slow and nothing changes.) Word differences and
+        // branch targets only help compressed batches.
         let slow = limited && transforms_pay;
         enc.set_deltas(always || slow);
         let transforms = !off && (always || slow);

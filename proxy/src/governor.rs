@@ -150,20 +150,20 @@ const DEEPER_SHARE: f64 = 0.035;
 /// or the first after [`HISTORY_TTL`] of silence) once the tunnel socket, or within
 /// the last [`PATH_FULL_MEMORY`] a sibling connection's, has held written bytes back
 /// ([`PATH_FULL_UNSENT`], the link or TCP's slow start takes less than is written):
-/// the batches that fill kernel buffers before any write waits. A
-/// first Linux guest over 100 Mbit/s wrote ~7 MiB that way, at the fast level 10.6%
-/// larger than at the deeper one. At the strong level the cluster crossed in 0.5%
-/// fewer bytes with a faster first guest (36.69 / 36.71 MB against 36.87 / 36.87,
-/// 2.09-2.10 s against 2.12-2.26 s); at the deep level 0.8% fewer bytes, but a first
-/// guest 0.15 s slower at 1 Gbit/s (docs/BENCHMARKS.md §4 "The allocator's arenas").
+/// the batches that fill kernel buffers before any write waits. A first Linux guest
+/// over 100 Mbit/s wrote ~7 MiB that way, at the fast level 10.6% larger than at the
+/// deeper one. At the strong level the cluster crossed in 0.5% fewer bytes with a
+/// faster first guest (36.69 / 36.71 MB against 36.87 / 36.87, 2.09-2.10 s against
+/// 2.12-2.26 s); at the deep level 0.8% fewer bytes, but a first guest 0.15 s slower
+/// at 1 Gbit/s (docs/BENCHMARKS.md §4 "The allocator's arenas").
 /// Until the socket holds bytes back the fast level without transforms runs
 /// ([`CompressGovernor::worth_transforms`]): a path that takes everything at once is
 /// no evidence of a slow link, and at 1 Gbit/s the strong level with every transform
 /// held a first guest's sender to 27-63 MB/s for its first 0.4 s (docs/BENCHMARKS.md
 /// §4 "A first guest on an unmeasured link"). A sibling's evidence counts because
 /// connections starting together share the link: four migrations at once over 100
-/// Mbit/s, each waiting for its own socket, sent 0.8% more bytes than with the strong
-/// level from the start; with the siblings' evidence, 0.15%.
+/// Mbit/s, each waiting for its own socket, sent 1.1% more bytes than with the strong
+/// level from the start; with the siblings' evidence, 0.7%.
 pub(crate) const UNMEASURED_LEVEL: i32 = STRONG_LEVEL;
 /// The levels, weakest first: the CPU ceiling moves along them a notch at a time.
 const LADDER: [i32; 4] = [FAST_LEVEL, STRONG_LEVEL, DEEP_LEVEL, DEEPER_LEVEL];
