@@ -274,16 +274,20 @@ impl LinkHistory {
     }
 
     fn store(&self, limited: bool, (rate, by_wait): (f64, bool), now: Instant) {
-        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
         self.limited.store(limited, Relaxed);
         self.link_rate.store(rate as u64, Relaxed);
         self.rate_by_wait.store(by_wait, Relaxed);
-        self.updated_ms.store(ms, Relaxed);
+        self.stamp(&self.updated_ms, now);
+    }
+
+    /// Stamps `at_ms` with `now`, in milliseconds since `origin` plus one (0 = never).
+    fn stamp(&self, at_ms: &AtomicU64, now: Instant) {
+        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
+        at_ms.store(ms, Relaxed);
     }
 
     fn mark_path_full(&self, now: Instant) {
-        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
-        self.path_full_ms.store(ms, Relaxed);
+        self.stamp(&self.path_full_ms, now);
     }
 
     /// Whether some connection found the path full within [`PATH_FULL_MEMORY`].
@@ -292,8 +296,7 @@ impl LinkHistory {
     }
 
     fn mark_held(&self, now: Instant) {
-        let ms = now.duration_since(self.origin()).as_millis() as u64 + 1;
-        self.held_ms.store(ms, Relaxed);
+        self.stamp(&self.held_ms, now);
     }
 
     /// Whether some connection's socket held bytes back within [`PATH_FULL_MEMORY`].
@@ -301,7 +304,7 @@ impl LinkHistory {
         self.within(&self.held_ms, now, PATH_FULL_MEMORY)
     }
 
-    /// Whether the time stamped in `at_ms` (see `path_full_ms`) is within `memory`.
+    /// Whether the time stamped in `at_ms` ([`LinkHistory::stamp`]) is within `memory`.
     fn within(&self, at_ms: &AtomicU64, now: Instant, memory: Duration) -> bool {
         let at = at_ms.load(Relaxed);
         at != 0
@@ -367,9 +370,6 @@ pub(crate) struct CompressGovernor {
     /// since this connection began: before the link is measured, the sign that it may
     /// be slow.
     held_early: bool,
-    /// Whether the latest socket sample held bytes back (told to the peer's history
-    /// at the next decision, which knows the time).
-    held_now: bool,
     /// Whether, at the last decision, a sibling connection's socket had held bytes
     /// back lately ([`LinkHistory::held_lately`]).
     sibling_held: bool,
@@ -488,7 +488,6 @@ impl CompressGovernor {
             path_at_start: None,
             path_taken_at_start: 0,
             held_early: false,
-            held_now: false,
             sibling_held: false,
         }
     }
@@ -498,8 +497,7 @@ impl CompressGovernor {
     pub(crate) fn observe_path(&mut self, sample: Option<tcp_info::PathSample>) {
         // Any sample, however young the connection: TCP holding bytes back during its
         // slow start is a slow path for now, as much as a slow link is.
-        self.held_now = sample.is_some_and(|s| s.notsent >= PATH_FULL_UNSENT);
-        self.held_early |= self.held_now;
+        self.held_early |= sample.is_some_and(|s| s.notsent >= PATH_FULL_UNSENT);
         if let (Some(new), Some(old)) = (sample, self.path) {
             let taken = new.bytes_acked.saturating_sub(old.bytes_acked);
             self.history.path_taken.record(taken as usize);
@@ -510,7 +508,8 @@ impl CompressGovernor {
     /// What to do with the next batch (closes a measurement window when due). `link`
     /// counts the writes of every connection to the peer, `own` this connection's.
     pub(crate) fn encoding(&mut self, now: Instant, link: &LinkMeter, own: &LinkMeter) -> Encoding {
-        if self.held_now {
+        // The latest sample is told to the peer's history here, where the time is known.
+        if self.path.is_some_and(|s| s.notsent >= PATH_FULL_UNSENT) {
             self.history.mark_held(now);
         }
         // Concurrent connections starting together (four migrations at once, multifd's
