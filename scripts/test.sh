@@ -40,6 +40,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
 
+log "disk"
+# The build (about 5 GB of target/) and the QEMU tests' disk images and stream captures
+# (up to about 2 GB at once in the temporary directory) need room; a full disk shows up
+# much later as tests failing with ENOSPC, so say it here first.
+tmp_dir=${TMPDIR:-/tmp}
+df -h . "$tmp_dir"
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+tmp_free_kib=$(df -Pk "$tmp_dir" | awk 'NR == 2 { print $4 }')
+if [ "$free_kib" -lt $((8 * 1024 * 1024)) ] || [ "$tmp_free_kib" -lt $((3 * 1024 * 1024)) ]; then
+  echo "warning: the suite needs about 8 GiB free here and 3 GiB in $tmp_dir;" \
+    "tests may fail with 'No space left on device'" >&2
+fi
+
 log "QEMU 7.2 and 10.0 for the end-to-end migration tests"
 bash scripts/install-qemu.sh
 

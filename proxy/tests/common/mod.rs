@@ -30,11 +30,33 @@ impl Scratch {
     }
 }
 
+/// Files above this size (disk images, guest RAM, stream captures) are removed even
+/// when a test fails: the logs and stats beside them are what a failure is read from,
+/// and a failing run must not fill the disk the tests after it need.
+const KEPT_ON_FAILURE_MAX: u64 = 1 << 20;
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.0);
+            return;
         }
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let big = entry
+                .metadata()
+                .map(|m| m.is_file() && m.len() > KEPT_ON_FAILURE_MAX)
+                .unwrap_or(false);
+            if big {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        eprintln!(
+            "test failed: its logs are kept in {} (files over 1 MiB removed)",
+            self.0.display()
+        );
     }
 }
 
