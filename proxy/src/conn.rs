@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use wire::handshake::HelloReply;
 use wire::segment::SegmenterReport;
 use wire::session::{
     BatchCompressor, CompressStats, Decoder, DecoderConfig, DecoderStats, Encoder, EncoderConfig,
@@ -149,6 +150,38 @@ pub(crate) struct PumpCtx {
     pub(crate) tunnel_fd: Option<std::os::fd::RawFd>,
 }
 
+/// A connection that sends before the peer's handshake reply has arrived (one WAN
+/// round trip sooner): the downlink reads the reply before the first frame.
+pub(crate) struct EarlyOpen {
+    /// The target the Hello named (for the refusal's message).
+    pub(crate) target: String,
+    /// Called with the reply when it arrives; dropped uncalled when it never does.
+    pub(crate) on_reply: Box<dyn FnOnce(&HelloReply) + Send + Sync>,
+    /// How long the reply may take.
+    pub(crate) reply_within: Duration,
+    /// Keep a copy of what is read from the local socket until the reply arrives, so
+    /// that a tunnel connection lost before it (a warm connection that died unseen)
+    /// can be replaced without losing those bytes ([`Ended::Unanswered`]).
+    pub(crate) keep_until_reply: bool,
+}
+
+/// How [`pump_early`] ended.
+// Returned once per connection: its size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Ended {
+    /// Relayed to the end, or failed loudly (the local socket reset).
+    Relayed(Result<Outcome, ConnError>),
+    /// The tunnel connection was lost before the peer's reply, and every byte read
+    /// from `local` is in `read`: nothing was written to `local` and the peer never
+    /// answered, so the connection can start over on a new tunnel connection,
+    /// `read` first ([`pump_replaying`]).
+    Unanswered {
+        local: TcpStream,
+        read: Bytes,
+        cause: ConnError,
+    },
+}
+
 /// What a finished connection did.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
@@ -239,6 +272,12 @@ struct Shared {
     /// takes back what it claimed the peer would store.
     peer: Arc<dyn PeerHoldings>,
     stats: Arc<EdgeStats>,
+    /// The peer's handshake reply has arrived (always, unless the open was early).
+    answered: AtomicBool,
+    /// Until then, a copy of every byte read from the local socket
+    /// ([`EarlyOpen::keep_until_reply`]), and its length: memory the connection holds.
+    kept: Mutex<Option<BytesMut>>,
+    kept_len: AtomicU64,
 }
 
 impl Shared {
@@ -262,6 +301,24 @@ impl Shared {
         self.stats
             .peer_chunks_forgotten
             .fetch_add(forgotten, Relaxed);
+    }
+
+    /// What the connection holds between its local socket and the tunnel: read and
+    /// not yet written to the tunnel, plus the copy kept until the peer's reply.
+    fn held_to_send(&self) -> u64 {
+        self.lan_in
+            .load(Relaxed)
+            .saturating_sub(self.written.load(Relaxed))
+            + self.kept_len.load(Relaxed)
+    }
+
+    /// The peer's reply arrived: the copy kept for a new tunnel is no longer needed.
+    fn answer(&self) {
+        self.answered.store(true, Relaxed);
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.kept_len.store(0, Relaxed);
+        // The uplink may be waiting for memory that copy held.
+        self.wrote.notify_one();
     }
 
     /// Records the first error, asks the peer to reset when it does not know, and
@@ -291,7 +348,7 @@ impl Shared {
 /// Relays `local` over `tunnel` until both directions are delivered, or fails loudly.
 /// `leftover` holds tunnel bytes read past the handshake.
 pub(crate) async fn pump<T>(
-    mut local: TcpStream,
+    local: TcpStream,
     tunnel: T,
     leftover: BytesMut,
     ctx: PumpCtx,
@@ -299,7 +356,65 @@ pub(crate) async fn pump<T>(
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
+    match relay(local, tunnel, leftover, ctx, None, Bytes::new()).await {
+        Ended::Relayed(r) => r,
+        Ended::Unanswered { .. } => unreachable!("only an early open ends unanswered"),
+    }
+}
+
+/// [`pump`] for a connection whose Hello is sent and whose reply is still to come:
+/// local bytes flow at once.
+pub(crate) async fn pump_early<T>(
+    local: TcpStream,
+    tunnel: T,
+    ctx: PumpCtx,
+    early: EarlyOpen,
+) -> Ended
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    relay(
+        local,
+        tunnel,
+        BytesMut::new(),
+        ctx,
+        Some(early),
+        Bytes::new(),
+    )
+    .await
+}
+
+/// [`pump`] for a connection that starts over after [`Ended::Unanswered`]: `read` is
+/// relayed first, as if read from `local` again.
+pub(crate) async fn pump_replaying<T>(
+    local: TcpStream,
+    tunnel: T,
+    leftover: BytesMut,
+    ctx: PumpCtx,
+    read: Bytes,
+) -> Result<Outcome, ConnError>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    match relay(local, tunnel, leftover, ctx, None, read).await {
+        Ended::Relayed(r) => r,
+        Ended::Unanswered { .. } => unreachable!("only an early open ends unanswered"),
+    }
+}
+
+async fn relay<T>(
+    mut local: TcpStream,
+    tunnel: T,
+    leftover: BytesMut,
+    ctx: PumpCtx,
+    early: Option<EarlyOpen>,
+    replay: Bytes,
+) -> Ended
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin,
+{
     let (mut tr, mut tw) = tokio::io::split(tunnel);
+    let keep = early.as_ref().is_some_and(|e| e.keep_until_reply);
     let shared = Shared {
         // Acknowledged chunks and groups become known stored: runs of references
         // follow only such groups.
@@ -309,7 +424,8 @@ where
         uplink_done: AtomicBool::new(false),
         abort: CancellationToken::new(),
         error: Mutex::new(None),
-        lan_in: AtomicU64::new(0),
+        // Replayed bytes count as read: they were, by the connection this one replaces.
+        lan_in: AtomicU64::new(replay.len() as u64),
         written: AtomicU64::new(0),
         wrote: Notify::new(),
         lan_out: AtomicU64::new(0),
@@ -321,6 +437,9 @@ where
         peer_failures: ctx.peer_failures.clone(),
         peer: ctx.peer.clone(),
         stats: ctx.stats.clone(),
+        answered: AtomicBool::new(early.is_none()),
+        kept: Mutex::new(keep.then(BytesMut::new)),
+        kept_len: AtomicU64::new(0),
     };
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel::<Frame>();
     // Wire bytes of a batch, and the local stream offset it ends at.
@@ -333,9 +452,17 @@ where
     ));
     let (enc, dec) = {
         let (mut lr, mut lw) = local.split();
-        let up = uplink(&mut lr, batch_tx, ctrl_tx.clone(), &shared, &ctx, &governor);
+        let up = uplink(
+            &mut lr,
+            replay,
+            batch_tx,
+            ctrl_tx.clone(),
+            &shared,
+            &ctx,
+            &governor,
+        );
         let squeeze = compressor(batch_rx, data_tx, ctrl_tx.clone(), &shared, &ctx, &governor);
-        let down = downlink(&mut tr, &mut lw, leftover, ctrl_tx, &shared, &ctx);
+        let down = downlink(&mut tr, &mut lw, leftover, early, ctrl_tx, &shared, &ctx);
         let write = writer(&mut tw, ctrl_rx, data_rx, &shared);
         let (up, squeezed, down, _) = tokio::join!(up, squeeze, down, write);
         let up = match (up, squeezed) {
@@ -372,19 +499,33 @@ where
         .await;
     }
     if let Some(err) = error {
+        // The tunnel connection was lost before the peer answered, with a copy of all
+        // that was read: nothing reached the local side, so the caller can start over.
+        let lost = matches!(
+            err,
+            ConnError::TunnelRead(_) | ConnError::TunnelWrite(_) | ConnError::TunnelClosed
+        );
+        let kept = shared.kept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let (true, Some(read)) = (lost && !shared.answered.load(Relaxed), kept) {
+            return Ended::Unanswered {
+                local,
+                read: read.freeze(),
+                cause: err,
+            };
+        }
         // RST, not FIN: the local application must see that the stream broke.
         crate::io::reset_on_close(&local);
-        return Err(err);
+        return Ended::Relayed(Err(err));
     }
     let (enc, seg) = enc.unwrap_or_default();
-    Ok(Outcome {
+    Ended::Relayed(Ok(Outcome {
         enc,
         seg,
         dec: dec.unwrap_or_default(),
         lan_in: shared.lan_in.load(Relaxed),
         lan_out: shared.lan_out.load(Relaxed),
         fills_sent: shared.fills_sent.load(Relaxed),
-    })
+    }))
 }
 
 /// A batch the uplink took, with how to compress it (decided when it was taken).
@@ -421,6 +562,7 @@ fn lock_governor(g: &Mutex<CompressGovernor>) -> MutexGuard<'_, CompressGovernor
 
 async fn uplink(
     lr: &mut LocalRead<'_>,
+    mut replay: Bytes,
     batch_tx: mpsc::Sender<TakenBatch>,
     ctrl_tx: mpsc::UnboundedSender<Frame>,
     shared: &Shared,
@@ -478,10 +620,7 @@ async fn uplink(
         // (A full window already sends what is here.)
         if !window_full {
             loop {
-                let held = shared
-                    .lan_in
-                    .load(Relaxed)
-                    .saturating_sub(shared.written.load(Relaxed));
+                let held = shared.held_to_send();
                 send_ahead.drained(held);
                 if send_ahead.may_read(held) {
                     break;
@@ -504,7 +643,16 @@ async fn uplink(
         lock_governor(governor).waited(wait_start.elapsed());
         reserve_read(&mut buf, last_read);
         let read_start = Instant::now();
-        let first = if must_flush || window_full {
+        let before = buf.len();
+        // A replayed connection's bytes come first, a read's worth at a time (already
+        // counted in `lan_in` and the edge's counters).
+        let replayed = !(must_flush || window_full || replay.is_empty());
+        if replayed {
+            let n = replay.len().min(READ_CAP);
+            buf.extend_from_slice(&replay.split_to(n));
+            last_read = n;
+        }
+        let first = if must_flush || window_full || replayed {
             // Out of memory or window to read more: send what is here.
             None
         } else if buf.is_empty() && enc.batch_len() == 0 {
@@ -520,6 +668,8 @@ async fn uplink(
         };
         lock_governor(governor).source_waited(read_start.elapsed());
         let (mut burst, mut flush) = match first {
+            // Replayed bytes are cut where their content says, as when first read.
+            None if replayed => (0, false),
             // The stream paused mid-chunk: cut what we have.
             None => (0, true),
             Some(Ok(0)) => {
@@ -549,6 +699,17 @@ async fn uplink(
             last_read = burst;
             shared.lan_in.fetch_add(burst as u64, Relaxed);
             ctx.stats.lan_bytes_in.fetch_add(burst as u64, Relaxed);
+            if !shared.answered.load(Relaxed) {
+                if let Some(kept) = shared
+                    .kept
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                {
+                    kept.extend_from_slice(&buf[before..]);
+                    shared.kept_len.store(kept.len() as u64, Relaxed);
+                }
+            }
         }
         // A full window sends the batch but leaves a partial block for the next read.
         seg.segment(&mut buf, flush && !window_full, &mut segs);
@@ -761,19 +922,39 @@ async fn downlink<T: AsyncRead>(
     tr: &mut ReadHalf<T>,
     lw: &mut LocalWrite<'_>,
     mut rbuf: BytesMut,
+    early: Option<EarlyOpen>,
     ctrl_tx: mpsc::UnboundedSender<Frame>,
     shared: &Shared,
     ctx: &PumpCtx,
 ) -> Result<DecoderStats, ConnError> {
+    let fail = |e| shared.fail(e, &ctrl_tx);
+    let mut peer_window = ctx.peer_window;
+    if let Some(early) = early {
+        let reply = match read_reply(tr, &mut rbuf, &early, shared).await {
+            Ok(r) => r,
+            Err(e) => return Err(fail(e)),
+        };
+        peer_window = reply.window;
+        let refused = reply.result.as_ref().err().map(|reason| {
+            format!(
+                "peer edge {} cannot reach target {}: {reason}",
+                reply.edge, early.target
+            )
+        });
+        (early.on_reply)(&reply);
+        if let Some(msg) = refused {
+            return Err(fail(ConnError::PeerReset(msg)));
+        }
+        shared.answer();
+    }
     let mut fdec = FrameDecoder::new();
     let mut dec = Decoder::new(
         ctx.store.clone(),
         DecoderConfig {
             ack_interval: 1 << 20,
-            max_pending: ctx.peer_window.saturating_add(PENDING_SLACK),
+            max_pending: peer_window.saturating_add(PENDING_SLACK),
         },
     );
-    let fail = |e| shared.fail(e, &ctrl_tx);
     let mut local_shut = false;
     let mut ack_deadline: Option<Instant> = None;
     // Deferred references: when to give up waiting, and progress seen so far.
@@ -987,6 +1168,43 @@ async fn downlink<T: AsyncRead>(
                 }
             }
             _ = shared.uplink_finished.notified() => {}
+            _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
+        }
+    }
+}
+
+/// The peer's handshake reply on an early open, read before any frame (the peer sends
+/// nothing before it).
+async fn read_reply<T: AsyncRead>(
+    tr: &mut ReadHalf<T>,
+    rbuf: &mut BytesMut,
+    early: &EarlyOpen,
+    shared: &Shared,
+) -> Result<HelloReply, ConnError> {
+    let deadline = Instant::now() + early.reply_within;
+    loop {
+        match HelloReply::decode(rbuf) {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(ConnError::PeerReset(format!(
+                    "bad handshake reply from the peer edge: {e}"
+                )))
+            }
+        }
+        rbuf.reserve(8192);
+        tokio::select! {
+            r = tr.read_buf(rbuf) => match r {
+                Ok(0) => return Err(ConnError::TunnelClosed),
+                Ok(_) => {}
+                Err(e) => return Err(ConnError::TunnelRead(e)),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(ConnError::PeerReset(format!(
+                    "the peer edge did not answer the handshake within {:?}",
+                    early.reply_within
+                )))
+            }
             _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
         }
     }

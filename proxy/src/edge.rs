@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use cache::{ChunkStore, GroupMap, PeerRegistry, SimilarIndex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,13 +21,15 @@ use wire::{ChunkParams, GroupIndex, SimilarChunks};
 
 use crate::budget::StreamBudget;
 use crate::config::{EdgeConfig, Forward, Transparent};
-use crate::conn::{pump, ConnError, Outcome, PumpCtx};
+use crate::conn::{
+    pump, pump_early, pump_replaying, ConnError, EarlyOpen, Ended, Outcome, PumpCtx,
+};
 use crate::error::EdgeError;
 use crate::governor::LinkHistory;
 use crate::io::{ConnWan, WanCountingIo};
 use crate::order::OpenOrder;
 use crate::read_ahead::ReadAheadBudget;
-use crate::spare::{secure, Secured, Spares};
+use crate::spare::{secure, KnownPeers, PeerFacts, Secured, Spares};
 use crate::stats::{self, ConnSummary, EdgeStats, PeerSnapshot, Snapshot, StoreSnapshot};
 
 /// How long open connections may take to finish after a shutdown request.
@@ -71,6 +73,9 @@ pub(crate) struct EdgeShared {
     recent: std::sync::Mutex<std::collections::VecDeque<ConnSummary>>,
     /// Per peer edge: what its connections share.
     peer_state: std::sync::Mutex<std::collections::HashMap<String, PeerState>>,
+    /// Per peer edge address: what its last handshake reply said (connections to it
+    /// then send without waiting for theirs).
+    pub(crate) known_peers: KnownPeers,
 }
 
 /// What the connections with one peer edge share.
@@ -189,6 +194,7 @@ impl Edge {
             started: Instant::now(),
             recent: Default::default(),
             peer_state: Default::default(),
+            known_peers: KnownPeers::default(),
             config,
         });
         Ok(Edge {
@@ -770,30 +776,165 @@ async fn forward_one(
         Ok(s) => s,
         Err(msg) => return Err(reset_local(local, msg)),
     };
-    let after = turn.prev.as_ref().map_or(0, HelloInFlight::to_wait_for);
+    let seq = (
+        seq,
+        turn.prev.as_ref().map_or(0, HelloInFlight::to_wait_for),
+    );
     // Flying from before the next connection may go until our reply (or failure).
     turn.ours.set(true);
-    let landed = Landed(&turn.ours);
-    let opened = match open(shared, fwd, (seq, after), secured, wan, &mut release).await {
+    let landed = Landed(turn.ours.clone());
+    if let Some(facts) = shared.known_peers.get(&fwd.peer) {
+        let hello = Early {
+            secured,
+            from_spare,
+            release,
+            landed,
+            facts,
+        };
+        return forward_early(shared, local, fwd, seq, hello, wan).await;
+    }
+    let opened = match open(shared, fwd, seq, secured, wan, &mut release).await {
         // A spare the peer dropped since the keeper last looked (a restarted peer):
         // nothing was read from the local side yet, so connect afresh.
         Err(Failed::Connection(msg)) if from_spare => {
-            shared.stats.spares_stale.fetch_add(1, Relaxed);
-            debug!("spare tunnel connection was dead ({msg}); connecting afresh");
-            match secure(shared, &fwd.peer).await {
-                Ok(fresh) => open(shared, fwd, (seq, after), fresh, wan, &mut release).await,
-                Err(msg) => Err(Failed::Connection(msg)),
-            }
+            spare_was_dead(shared, fwd, &msg);
+            reopen(shared, fwd, seq, wan).await
         }
         other => other,
     };
     drop(landed);
-    let (tunnel, rbuf, reply) = match opened {
-        Ok(x) => x,
-        Err(Failed::Connection(msg) | Failed::Handshake(msg)) => {
-            return Err(reset_local(local, msg))
+    match opened {
+        Ok((tunnel, rbuf, reply)) => {
+            relay_answered(shared, local, fwd, (tunnel, rbuf, reply), wan, Bytes::new()).await
+        }
+        Err(f) => Err(reset_local(local, f.into_message())),
+    }
+}
+
+/// A connection ready to send its Hello without waiting for the reply: the peer's
+/// facts are known from an earlier reply.
+struct Early {
+    secured: Secured,
+    from_spare: bool,
+    release: Option<oneshot::Sender<()>>,
+    landed: Landed,
+    facts: PeerFacts,
+}
+
+/// Sends the Hello and relays at once: the downlink reads the reply before the first
+/// frame (`conn::pump_early`), one WAN round trip after the data started. A warm
+/// connection keeps what it read until then; lost before the reply, the connection
+/// starts over on a fresh tunnel connection with those bytes first.
+async fn forward_early(
+    shared: &Arc<EdgeShared>,
+    local: TcpStream,
+    fwd: &Forward,
+    seq: (u64, u64),
+    early: Early,
+    wan: &mut Arc<ConnWan>,
+) -> Result<Outcome, ConnError> {
+    let Early {
+        secured,
+        from_spare,
+        mut release,
+        landed,
+        facts,
+    } = early;
+    let ours = landed.0.clone();
+    *wan = secured.wan;
+    let mut tunnel = secured.tunnel;
+    let sent = send_hello(shared, fwd, seq, &mut tunnel).await;
+    // On its way: the peer connects the next connection after this one.
+    release.take();
+    if let Err(msg) = sent {
+        if !from_spare {
+            return Err(reset_local(local, msg));
+        }
+        // As in `forward_one`: nothing was read from the local side yet.
+        spare_was_dead(shared, fwd, &msg);
+        let reopened = reopen(shared, fwd, seq, wan).await;
+        drop(landed);
+        return match reopened {
+            Ok(opened) => relay_answered(shared, local, fwd, opened, wan, Bytes::new()).await,
+            Err(f) => Err(reset_local(local, f.into_message())),
+        };
+    }
+    shared.stats.opens_early.fetch_add(1, Relaxed);
+    debug!(peer_edge = %facts.edge, "tunnel open, its reply to come");
+    let on_reply = {
+        let (shared, peer) = (shared.clone(), fwd.peer.clone());
+        move |reply: &HelloReply| {
+            drop(landed);
+            if reply.result.is_ok() && shared.known_peers.learn(&peer, reply) {
+                // References this connection sent on the old facts are answered with
+                // MISS and sent again; connections from now on use the new ones.
+                info!(
+                    peer_edge = %reply.edge,
+                    epoch = format_args!("{:016x}", reply.epoch),
+                    "peer edge at {peer} answered as another edge process than its last reply"
+                );
+            }
         }
     };
+    let mut ctx = shared.ctx(&facts.edge, facts.epoch, facts.cache_bytes, facts.window);
+    ctx.tunnel_fd = wan.socket_fd();
+    let early = EarlyOpen {
+        target: fwd.target.clone(),
+        on_reply: Box::new(on_reply),
+        reply_within: shared.config.connect_timeout,
+        keep_until_reply: from_spare,
+    };
+    match pump_early(local, tunnel, ctx, early).await {
+        Ended::Relayed(r) => r,
+        Ended::Unanswered { local, read, cause } => {
+            spare_was_dead(shared, fwd, &cause.to_string());
+            info!(
+                "tunnel connection lost before the peer's reply ({cause}); starting over \
+                 on a fresh one with the {} bytes read so far",
+                read.len()
+            );
+            ours.set(true);
+            let landed = Landed(ours);
+            let reopened = reopen(shared, fwd, seq, wan).await;
+            drop(landed);
+            match reopened {
+                Ok(opened) => relay_answered(shared, local, fwd, opened, wan, read).await,
+                Err(f) => Err(reset_local(local, f.into_message())),
+            }
+        }
+    }
+}
+
+/// A warm connection found dead when used: perhaps a restarted peer, so its facts go.
+fn spare_was_dead(shared: &EdgeShared, fwd: &Forward, why: &str) {
+    shared.stats.spares_stale.fetch_add(1, Relaxed);
+    shared.known_peers.forget(&fwd.peer);
+    debug!("spare tunnel connection was dead ({why}); connecting afresh");
+}
+
+/// A fresh tunnel connection (TCP, TLS, Hello) and the peer's reply.
+async fn reopen(
+    shared: &EdgeShared,
+    fwd: &Forward,
+    seq: (u64, u64),
+    wan: &mut Arc<ConnWan>,
+) -> Result<(Tunnel, BytesMut, HelloReply), Failed> {
+    match secure(shared, &fwd.peer).await {
+        Ok(fresh) => open(shared, fwd, seq, fresh, wan, &mut None).await,
+        Err(msg) => Err(Failed::Connection(msg)),
+    }
+}
+
+/// Relays over a tunnel whose reply arrived (`read`, bytes a lost connection had read
+/// from `local`, first), after checking the reply and remembering the peer's facts.
+async fn relay_answered(
+    shared: &Arc<EdgeShared>,
+    local: TcpStream,
+    fwd: &Forward,
+    (tunnel, rbuf, reply): (Tunnel, BytesMut, HelloReply),
+    wan: &Arc<ConnWan>,
+    read: Bytes,
+) -> Result<Outcome, ConnError> {
     if let Err(reason) = reply.result {
         return Err(reset_local(
             local,
@@ -803,17 +944,18 @@ async fn forward_one(
             ),
         ));
     }
+    shared.known_peers.learn(&fwd.peer, &reply);
     debug!(peer_edge = %reply.edge, "tunnel open");
     let mut ctx = shared.ctx(&reply.edge, reply.epoch, reply.cache_bytes, reply.window);
-    // `wan` counts the tunnel connection `open` used (a spare's or a fresh one).
+    // `wan` counts the tunnel connection used (a spare's or a fresh one).
     ctx.tunnel_fd = wan.socket_fd();
-    pump(local, tunnel, rbuf, ctx).await
+    pump_replaying(local, tunnel, rbuf, ctx, read).await
 }
 
 /// Marks a Hello as no longer flying when dropped (answered, or the connection failed).
-struct Landed<'a>(&'a HelloInFlight);
+struct Landed(HelloInFlight);
 
-impl Drop for Landed<'_> {
+impl Drop for Landed {
     fn drop(&mut self) {
         self.0.set(false);
     }
@@ -828,10 +970,51 @@ enum Failed {
     Handshake(String),
 }
 
-/// Sends our Hello (`seq` = this connection's and its predecessor's sequence numbers)
-/// on a secured tunnel connection, lets the next connection go once it is written
-/// (drops `release`), and reads the peer's reply; `wan` takes over that connection's
-/// byte counts.
+impl Failed {
+    fn into_message(self) -> String {
+        match self {
+            Failed::Connection(m) | Failed::Handshake(m) => m,
+        }
+    }
+}
+
+/// Writes our Hello (`seq`: this connection's and its predecessor's sequence numbers).
+async fn send_hello(
+    shared: &EdgeShared,
+    fwd: &Forward,
+    seq: (u64, u64),
+    tunnel: &mut Tunnel,
+) -> Result<(), String> {
+    let cfg = &shared.config;
+    let mut out = BytesMut::new();
+    Hello {
+        edge: cfg.name.clone(),
+        epoch: shared.epoch,
+        cache_bytes: cfg.cache_bytes,
+        window: cfg.window,
+        target: fwd.target.clone(),
+        open_seq: seq.0,
+        after_seq: seq.1,
+    }
+    .encode(&mut out);
+    let sent = timeout(cfg.connect_timeout, async {
+        tunnel.write_all(&out).await?;
+        tunnel.flush().await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("sending handshake to peer edge {}: {e}", fwd.peer)),
+        Err(_) => Err(format!(
+            "sending handshake to peer edge {}: not taken within {:?}",
+            fwd.peer, cfg.connect_timeout
+        )),
+    }
+}
+
+/// Sends our Hello on a secured tunnel connection, lets the next connection go once
+/// it is written (drops `release`), and reads the peer's reply; `wan` takes over that
+/// connection's byte counts.
 async fn open(
     shared: &EdgeShared,
     fwd: &Forward,
@@ -844,24 +1027,9 @@ async fn open(
     *wan = secured.wan;
     let mut tunnel = secured.tunnel;
     let opened = timeout(cfg.connect_timeout, async {
-        let mut out = BytesMut::new();
-        Hello {
-            edge: cfg.name.clone(),
-            epoch: shared.epoch,
-            cache_bytes: cfg.cache_bytes,
-            window: cfg.window,
-            target: fwd.target.clone(),
-            open_seq: seq.0,
-            after_seq: seq.1,
-        }
-        .encode(&mut out);
-        let sent = async {
-            tunnel.write_all(&out).await?;
-            tunnel.flush().await
-        };
-        sent.await.map_err(|e| {
-            Failed::Connection(format!("sending handshake to peer edge {}: {e}", fwd.peer))
-        })?;
+        send_hello(shared, fwd, seq, &mut tunnel)
+            .await
+            .map_err(Failed::Connection)?;
         // On its way: the peer connects the next connection after this one, whichever
         // Hello arrives first.
         release.take();

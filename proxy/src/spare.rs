@@ -1,7 +1,13 @@
 //! Warm tunnel connections: one TCP + TLS connection to each peer edge, made ahead of
 //! need, so a new local connection skips two of the three round trips to the peer
-//! (TCP, TLS; the handshake's round trip stays, it carries the target). On a 20 ms
-//! WAN that is 40 ms off every migration, multifd channel and NBD connection.
+//! (TCP, TLS). On a 20 ms WAN that is 40 ms off every migration, multifd channel and
+//! NBD connection.
+//!
+//! The third, the handshake's, is skipped too once the peer is known ([`KnownPeers`]:
+//! what its last reply said of itself): the connection sends its Hello and its data
+//! without waiting for the reply (`conn::pump_early`). On a warm connection it keeps
+//! a copy of what it read until the reply arrives, so that one found dead then is
+//! replaced without losing a byte, as before.
 //!
 //! A keeper task per peer owns the spare: it makes one at start-up and after each
 //! use, hands it to the first connection that asks, drops it when the peer closes it
@@ -17,11 +23,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use wire::handshake::HelloReply;
 
 use crate::edge::{EdgeShared, Tunnel};
 use crate::io::ConnWan;
@@ -38,6 +49,56 @@ const KEEP_WHILE_IDLE: Duration = Duration::from_secs(600);
 /// [`RETRY_MAX`]).
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What a peer edge said of itself in its last handshake reply: what a connection
+/// needs to know of the peer before it sends (what the peer's store holds is tracked
+/// per epoch; its window bounds what it may send back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PeerFacts {
+    pub(crate) edge: String,
+    pub(crate) epoch: u64,
+    pub(crate) cache_bytes: u64,
+    pub(crate) window: u64,
+}
+
+impl PeerFacts {
+    fn of(reply: &HelloReply) -> Self {
+        PeerFacts {
+            edge: reply.edge.clone(),
+            epoch: reply.epoch,
+            cache_bytes: reply.cache_bytes,
+            window: reply.window,
+        }
+    }
+}
+
+/// Per peer edge address, the facts of its last reply, while there is no sign that
+/// the process behind the address changed (a warm connection it closed, a connection
+/// lost before its reply). Facts that turn out stale cost no correctness: references
+/// to chunks a restarted peer lacks are answered with MISS and sent again (FILL).
+#[derive(Default)]
+pub(crate) struct KnownPeers(Mutex<HashMap<String, PeerFacts>>);
+
+impl KnownPeers {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, PeerFacts>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn get(&self, peer: &str) -> Option<PeerFacts> {
+        self.map().get(peer).cloned()
+    }
+
+    /// Remembers what `reply`, from the edge at `peer`, said; whether it differed
+    /// from what was known.
+    pub(crate) fn learn(&self, peer: &str, reply: &HelloReply) -> bool {
+        let facts = PeerFacts::of(reply);
+        self.map().insert(peer.to_owned(), facts.clone()) != Some(facts)
+    }
+
+    pub(crate) fn forget(&self, peer: &str) {
+        self.map().remove(peer);
+    }
+}
 
 /// A tunnel connection after TCP and TLS, before the handshake.
 pub(crate) struct Secured {
@@ -168,6 +229,8 @@ async fn keep(
             }, if spare.is_some() => {
                 debug!(%peer, "spare tunnel connection closed by the peer");
                 spare = None;
+                // Perhaps a restarted peer: the next connection waits for its reply.
+                shared.known_peers.forget(&peer);
             }
             _ = sleep_until(expires.unwrap_or(now)), if expires.is_some() => {
                 if let Some((mut s, _)) = spare.take() {

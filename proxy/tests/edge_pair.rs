@@ -1018,6 +1018,9 @@ async fn warm_tunnel_connections_carry_new_connections() {
     });
     assert_eq!(sa["counters"]["spares_used"], 3, "{sa}");
     assert_eq!(sa["counters"]["spares_stale"], 0, "{sa}");
+    // The first waited for the peer's reply; the others knew the peer from it and sent
+    // their data without waiting.
+    assert_eq!(sa["counters"]["opens_early"], 2, "{sa}");
     let a_log = a.stop();
     assert!(!a_log.contains("WARN"), "{a_log}");
     std::thread::sleep(Duration::from_millis(300));
@@ -1063,6 +1066,61 @@ async fn a_dead_warm_connection_is_replaced_without_losing_bytes() {
     assert_eq!(sa["counters"]["connections_failed"], 0, "{sa}");
 }
 
+/// The same once the peer is known: the connection sends its data before the peer's
+/// handshake reply, on a warm connection that turns out dead only 100 ms after its
+/// first byte, when the local side's request has long been read and sent into it.
+/// The connection kept what it read until the reply, so it starts over on a fresh
+/// connection and every byte still arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_connection_lost_before_the_reply_loses_no_byte() {
+    let dir = Scratch::new("warm-lost");
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, cutter, fwd, target) = (
+        addr(47, 17000),
+        addr(47, 17500),
+        addr(47, 14000),
+        addr(47, 15000),
+    );
+    let mut received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
+    let _b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let cut = cutting_relay_after(
+        TcpListener::bind(cutter).await.unwrap(),
+        tunnel,
+        Duration::from_millis(100),
+    );
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, cutter, target), fwd);
+    // The first connection learns the peer (and waits for its reply).
+    let back = exchange(fwd, request_for(4)).await.unwrap();
+    assert!(back == reply_for(4), "first reply bytes differ");
+    expect_requests(&mut received, 4..5, request_for).await;
+    a.wait_for("the next warm connection", |c| {
+        c["spares_made"].as_u64().unwrap() >= 2
+    });
+    cut.send_replace(true);
+    let back = exchange(fwd, request_for(5)).await.unwrap();
+    assert!(back == reply_for(5), "reply bytes differ");
+    expect_requests(&mut received, 5..6, request_for).await;
+    let sa = a.wait_for("both connections completed", |c| {
+        c["connections_completed"].as_u64().unwrap() >= 2
+    });
+    assert_eq!(sa["counters"]["opens_early"], 1, "{sa}");
+    assert_eq!(sa["counters"]["spares_stale"], 1, "{sa}");
+    assert_eq!(sa["counters"]["connections_failed"], 0, "{sa}");
+    let log = a.log();
+    assert!(
+        log.contains("starting over on a fresh one with the") && !log.contains("with the 0 bytes"),
+        "the lost connection should have replayed what it read:\n{log}"
+    );
+    // Nothing else reached the target.
+    let extra = tokio::time::timeout(Duration::from_millis(300), received.recv()).await;
+    assert!(extra.is_err(), "a request arrived twice: {extra:?}");
+}
+
 /// A TCP relay to `to`. Once `true` is sent on the returned channel, every connection
 /// it carries loses its far side at once, while the near side stays open, silent,
 /// until it sends something, then is reset: a connection that looks alive to an idle
@@ -1070,6 +1128,16 @@ async fn a_dead_warm_connection_is_replaced_without_losing_bytes() {
 fn cutting_relay(
     listener: TcpListener,
     to: std::net::SocketAddr,
+) -> tokio::sync::watch::Sender<bool> {
+    cutting_relay_after(listener, to, Duration::ZERO)
+}
+
+/// [`cutting_relay`] whose cut connections take (and drop) what is sent for `linger`
+/// after its first byte before the reset.
+fn cutting_relay_after(
+    listener: TcpListener,
+    to: std::net::SocketAddr,
+    linger: Duration,
 ) -> tokio::sync::watch::Sender<bool> {
     let (cut, watch) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -1084,6 +1152,11 @@ fn cutting_relay(
                         drop(far);
                         let mut b = [0u8; 1];
                         let _ = near.read(&mut b).await;
+                        let mut sink = vec![0u8; 64 * 1024];
+                        let _ = tokio::time::timeout(linger, async {
+                            while matches!(near.read(&mut sink).await, Ok(n) if n > 0) {}
+                        })
+                        .await;
                         let _ = near.set_zero_linger();
                     }
                 }
@@ -1437,7 +1510,7 @@ async fn targets_outside_allow_target_are_refused() {
         forward(no_fwd, tunnel, no_target),
     ]
     .concat();
-    let _a = EdgeProc::start(dir.path(), "a", &a_args, ok_fwd);
+    let a = EdgeProc::start(dir.path(), "a", &a_args, ok_fwd);
     let server = tokio::spawn(async move {
         let (mut c, _) = ok_listener.accept().await.unwrap();
         let mut req = Vec::new();
@@ -1477,6 +1550,17 @@ async fn targets_outside_allow_target_are_refused() {
     );
     let unseen = tokio::time::timeout(Duration::from_millis(300), no_listener.accept()).await;
     assert!(unseen.is_err(), "the refused target was connected to");
+    // The refused connection knew the peer from the first one and sent without
+    // waiting for the reply: the refusal still reached its client, and A says why.
+    let sa = a.wait_for("the refused connection", |c| {
+        c["connections_failed"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(sa["counters"]["opens_early"], 1, "{sa}");
+    assert!(
+        a.log().contains("cannot reach target"),
+        "edge A should say why:\n{}",
+        a.log()
+    );
 }
 
 /// Sends one HTTP/1.1 request line to `addr` and returns the whole response.
