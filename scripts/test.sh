@@ -41,7 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 log "disk"
-# The build (about 5 GB of target/) and the QEMU tests' disk images and stream captures
+# The build (about 4 GB of target/) and the QEMU tests' disk images and stream captures
 # (up to about 2 GB at once in the temporary directory) need room; a full disk shows up
 # much later as tests failing with ENOSPC, so say it here first.
 tmp_dir=${TMPDIR:-/tmp}
