@@ -1,4 +1,4 @@
-//! Warm tunnel connections: one TCP + TLS connection to each peer edge, made ahead of
+//! Warm tunnel connections: TCP + TLS connections to each peer edge, made ahead of
 //! need, so a new local connection skips two of the three round trips to the peer
 //! (TCP, TLS). On a 20 ms WAN that is 40 ms off every migration, multifd channel and
 //! NBD connection.
@@ -9,25 +9,30 @@
 //! a copy of what it read until the reply arrives, so that one found dead then is
 //! replaced without losing a byte, as before.
 //!
-//! A keeper task per peer owns the spare: it makes one at start-up and after each
-//! use, hands it to the first connection that asks, drops it when the peer closes it
-//! (a restarted peer) or when it has idled [`MAX_AGE`] (the peer waits
-//! [`HELLO_WAIT_MIN`] for a handshake on an accepted connection), and stops making
-//! new ones once nobody has asked for [`KEEP_WHILE_IDLE`]. A spare can still die
-//! between the keeper's last look and its use: the connection that took it then
-//! connects afresh (no local byte has been read by then, so nothing is lost).
+//! A keeper task per peer owns the spares: it makes one at start-up and replaces each
+//! one used, hands them out oldest first, and keeps as many as the largest burst of
+//! requests since it last idled (the channels of a multifd migration open within
+//! milliseconds: each finds a warm connection next time), at most [`MAX_SPARES`]. It
+//! drops one the peer closes (a restarted peer) or that has idled [`MAX_AGE`] (the
+//! peer waits [`HELLO_WAIT_MIN`] for a handshake on an accepted connection), and stops
+//! making new ones once nobody has asked for [`KEEP_WHILE_IDLE`]. A spare can still
+//! die between the keeper's last look and its use: the connection that took it then
+//! connects afresh (before the reply, nothing it read is lost).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -168,7 +173,12 @@ pub(crate) async fn secure(shared: &EdgeShared, peer: &str) -> Result<Secured, S
     Ok(Secured { tunnel, wan })
 }
 
-type Making = Pin<Box<dyn Future<Output = Result<Secured, String>> + Send>>;
+/// Most warm connections kept to one peer edge.
+const MAX_SPARES: usize = 8;
+/// Requests for a warm connection closer together than this are one burst: the
+/// channels of one migration (main and multifd, or a postcopy preempt channel) open
+/// within milliseconds of each other.
+const BURST_GAP: Duration = Duration::from_millis(100);
 
 async fn keep(
     shared: Arc<EdgeShared>,
@@ -176,69 +186,93 @@ async fn keep(
     mut requests: mpsc::Receiver<Request>,
     stop: CancellationToken,
 ) {
-    let mut spare: Option<(Secured, Instant)> = None;
-    let mut making: Option<Making> = None;
+    // Oldest first: the oldest is handed out first, and expires first.
+    let mut spares: VecDeque<(Secured, Instant)> = VecDeque::new();
+    let mut making: JoinSet<Result<Secured, String>> = JoinSet::new();
+    // How many to keep: the largest burst of requests since the keeper last idled, so
+    // that every channel of the next multifd migration finds one (up to MAX_SPARES).
+    let (mut want, mut burst) = (1usize, 0usize);
+    let mut last_request: Option<Instant> = None;
     let mut retry = RETRY_MIN;
     let mut next_try = Instant::now();
     let mut asked = Instant::now();
     loop {
         let now = Instant::now();
         let wanted = now.duration_since(asked) < KEEP_WHILE_IDLE;
-        if spare.is_none() && making.is_none() && wanted && now >= next_try {
-            let (shared, peer) = (shared.clone(), peer.clone());
-            making = Some(Box::pin(async move { secure(&shared, &peer).await }));
+        if !wanted {
+            want = 1;
         }
-        let expires = spare.as_ref().map(|s| s.1 + MAX_AGE);
-        let waiting_to_retry = spare.is_none() && making.is_none() && wanted;
+        let short = wanted && spares.len() + making.len() < want;
+        if short && now >= next_try {
+            while spares.len() + making.len() < want {
+                let (shared, peer) = (shared.clone(), peer.clone());
+                making.spawn(async move { secure(&shared, &peer).await });
+            }
+        }
+        let expires = spares.front().map(|s| s.1 + MAX_AGE);
+        let waiting_to_retry = short && making.is_empty() && next_try > now;
         tokio::select! {
             _ = stop.cancelled() => return,
             req = requests.recv() => {
                 let Some(reply) = req else { return };
-                asked = Instant::now();
-                let given = spare.take().map(|(s, _)| s);
+                let now = Instant::now();
+                let close = last_request.is_some_and(|t| now.duration_since(t) < BURST_GAP);
+                burst = if close { burst + 1 } else { 1 };
+                last_request = Some(now);
+                asked = now;
+                want = want.max(burst).min(MAX_SPARES);
+                let given = spares.pop_front().map(|(s, _)| s);
                 if given.is_some() {
                     shared.stats.spares_used.fetch_add(1, Relaxed);
-                } else if making.is_none() {
+                } else if making.is_empty() {
                     // Asked while idle or backing off: try again now.
-                    next_try = asked;
+                    next_try = now;
                 }
                 let _ = reply.send(given);
             }
-            made = async { making.as_mut().expect("guarded").await }, if making.is_some() => {
-                making = None;
+            Some(made) = making.join_next(), if !making.is_empty() => {
                 match made {
-                    Ok(s) => {
+                    Ok(Ok(s)) => {
                         shared.stats.spares_made.fetch_add(1, Relaxed);
-                        spare = Some((s, Instant::now()));
+                        spares.push_back((s, Instant::now()));
                         retry = RETRY_MIN;
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         // The connection that needs the peer reports the failure.
                         debug!(%peer, "no spare tunnel connection: {e}");
                         next_try = Instant::now() + retry;
                         retry = (retry * 2).min(RETRY_MAX);
                     }
+                    Err(e) => debug!(%peer, "making a spare tunnel connection ended: {e}"),
                 }
             }
             // The peer sends nothing before our handshake: anything read (end of
             // stream, an error, bytes) means this connection is of no use.
-            _ = async {
-                let t = &mut spare.as_mut().expect("guarded").0.tunnel;
-                let mut b = [0u8; 1];
-                let _ = t.read(&mut b).await;
-            }, if spare.is_some() => {
+            closed = std::future::poll_fn(|cx| poll_closed(&mut spares, cx)), if !spares.is_empty() => {
                 debug!(%peer, "spare tunnel connection closed by the peer");
-                spare = None;
+                spares.remove(closed);
                 // Perhaps a restarted peer: the next connection waits for its reply.
                 shared.known_peers.forget(&peer);
             }
             _ = sleep_until(expires.unwrap_or(now)), if expires.is_some() => {
-                if let Some((mut s, _)) = spare.take() {
+                if let Some((mut s, _)) = spares.pop_front() {
                     // Close it cleanly: the peer sees an unused connection end.
                     let _ = tokio::time::timeout(Duration::from_secs(1), s.tunnel.shutdown()).await;
                 }
             }
-            _ = sleep_until(next_try), if waiting_to_retry && next_try > now => {}
+            _ = sleep_until(next_try), if waiting_to_retry => {}
         }
     }
+}
+
+/// The index of a spare whose connection the peer closed (or sent anything on).
+fn poll_closed(spares: &mut VecDeque<(Secured, Instant)>, cx: &mut Context<'_>) -> Poll<usize> {
+    for (i, (s, _)) in spares.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        if Pin::new(&mut s.tunnel).poll_read(cx, &mut buf).is_ready() {
+            return Poll::Ready(i);
+        }
+    }
+    Poll::Pending
 }

@@ -1029,6 +1029,48 @@ async fn warm_tunnel_connections_carry_new_connections() {
     assert!(!b.log().contains("WARN"), "{}", b.log());
 }
 
+/// The channels of a multifd migration open at once: after one such burst the keeper
+/// holds a warm connection for each, and the next burst finds them all warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_finds_as_many_warm_ones_the_next_time() {
+    let ExchangePair {
+        _dir,
+        a,
+        b: _b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair("warm-burst", 53, reply_for, &[], &[]).await;
+    a.wait_for("a warm connection", |c| {
+        c["spares_made"].as_u64().unwrap() >= 1
+    });
+    let mut used = Vec::new();
+    for ids in [1..5u64, 5..9] {
+        let tasks: Vec<_> = ids
+            .clone()
+            .map(|id| {
+                tokio::spawn(async move { (id, exchange(fwd, request_for(id)).await.unwrap()) })
+            })
+            .collect();
+        expect_replies(tasks, reply_for).await;
+        expect_requests(&mut received, ids.clone(), request_for).await;
+        // Four warm connections held (made and not used), one for each of the burst's.
+        let sa = a.wait_for("four warm connections", |c| {
+            let (made, taken) = (c["spares_made"].as_u64(), c["spares_used"].as_u64());
+            c["connections_completed"].as_u64().unwrap() >= ids.end - 1
+                && made.unwrap() >= taken.unwrap() + 4
+        });
+        used.push(sa["counters"]["spares_used"].as_u64().unwrap());
+        assert_eq!(sa["counters"]["connections_failed"], 0, "{sa}");
+    }
+    // The second burst found a warm connection for each of its four.
+    assert_eq!(
+        used[1] - used[0],
+        4,
+        "warm connections used per burst: {used:?}"
+    );
+}
+
 /// A warm connection that died without its keeper noticing (a middlebox dropped the
 /// peer's side; the peer restarted behind it): the connection that takes it finds it
 /// dead at the handshake, connects afresh and still delivers every byte.
