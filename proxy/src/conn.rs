@@ -356,10 +356,7 @@ pub(crate) async fn pump<T>(
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    match relay(local, tunnel, leftover, ctx, None, Bytes::new()).await {
-        Ended::Relayed(r) => r,
-        Ended::Unanswered { .. } => unreachable!("only an early open ends unanswered"),
-    }
+    pump_replaying(local, tunnel, leftover, ctx, Bytes::new()).await
 }
 
 /// [`pump`] for a connection whose Hello is sent and whose reply is still to come:

@@ -1076,23 +1076,14 @@ async fn a_burst_of_connections_finds_as_many_warm_ones_the_next_time() {
 /// dead at the handshake, connects afresh and still delivers every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_warm_connection_is_replaced_without_losing_bytes() {
-    let dir = Scratch::new("warm-dead");
-    certs(dir.path(), &["a", "b"]);
-    let (tunnel, cutter, fwd, target) = (
-        addr(23, 17000),
-        addr(23, 17500),
-        addr(23, 14000),
-        addr(23, 15000),
-    );
-    let mut received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
-    let _b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
-        tunnel,
-    );
-    let cut = cutting_relay(TcpListener::bind(cutter).await.unwrap(), tunnel);
-    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, cutter, target), fwd);
+    let CutPair {
+        _dir,
+        _b,
+        a,
+        cut,
+        fwd,
+        mut received,
+    } = cut_pair("warm-dead", 23, Duration::ZERO).await;
     a.wait_for("a warm connection", |c| {
         c["spares_made"].as_u64().unwrap() >= 1
     });
@@ -1115,27 +1106,14 @@ async fn a_dead_warm_connection_is_replaced_without_losing_bytes() {
 /// connection and every byte still arrives, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_connection_lost_before_the_reply_loses_no_byte() {
-    let dir = Scratch::new("warm-lost");
-    certs(dir.path(), &["a", "b"]);
-    let (tunnel, cutter, fwd, target) = (
-        addr(47, 17000),
-        addr(47, 17500),
-        addr(47, 14000),
-        addr(47, 15000),
-    );
-    let mut received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
-    let _b = EdgeProc::start(
-        dir.path(),
-        "b",
-        &[s("--tunnel-listen"), tunnel.to_string()],
-        tunnel,
-    );
-    let cut = cutting_relay_after(
-        TcpListener::bind(cutter).await.unwrap(),
-        tunnel,
-        Duration::from_millis(100),
-    );
-    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, cutter, target), fwd);
+    let CutPair {
+        _dir,
+        _b,
+        a,
+        cut,
+        fwd,
+        mut received,
+    } = cut_pair("warm-lost", 47, Duration::from_millis(100)).await;
     // The first connection learns the peer (and waits for its reply).
     let back = exchange(fwd, request_for(4)).await.unwrap();
     assert!(back == reply_for(4), "first reply bytes differ");
@@ -1163,20 +1141,51 @@ async fn a_warm_connection_lost_before_the_reply_loses_no_byte() {
     assert!(extra.is_err(), "a request arrived twice: {extra:?}");
 }
 
-/// A TCP relay to `to`. Once `true` is sent on the returned channel, every connection
-/// it carries loses its far side at once, while the near side stays open, silent,
-/// until it sends something, then is reset: a connection that looks alive to an idle
-/// holder and dies on first use. Connections accepted afterwards relay normally.
-fn cutting_relay(
-    listener: TcpListener,
-    to: std::net::SocketAddr,
-) -> tokio::sync::watch::Sender<bool> {
-    cutting_relay_after(listener, to, Duration::ZERO)
+/// Edge A forwarding through a [`cutting_relay`] (`linger`) to edge B, which
+/// serves [`serve_exchange`] with [`reply_for`].
+struct CutPair {
+    _dir: Scratch,
+    _b: EdgeProc,
+    a: EdgeProc,
+    cut: tokio::sync::watch::Sender<bool>,
+    fwd: std::net::SocketAddr,
+    received: tokio::sync::mpsc::UnboundedReceiver<(u64, u64, blake3::Hash)>,
 }
 
-/// [`cutting_relay`] whose cut connections take (and drop) what is sent for `linger`
-/// after its first byte before the reset.
-fn cutting_relay_after(
+async fn cut_pair(name: &str, net: u8, linger: Duration) -> CutPair {
+    let dir = Scratch::new(name);
+    certs(dir.path(), &["a", "b"]);
+    let (tunnel, cutter, fwd, target) = (
+        addr(net, 17000),
+        addr(net, 17500),
+        addr(net, 14000),
+        addr(net, 15000),
+    );
+    let received = serve_exchange(TcpListener::bind(target).await.unwrap(), reply_for).await;
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let cut = cutting_relay(TcpListener::bind(cutter).await.unwrap(), tunnel, linger);
+    let a = EdgeProc::start(dir.path(), "a", &forward(fwd, cutter, target), fwd);
+    CutPair {
+        _dir: dir,
+        _b: b,
+        a,
+        cut,
+        fwd,
+        received,
+    }
+}
+
+/// A TCP relay to `to`. Once `true` is sent on the returned channel, every connection
+/// it carries loses its far side at once, while the near side stays open, silent,
+/// until it sends something, then is reset (after taking and dropping what is sent
+/// for `linger`): a connection that looks alive to an idle holder and dies on first
+/// use. Connections accepted afterwards relay normally.
+fn cutting_relay(
     listener: TcpListener,
     to: std::net::SocketAddr,
     linger: Duration,
