@@ -1100,7 +1100,7 @@ async fn a_dead_warm_connection_is_replaced_without_losing_bytes() {
 }
 
 /// The same once the peer is known: the connection sends its data before the peer's
-/// handshake reply, on a warm connection that turns out dead only 100 ms after its
+/// handshake reply, on a warm connection that turns out dead only 500 ms after its
 /// first byte, when the local side's request has long been read and sent into it.
 /// The connection kept what it read until the reply, so it starts over on a fresh
 /// connection and every byte still arrives, once.
@@ -1113,7 +1113,7 @@ async fn a_warm_connection_lost_before_the_reply_loses_no_byte() {
         cut,
         fwd,
         mut received,
-    } = cut_pair("warm-lost", 47, Duration::from_millis(100)).await;
+    } = cut_pair("warm-lost", 47, Duration::from_millis(500)).await;
     // The first connection learns the peer (and waits for its reply).
     let back = exchange(fwd, request_for(4)).await.unwrap();
     assert!(back == reply_for(4), "first reply bytes differ");
