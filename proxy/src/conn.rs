@@ -150,13 +150,15 @@ pub(crate) struct PumpCtx {
     pub(crate) tunnel_fd: Option<std::os::fd::RawFd>,
 }
 
+/// What an early open does with the peer's reply: `Err` is why the peer refused.
+pub(crate) type OnReply = Box<dyn FnOnce(&HelloReply) -> Result<(), String> + Send + Sync>;
+
 /// A connection that sends before the peer's handshake reply has arrived (one WAN
 /// round trip sooner): the downlink reads the reply before the first frame.
 pub(crate) struct EarlyOpen {
-    /// The target the Hello named (for the refusal's message).
-    pub(crate) target: String,
-    /// Called with the reply when it arrives; dropped uncalled when it never does.
-    pub(crate) on_reply: Box<dyn FnOnce(&HelloReply) + Send + Sync>,
+    /// Called with the reply when it arrives (dropped uncalled when it never does);
+    /// `Err` is why the peer refused, and fails the connection.
+    pub(crate) on_reply: OnReply,
     /// How long the reply may take.
     pub(crate) reply_within: Duration,
     /// Keep a copy of what is read from the local socket until the reply arrives, so
@@ -272,10 +274,9 @@ struct Shared {
     /// takes back what it claimed the peer would store.
     peer: Arc<dyn PeerHoldings>,
     stats: Arc<EdgeStats>,
-    /// The peer's handshake reply has arrived (always, unless the open was early).
-    answered: AtomicBool,
-    /// Until then, a copy of every byte read from the local socket
-    /// ([`EarlyOpen::keep_until_reply`]), and its length: memory the connection holds.
+    /// Until the peer's handshake reply arrives on an early open, a copy of every byte
+    /// read from the local socket ([`EarlyOpen::keep_until_reply`]), and its length:
+    /// memory the connection holds.
     kept: Mutex<Option<BytesMut>>,
     kept_len: AtomicU64,
 }
@@ -314,7 +315,6 @@ impl Shared {
 
     /// The peer's reply arrived: the copy kept for a new tunnel is no longer needed.
     fn answer(&self) {
-        self.answered.store(true, Relaxed);
         *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.kept_len.store(0, Relaxed);
         // The uplink may be waiting for memory that copy held.
@@ -434,7 +434,6 @@ where
         peer_failures: ctx.peer_failures.clone(),
         peer: ctx.peer.clone(),
         stats: ctx.stats.clone(),
-        answered: AtomicBool::new(early.is_none()),
         kept: Mutex::new(keep.then(BytesMut::new)),
         kept_len: AtomicU64::new(0),
     };
@@ -503,7 +502,8 @@ where
             ConnError::TunnelRead(_) | ConnError::TunnelWrite(_) | ConnError::TunnelClosed
         );
         let kept = shared.kept.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let (true, Some(read)) = (lost && !shared.answered.load(Relaxed), kept) {
+        // (A copy is kept only until the reply.)
+        if let (true, Some(read)) = (lost, kept) {
             return Ended::Unanswered {
                 local,
                 read: read.freeze(),
@@ -696,16 +696,14 @@ async fn uplink(
             last_read = burst;
             shared.lan_in.fetch_add(burst as u64, Relaxed);
             ctx.stats.lan_bytes_in.fetch_add(burst as u64, Relaxed);
-            if !shared.answered.load(Relaxed) {
-                if let Some(kept) = shared
-                    .kept
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_mut()
-                {
-                    kept.extend_from_slice(&buf[before..]);
-                    shared.kept_len.store(kept.len() as u64, Relaxed);
-                }
+            if let Some(kept) = shared
+                .kept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                kept.extend_from_slice(&buf[before..]);
+                shared.kept_len.store(kept.len() as u64, Relaxed);
             }
         }
         // A full window sends the batch but leaves a partial block for the next read.
@@ -932,14 +930,7 @@ async fn downlink<T: AsyncRead>(
             Err(e) => return Err(fail(e)),
         };
         peer_window = reply.window;
-        let refused = reply.result.as_ref().err().map(|reason| {
-            format!(
-                "peer edge {} cannot reach target {}: {reason}",
-                reply.edge, early.target
-            )
-        });
-        (early.on_reply)(&reply);
-        if let Some(msg) = refused {
+        if let Err(msg) = (early.on_reply)(&reply) {
             return Err(fail(ConnError::PeerReset(msg)));
         }
         shared.answer();

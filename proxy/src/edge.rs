@@ -852,20 +852,19 @@ async fn forward_early(
         }
         // As in `forward_one`: nothing was read from the local side yet.
         spare_was_dead(shared, fwd, &msg);
-        let reopened = reopen(shared, fwd, seq, wan).await;
-        drop(landed);
-        return match reopened {
-            Ok(opened) => relay_answered(shared, local, fwd, opened, wan, Bytes::new()).await,
-            Err(f) => Err(reset_local(local, f.into_message())),
-        };
+        return start_over(shared, local, fwd, seq, wan, landed, Bytes::new()).await;
     }
     shared.stats.opens_early.fetch_add(1, Relaxed);
     debug!(peer_edge = %facts.edge, "tunnel open, its reply to come");
     let on_reply = {
         let (shared, peer) = (shared.clone(), fwd.peer.clone());
+        let target = fwd.target.clone();
         move |reply: &HelloReply| {
             drop(landed);
-            if reply.result.is_ok() && shared.known_peers.learn(&peer, reply) {
+            if let Some(refused) = refusal(reply, &target) {
+                return Err(refused);
+            }
+            if shared.known_peers.learn(&peer, reply) {
                 // References this connection sent on the old facts are answered with
                 // MISS and sent again; connections from now on use the new ones.
                 info!(
@@ -874,12 +873,12 @@ async fn forward_early(
                     "peer edge at {peer} answered as another edge process than its last reply"
                 );
             }
+            Ok(())
         }
     };
     let mut ctx = shared.ctx(&facts.edge, facts.epoch, facts.cache_bytes, facts.window);
     ctx.tunnel_fd = wan.socket_fd();
     let early = EarlyOpen {
-        target: fwd.target.clone(),
         on_reply: Box::new(on_reply),
         reply_within: shared.config.connect_timeout,
         keep_until_reply: from_spare,
@@ -894,15 +893,38 @@ async fn forward_early(
                 read.len()
             );
             ours.set(true);
-            let landed = Landed(ours);
-            let reopened = reopen(shared, fwd, seq, wan).await;
-            drop(landed);
-            match reopened {
-                Ok(opened) => relay_answered(shared, local, fwd, opened, wan, read).await,
-                Err(f) => Err(reset_local(local, f.into_message())),
-            }
+            start_over(shared, local, fwd, seq, wan, Landed(ours), read).await
         }
     }
+}
+
+/// Starts a connection over on a fresh tunnel connection, its warm one found dead
+/// (`read`: what it had read from `local` by then, sent first). `landed` is kept
+/// until the fresh connection's reply.
+async fn start_over(
+    shared: &Arc<EdgeShared>,
+    local: TcpStream,
+    fwd: &Forward,
+    seq: (u64, u64),
+    wan: &mut Arc<ConnWan>,
+    landed: Landed,
+    read: Bytes,
+) -> Result<Outcome, ConnError> {
+    let reopened = reopen(shared, fwd, seq, wan).await;
+    drop(landed);
+    match reopened {
+        Ok(opened) => relay_answered(shared, local, fwd, opened, wan, read).await,
+        Err(f) => Err(reset_local(local, f.into_message())),
+    }
+}
+
+/// Why the peer's reply refused the connection to `target`, if it did.
+fn refusal(reply: &HelloReply, target: &str) -> Option<String> {
+    let reason = reply.result.as_ref().err()?;
+    Some(format!(
+        "peer edge {} cannot reach target {target}: {reason}",
+        reply.edge
+    ))
 }
 
 /// A warm connection found dead when used: perhaps a restarted peer, so its facts go.
@@ -935,14 +957,8 @@ async fn relay_answered(
     wan: &Arc<ConnWan>,
     read: Bytes,
 ) -> Result<Outcome, ConnError> {
-    if let Err(reason) = reply.result {
-        return Err(reset_local(
-            local,
-            format!(
-                "peer edge {} cannot reach target {}: {reason}",
-                reply.edge, fwd.target
-            ),
-        ));
+    if let Some(refused) = refusal(&reply, &fwd.target) {
+        return Err(reset_local(local, refused));
     }
     shared.known_peers.learn(&fwd.peer, &reply);
     debug!(peer_edge = %reply.edge, "tunnel open");
