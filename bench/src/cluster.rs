@@ -77,6 +77,10 @@ pub struct ClusterArgs {
     /// Edge compression mode.
     #[arg(long, default_value = "auto")]
     pub compress: String,
+    /// Heap each edge touches before serving (the edge's `--prefault-mem`; not given:
+    /// the edge's default).
+    #[arg(long, value_name = "SIZE")]
+    pub prefault_mem: Option<String>,
     /// qemu-system-x86_64 to run.
     #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
     pub qemu: PathBuf,
@@ -444,7 +448,10 @@ fn start_path(
                     pki.join(format!("{n}.key")).display().to_string(),
                 ]
             };
-            let common = ["--cache-mem", "4GiB", "--compress", &args.compress];
+            let mut common = vec!["--cache-mem", "4GiB", "--compress", &args.compress];
+            if let Some(size) = &args.prefault_mem {
+                common.extend(["--prefault-mem", size.as_str()]);
+            }
             let stats_of = |n: &str| {
                 let path = env.dir.join(format!("edge-{n}.json"));
                 let _ = std::fs::remove_file(&path);
@@ -465,7 +472,7 @@ fn start_path(
                         "--tunnel-listen",
                         &tunnel.to_string(),
                     ])
-                    .args(common)
+                    .args(&common)
                     .args(stats_of("b"))
                     .args(tls("b")),
                 env.dir.join("edge-b.log"),
@@ -480,7 +487,7 @@ fn start_path(
                 Command::new(&env.shrinker)
                     .args(["edge", "--name", "a"])
                     .args(forwards)
-                    .args(common)
+                    .args(&common)
                     .args(stats_of("a"))
                     .args(tls("a")),
                 env.dir.join("edge-a.log"),

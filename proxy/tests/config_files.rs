@@ -2,8 +2,8 @@
 
 use clap::Parser;
 use proxy::config::{
-    DEFAULT_DELTA_MEM, DEFAULT_GROUP_MEM, DEFAULT_READ_AHEAD_MEM, DEFAULT_SEND_AHEAD_MEM,
-    DEFAULT_STREAM_MEM,
+    DEFAULT_DELTA_MEM, DEFAULT_GROUP_MEM, DEFAULT_PREFAULT_MEM, DEFAULT_READ_AHEAD_MEM,
+    DEFAULT_SEND_AHEAD_MEM, DEFAULT_STREAM_MEM,
 };
 
 #[derive(Parser)]
@@ -124,6 +124,29 @@ fn flags_override_the_file_and_tables_work() {
             "0"
         ]),
         (0, 0, 1 << 20, 0, 0)
+    );
+    // The heap touched before serving: the default, the file's, a flag over it, and
+    // never more than the budgets together (64 MiB store + the file's 75 MiB).
+    let prefault = |text: &str, extra: &[&str]| {
+        let path = dir.join("prefault.toml");
+        std::fs::write(
+            &path,
+            format!("tunnel_listen = \"127.0.0.1:7700\"\ninsecure_plaintext = true\n{text}"),
+        )
+        .unwrap();
+        let args = [&["x", "--config", path.to_str().unwrap()][..], extra].concat();
+        Cli::parse_from(args).edge.resolve().unwrap().prefault_bytes
+    };
+    assert_eq!(prefault("", &[]), DEFAULT_PREFAULT_MEM);
+    assert_eq!(prefault("prefault_mem = \"1GiB\"\n", &[]), 1 << 30);
+    assert_eq!(
+        prefault("prefault_mem = \"1GiB\"\n", &["--prefault-mem", "0"]),
+        0
+    );
+    let small = "cache_mem = \"64MiB\"\nstream_mem = \"64MiB\"\ndelta_mem = \"0\"\nread_ahead_mem = \"8MiB\"\nsend_ahead_mem = \"2MiB\"\ngroup_mem = \"1MiB\"\n";
+    assert_eq!(
+        prefault(small, &["--prefault-mem", "1GiB"]),
+        (64 + 64 + 8 + 2 + 1) << 20
     );
     // Transparent listeners: short form, table, and a flag replacing the file's.
     let transparent = |name: &str, text: &str, extra: &[&str]| {

@@ -1786,3 +1786,41 @@ async fn a_window_smaller_than_a_batch_of_references_does_not_stall() {
     let sb = b.wait_for("runs resolved", |c| c["group_refs_resolved"] == runs);
     assert_eq!(sb["counters"]["misses_sent"], 0, "{}", b.log());
 }
+
+/// Resident memory of a live process, MiB.
+fn resident_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib >> 10
+}
+
+#[test]
+fn a_heap_touched_before_serving_stays_mapped() {
+    let dir = Scratch::new("prefault");
+    let start = |label: &str, prefault: &str| {
+        let args = [
+            "--tunnel-listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+            "--prefault-mem",
+            prefault,
+        ]
+        .map(s);
+        EdgeProc::start_labelled(None, dir.path(), label, label, &args, addr(1, 0))
+    };
+    let touched = start("touched", "96MiB");
+    assert!(
+        touched.log().contains("touched 96 MiB of heap"),
+        "{}",
+        touched.log()
+    );
+    // Freed to malloc and still resident: glibc's trim threshold, raised by the
+    // edge's re-execution, kept it.
+    let rss = resident_mib(touched.child.id());
+    assert!(rss >= 96, "{rss} MiB resident after touching 96 MiB");
+    let plain = start("plain", "0");
+    assert!(plain.log().contains("heap not touched"), "{}", plain.log());
+    let rss = resident_mib(plain.child.id());
+    assert!(rss < 48, "{rss} MiB resident with nothing touched");
+}

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use proxy::allocator::Prefault;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -47,8 +48,22 @@ fn init_logging(default: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Edges (the demo runs two) copy every chunk they keep: see `proxy::allocator`.
-    if matches!(cli.cmd, Cmd::Edge(_) | Cmd::Demo(_)) {
-        proxy::allocator::reexec_with_edge_tunables();
+    // An edge's configuration is resolved first: how much heap it touches before
+    // serving sets a tunable (an invalid one fails here as it would below).
+    let mut prefault = None;
+    match &cli.cmd {
+        Cmd::Edge(args) => match args.resolve() {
+            Ok(config) => {
+                proxy::allocator::reexec_with_edge_tunables(config.prefault_bytes);
+                prefault = Some(proxy::allocator::prefault_heap(config.prefault_bytes));
+            }
+            Err(e) => {
+                eprintln!("shrinker: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Cmd::Demo(_) => proxy::allocator::reexec_with_edge_tunables(0),
+        _ => {}
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -60,6 +75,11 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.cmd {
         Cmd::Edge(args) => {
             init_logging("info");
+            match prefault {
+                Some(p @ (Prefault::Touched(..) | Prefault::Off)) => tracing::info!("{p}"),
+                Some(p) => tracing::warn!("{p}"),
+                None => {}
+            }
             rt.block_on(async move {
                 let config = args.resolve()?;
                 let edge = proxy::Edge::bind(config).await?;
