@@ -190,6 +190,13 @@ pub struct EdgeArgs {
     /// Seconds allowed for connecting (TCP + TLS + handshake) to a peer or target.
     #[arg(long, value_name = "SECS")]
     pub connect_timeout: Option<f64>,
+    /// Seconds a tunnel connection may hear nothing from the peer edge while it
+    /// listens before it fails (both local sides reset): a WAN path that silently
+    /// drops everything fails a migration instead of hanging it. Edges send a
+    /// heartbeat at least every 5 s (a quarter of this, if less); give both edges
+    /// the same value.
+    #[arg(long, value_name = "SECS")]
+    pub wan_timeout: Option<f64>,
     /// Most concurrent proxied connections (further accepts wait).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -224,6 +231,7 @@ pub struct EdgeFile {
     metrics_listen: Option<SocketAddr>,
     stats_interval: Option<f64>,
     connect_timeout: Option<f64>,
+    wan_timeout: Option<f64>,
     max_connections: Option<usize>,
 }
 
@@ -297,6 +305,8 @@ pub struct EdgeConfig {
     pub stats_interval: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Longest silence from the peer edge on a tunnel connection that listens.
+    pub wan_timeout: Duration,
     /// Connection limit.
     pub max_connections: usize,
 }
@@ -323,6 +333,9 @@ pub const DEFAULT_SEND_AHEAD_MEM: u64 = 64 << 20;
 /// four-VM cluster of 192 MiB guests (157 and 207 MiB peak resident), at ~0.1 s of
 /// start-up.
 pub const DEFAULT_PREFAULT_MEM: u64 = 256 << 20;
+/// Default `--wan-timeout`: six missed heartbeats, and longer than TCP takes to
+/// recover from a few lost segments on a congested link.
+pub const DEFAULT_WAN_TIMEOUT_SECS: f64 = 30.0;
 /// Default window: 64 MiB covers 1 Gbit/s x 500 ms or 10 Gbit/s x 50 ms.
 pub const DEFAULT_WINDOW: u64 = 64 << 20;
 
@@ -474,6 +487,11 @@ impl EdgeArgs {
                 self.connect_timeout.or(file.connect_timeout),
                 "connect-timeout",
                 10.0,
+            )?,
+            wan_timeout: secs(
+                self.wan_timeout.or(file.wan_timeout),
+                "wan-timeout",
+                DEFAULT_WAN_TIMEOUT_SECS,
             )?,
             max_connections: self
                 .max_connections

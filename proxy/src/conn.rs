@@ -84,6 +84,17 @@ const OFFLOAD_MIN: usize = 64 * 1024;
 const SPARE_BACKLOG: u64 = 1 << 20;
 /// Frames smaller than this are gathered into one write.
 const COALESCE: usize = 64 * 1024;
+/// Longest a writer stays silent: past it, it repeats its last ACK, which the peer
+/// takes as a no-op, so a peer that hears nothing for its `--wan-timeout` knows the
+/// path is down rather than this end idle. A protocol rule (v5): a peer's timeout
+/// may be as short as two of these.
+const HEARTBEAT_MAX: Duration = Duration::from_secs(5);
+
+/// How often a writer with `wan_timeout` sends a heartbeat: [`HEARTBEAT_MAX`], or a
+/// quarter of the timeout when that is shorter.
+fn heartbeat_every(wan_timeout: Duration) -> Duration {
+    (wan_timeout / 4).min(HEARTBEAT_MAX)
+}
 /// How long a finished tunnel waits for the peer's close before closing anyway.
 const LINGER: Duration = Duration::from_secs(5);
 /// How long a failed tunnel keeps reading so the peer can take in our RESET.
@@ -148,6 +159,9 @@ pub(crate) struct PumpCtx {
     /// The tunnel's TCP socket, for the kernel's view of the link (`tcp_info`); the
     /// socket lives as long as `pump` owns the tunnel. `None`: no such evidence.
     pub(crate) tunnel_fd: Option<std::os::fd::RawFd>,
+    /// Longest the downlink may wait for the peer's bytes while it reads before the
+    /// connection fails (`--wan-timeout`); the writer sends a heartbeat well within it.
+    pub(crate) wan_timeout: Duration,
 }
 
 /// What an early open does with the peer's reply: `Err` is why the peer refused.
@@ -214,6 +228,8 @@ pub(crate) enum ConnError {
     Session(#[from] SessionError),
     #[error("the peer edge reset the connection: {0}")]
     PeerReset(String),
+    #[error("the peer edge sent nothing for {0:?}, not even a heartbeat: the WAN path is down or drops everything (--wan-timeout)")]
+    PeerSilent(Duration),
     #[error("compressing a batch for the tunnel failed: {0}")]
     Compressor(String),
     #[error("aborted")]
@@ -230,6 +246,7 @@ impl ConnError {
                 | ConnError::Frame(_)
                 | ConnError::Session(_)
                 | ConnError::Compressor(_)
+                | ConnError::PeerSilent(_)
         )
     }
 
@@ -459,7 +476,13 @@ where
         );
         let squeeze = compressor(batch_rx, data_tx, ctrl_tx.clone(), &shared, &ctx, &governor);
         let down = downlink(&mut tr, &mut lw, leftover, early, ctrl_tx, &shared, &ctx);
-        let write = writer(&mut tw, ctrl_rx, data_rx, &shared);
+        let write = writer(
+            &mut tw,
+            ctrl_rx,
+            data_rx,
+            &shared,
+            heartbeat_every(ctx.wan_timeout),
+        );
         let (up, squeezed, down, _) = tokio::join!(up, squeeze, down, write);
         let up = match (up, squeezed) {
             (Ok((mut enc, seg)), Ok(c)) => {
@@ -986,6 +1009,10 @@ async fn downlink<T: AsyncRead>(
     // When deferred references are next looked at again: a deadline kept across loop
     // passes, so that frequent writes do not keep putting it off.
     let mut next_recheck = Instant::now();
+    // Since when the downlink has listened to the tunnel without hearing from it: a
+    // pass that does not read (its local side is slow to take what it holds) starts
+    // the count again, since the silence was then ours.
+    let mut quiet_since = Instant::now();
     loop {
         while broken.is_none() {
             let frame = match fdec.decode(&mut rbuf) {
@@ -1123,6 +1150,10 @@ async fn downlink<T: AsyncRead>(
         }
         let deadline = ack_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         reserve_read(&mut rbuf, last_read);
+        let reading = !tunnel_eof && broken.is_none() && read_ahead.may_read(held);
+        if !reading {
+            quiet_since = Instant::now();
+        }
         tokio::select! {
             r = write_some(lw, &mut outq), if !outq.is_empty() => match r {
                 Ok(n) => {
@@ -1134,11 +1165,17 @@ async fn downlink<T: AsyncRead>(
                 }
                 Err(e) => return Err(fail(ConnError::LocalWrite(e))),
             },
-            r = tr.read_buf(&mut rbuf), if !tunnel_eof && broken.is_none() && read_ahead.may_read(held) => match r {
+            r = tr.read_buf(&mut rbuf), if reading => match r {
                 Ok(0) => tunnel_eof = true,
-                Ok(n) => last_read = n,
+                Ok(n) => {
+                    last_read = n;
+                    quiet_since = Instant::now();
+                }
                 Err(e) => return Err(fail(ConnError::TunnelRead(e))),
             },
+            _ = tokio::time::sleep_until(quiet_since + ctx.wan_timeout), if reading => {
+                return Err(fail(ConnError::PeerSilent(ctx.wan_timeout)));
+            }
             _ = tokio::time::sleep_until(deadline), if ack_deadline.is_some() => {
                 dec.handle_idle();
                 ack_deadline = None;
@@ -1203,9 +1240,12 @@ async fn writer<T: AsyncWrite>(
     mut ctrl_rx: mpsc::UnboundedReceiver<Frame>,
     mut data_rx: mpsc::Receiver<(Bytes, u64)>,
     shared: &Shared,
+    heartbeat: Duration,
 ) -> Result<(), ConnError> {
     let mut scratch = BytesMut::with_capacity(COALESCE);
     let (mut ctrl_open, mut data_open) = (true, true);
+    // The last ACK written (a heartbeat repeats it) and when anything was last written.
+    let (mut last_ack, mut last_write) = (0u64, Instant::now());
     let result: Result<(), io::Error> = async {
         loop {
             // Control frames first: a MISS or FILL unblocks the peer, an ACK frees memory.
@@ -1225,11 +1265,12 @@ async fn writer<T: AsyncWrite>(
                     return Ok(());
                 }
                 f = ctrl_rx.recv(), if ctrl_open => match f {
-                    Some(f) => f.encode(&mut scratch),
+                    Some(f) => encode_control(&f, &mut scratch, &mut last_ack),
                     None => ctrl_open = false,
                 },
                 b = data_rx.recv(), if data_open && scratch.is_empty() => match b {
                     Some((b, end)) => {
+                        last_write = Instant::now();
                         write_or_abort(tw, &b, shared).await?;
                         shared.queued.fetch_sub(b.len() as u64, Relaxed);
                         shared.peer_link.meter().record(b.len());
@@ -1239,16 +1280,22 @@ async fn writer<T: AsyncWrite>(
                     }
                     None => data_open = false,
                 },
+                // While the downlink still reads (it holds the control channel open),
+                // the peer's downlink may be waiting to hear from us.
+                _ = tokio::time::sleep_until(last_write + heartbeat), if ctrl_open => {
+                    Frame::Ack(last_ack).encode(&mut scratch);
+                }
                 else => break,
             }
             // Gather more control frames already queued into the same write.
             while scratch.len() < COALESCE {
                 match ctrl_rx.try_recv() {
-                    Ok(f) => f.encode(&mut scratch),
+                    Ok(f) => encode_control(&f, &mut scratch, &mut last_ack),
                     Err(_) => break,
                 }
             }
             if !scratch.is_empty() {
+                last_write = Instant::now();
                 let bytes = scratch.split().freeze();
                 write_or_abort(tw, &bytes, shared).await?;
             }
@@ -1274,6 +1321,15 @@ async fn writer<T: AsyncWrite>(
             Err(shared.fail(ConnError::TunnelWrite(e), &tx))
         }
     }
+}
+
+/// Encodes a control frame for the writer, noting the offset of an ACK (what a
+/// heartbeat repeats).
+fn encode_control(f: &Frame, scratch: &mut BytesMut, last_ack: &mut u64) {
+    if let Frame::Ack(offset) = f {
+        *last_ack = *offset;
+    }
+    f.encode(scratch);
 }
 
 /// Most buffers handed to one `writev` (Linux's IOV_MAX is 1024).

@@ -494,6 +494,7 @@ impl EdgeShared {
             stats: self.stats.clone(),
             peer_failures: peer.failures,
             tunnel_fd: None,
+            wan_timeout: self.config.wan_timeout,
         }
     }
 

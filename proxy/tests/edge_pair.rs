@@ -1824,3 +1824,121 @@ fn a_heap_touched_before_serving_stays_mapped() {
     let rss = resident_mib(plain.child.id());
     assert!(rss < 48, "{rss} MiB resident with nothing touched");
 }
+
+/// A TCP relay to `to`. Once `true` is sent on the returned channel, every connection
+/// it carries stops carrying bytes either way while both sides stay open and what
+/// they send is read and dropped, ends included: a WAN path that silently drops
+/// everything (a firewall that lost its state), with no reset for anyone to see.
+fn blackhole_relay(
+    listener: TcpListener,
+    to: std::net::SocketAddr,
+) -> tokio::sync::watch::Sender<bool> {
+    let (hole, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut near, _)) = listener.accept().await {
+            let mut watch = watch.clone();
+            tokio::spawn(async move {
+                let mut far = TcpStream::connect(to).await.unwrap();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut near, &mut far) => return,
+                    _ = watch.wait_for(|h| *h) => {}
+                }
+                // Nothing passes, not even one side's end: each side is read until
+                // it ends by itself.
+                let drain = |mut side: TcpStream| async move {
+                    let mut sink = vec![0u8; 64 * 1024];
+                    while matches!(side.read(&mut sink).await, Ok(n) if n > 0) {}
+                };
+                tokio::join!(drain(near), drain(far));
+            });
+        }
+    });
+    hole
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_path_fails_the_connection_and_heartbeats_keep_an_idle_one() {
+    let dir = Scratch::new("silent-path");
+    certs(dir.path(), &["a", "b"]);
+    let net = 67;
+    let (tunnel, hole, fwd, target) = (
+        addr(net, 17000),
+        addr(net, 17500),
+        addr(net, 14000),
+        addr(net, 15000),
+    );
+    // The target echoes; how each of its connections ended is reported.
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let echo = TcpListener::bind(target).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = echo.accept().await {
+            let ended_tx = ended_tx.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.into_split();
+                let _ = ended_tx.send(tokio::io::copy(&mut r, &mut w).await.map(|_| ()));
+            });
+        }
+    });
+    let timeout = [s("--wan-timeout"), s("2")];
+    let b = EdgeProc::start(
+        dir.path(),
+        "b",
+        &[&[s("--tunnel-listen"), tunnel.to_string()][..], &timeout].concat(),
+        tunnel,
+    );
+    let blackhole = blackhole_relay(TcpListener::bind(hole).await.unwrap(), tunnel);
+    let a = EdgeProc::start(
+        dir.path(),
+        "a",
+        &[forward(fwd, hole, target), timeout.to_vec()].concat(),
+        fwd,
+    );
+    let mut client = TcpStream::connect(fwd).await.unwrap();
+    echoed(&mut client, b"before the pause").await;
+    // Idle for three timeouts: the edges' heartbeats keep the connection alive.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    echoed(&mut client, b"after six idle seconds").await;
+    assert_eq!(a.counter("connections_failed"), 0, "{}", a.log());
+    // The path goes silent: both edges give the connection up within the timeout
+    // and reset their local sides, instead of waiting for TCP's ~15 minutes.
+    blackhole.send(true).unwrap();
+    let since = std::time::Instant::now();
+    client.write_all(b"into the void").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut rest))
+        .await
+        .expect("the client's connection ended within 20 s");
+    assert!(read.is_err(), "a reset, not a clean end: {read:?} {rest:?}");
+    let took = since.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "failed before the timeout: {took:?}"
+    );
+    let target_end = tokio::time::timeout(Duration::from_secs(20), ended.recv())
+        .await
+        .expect("the target's connection ended within 20 s")
+        .unwrap();
+    assert!(
+        target_end.is_err(),
+        "the target sees a reset too: {target_end:?}"
+    );
+    for (edge, name) in [(&a, "a"), (&b, "b")] {
+        edge.wait_for("the failed connection", |c| c["connections_failed"] == 1);
+        assert!(
+            edge.log().contains("sent nothing for 2s"),
+            "edge {name}: {}",
+            edge.log()
+        );
+    }
+}
+
+/// Sends `msg` and expects it echoed back within 10 s.
+async fn echoed(client: &mut TcpStream, msg: &[u8]) {
+    client.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+        .await
+        .expect("the echo came back in time")
+        .expect("the echo came back");
+    assert_eq!(got, msg);
+}

@@ -1,4 +1,5 @@
-//! Tunnel frames (protocol v4; v2 added WORDS, v3 FOLLOW and NEXT, v4 BRANCHES) and their incremental decoder.
+//! Tunnel frames (protocol v5; v2 added WORDS, v3 FOLLOW and NEXT, v4 BRANCHES, v5 the
+//! heartbeat rule: an end silent for 5 s repeats its last ACK) and their incremental decoder.
 //!
 //! After the handshake ([`crate::handshake`]) each direction of a tunnel connection is
 //! a sequence of frames. Every frame starts with a one-byte type; every length is a
