@@ -139,9 +139,75 @@ pub fn prefault_heap(bytes: u64) -> Prefault {
     if !keeps {
         return Prefault::NoTrimThreshold;
     }
+    let cap = prefault_cap();
+    let bytes = cap.map_or(bytes, |c| bytes.min(c));
     let started = Instant::now();
     let touched = touch(bytes);
     Prefault::Touched(touched, started.elapsed())
+}
+
+/// The most a prefault may touch here: half the memory the machine has available
+/// (`MemAvailable`), and half the room left under this process's cgroup memory limit
+/// (v2 or v1), whichever is less; `None` when neither can be read. A sidecar started
+/// with a memory limit below `--prefault-mem` would otherwise be killed at start-up.
+pub fn prefault_cap() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let machine = read("/proc/meminfo").and_then(|t| mem_available(&t));
+    let cgroup = read("/proc/self/cgroup").and_then(|groups| {
+        let rooms = cgroup_dirs(&groups).into_iter().filter_map(|(dir, v2)| {
+            let (limit, usage) = if v2 {
+                ("memory.max", "memory.current")
+            } else {
+                ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            };
+            cgroup_room(
+                &read(&format!("{dir}/{limit}"))?,
+                &read(&format!("{dir}/{usage}"))?,
+            )
+        });
+        rooms.min()
+    });
+    [machine, cgroup]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|room| room / 2)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// The memory cgroup directories `/proc/self/cgroup` names, with whether each is
+/// cgroup v2 (`0::PATH`) or v1 (`N:memory:PATH`); inside a container the path may be
+/// `/`, which is the container's own group.
+fn cgroup_dirs(groups: &str) -> Vec<(String, bool)> {
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_end_matches('/');
+            if controllers.is_empty() {
+                Some((format!("/sys/fs/cgroup{path}"), true))
+            } else if controllers.split(',').any(|c| c == "memory") {
+                Some((format!("/sys/fs/cgroup/memory{path}"), false))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Room left under a cgroup's memory limit given its limit and usage files' text;
+/// `None` without a limit (`max`, or v1's huge stand-in for none).
+fn cgroup_room(limit: &str, usage: &str) -> Option<u64> {
+    let limit: u64 = limit.trim().parse().ok().filter(|&l| l < 1 << 60)?;
+    let usage: u64 = usage.trim().parse().ok()?;
+    Some(limit.saturating_sub(usage))
 }
 
 /// Allocates `bytes` (rounded up to whole pieces), writes a byte in each page, frees
@@ -199,6 +265,31 @@ mod tests {
             .unwrap();
         assert!(keep > 1 << 30, "{with}");
         assert_eq!(prefault_heap(0), Prefault::Off);
+    }
+
+    #[test]
+    fn the_cap_is_half_the_room_the_machine_and_the_cgroup_leave() {
+        let meminfo = "MemTotal:       24684000 kB\nMemAvailable:   1048576 kB\n";
+        assert_eq!(mem_available(meminfo), Some(1 << 30));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+        let v2 = cgroup_dirs("0::/system.slice/edge.service\n");
+        assert_eq!(
+            v2,
+            [("/sys/fs/cgroup/system.slice/edge.service".to_string(), true)]
+        );
+        let v1 = cgroup_dirs("5:devices:/\n4:memory:/docker/abc\n0::/\n");
+        assert_eq!(
+            v1,
+            [
+                ("/sys/fs/cgroup/memory/docker/abc".to_string(), false),
+                ("/sys/fs/cgroup".to_string(), true)
+            ]
+        );
+        assert_eq!(cgroup_room("268435456\n", "16777216\n"), Some(240 << 20));
+        assert_eq!(cgroup_room("max\n", "16777216\n"), None);
+        assert_eq!(cgroup_room("9223372036854771712\n", "1\n"), None);
+        // Here: something readable (this machine's /proc/meminfo at least).
+        assert!(prefault_cap().is_some_and(|c| c > 0));
     }
 
     #[test]

@@ -167,7 +167,8 @@ pub struct EdgeArgs {
     /// Heap to touch before serving (e.g. 1GiB; 0: none), at most the memory
     /// budgets above together: the stores then fill memory already mapped instead of
     /// faulting it in page by page during the first migrations after start-up. Costs
-    /// about 0.4 s of start-up per GiB, and is resident from the start.
+    /// about 0.4 s of start-up per GiB, and is resident from the start; never more
+    /// than half the memory the machine or this edge's cgroup limit leaves.
     #[arg(long, value_name = "SIZE")]
     pub prefault_mem: Option<ByteSize>,
     /// Most unacknowledged bytes per connection in flight to the peer (bounds memory

@@ -1942,3 +1942,108 @@ async fn echoed(client: &mut TcpStream, msg: &[u8]) {
         .expect("the echo came back");
     assert_eq!(got, msg);
 }
+
+/// A memory cgroup of this test's own, limited to `limit` bytes, under the cgroup this
+/// process is in (v2 or v1); removed on drop. `None` where none can be made (not
+/// root): the caller decides whether that may pass.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str, limit: u64) -> Option<MemoryCgroup> {
+        let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        for line in groups.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_end_matches('/');
+            let (base, limit_file) = if controllers.is_empty() {
+                (format!("/sys/fs/cgroup{path}"), "memory.max")
+            } else if controllers.split(',').any(|c| c == "memory") {
+                (
+                    format!("/sys/fs/cgroup/memory{path}"),
+                    "memory.limit_in_bytes",
+                )
+            } else {
+                continue;
+            };
+            let dir = std::path::Path::new(&base).join(format!("{name}-{}", std::process::id()));
+            if std::fs::create_dir(&dir).is_ok() {
+                if std::fs::write(dir.join(limit_file), limit.to_string()).is_ok() {
+                    return Some(MemoryCgroup { dir });
+                }
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_memory_limit_below_the_prefault_does_not_kill_the_edge() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+    let Some(group) = MemoryCgroup::new("shrinker-prefault", 160 << 20) else {
+        assert!(
+            !root,
+            "as root this test makes a memory cgroup, and could not"
+        );
+        eprintln!("SKIPPED: making a memory cgroup needs root");
+        return;
+    };
+    let dir = Scratch::new("prefault-capped");
+    let log = dir.path().join("capped.log");
+    // The edge joins the group before it starts: a container limited to 160 MiB.
+    /// Killed on drop, so a failed assertion leaves no edge behind (nor the group busy).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {BIN} edge --name capped --tunnel-listen 127.0.0.1:0 --insecure-plaintext --prefault-mem 1GiB",
+            group.dir.display()
+        ))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .map(Killed)
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("edge started") {
+            break text;
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("the edge died at start-up ({status}): {text}");
+        }
+        assert!(std::time::Instant::now() < deadline, "not started: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Half the room the limit leaves, in whole 8 MiB pieces: at most 80 MiB.
+    let mib: u64 = text
+        .split("touched ")
+        .nth(1)
+        .and_then(|t| t.split(" MiB").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no prefault reported: {text}"));
+    assert!(
+        (8..=80).contains(&mib),
+        "touched {mib} MiB under a 160 MiB limit"
+    );
+    // Killed here, before the group it is in is removed.
+    drop(child);
+}
