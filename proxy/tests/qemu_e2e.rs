@@ -803,7 +803,7 @@ async fn postcopy_switched_mid_migration_with_a_writing_guest() {
             src.qmp
                 .cmd(
                     "migrate-set-parameters",
-                    json!({"max-bandwidth": 8u64 << 30}),
+                    json!({"max-bandwidth": 8u64 << 30, "max-postcopy-bandwidth": 8u64 << 30}),
                 )
                 .await;
             let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
@@ -1403,8 +1403,14 @@ async fn postcopy_with_a_running_destination(
         .qmp
         .cmd("migrate-incoming", json!({"uri": format!("tcp:{dst}")}))
         .await;
+    // Postcopy has its own limit, unlimited unless set: without it the rest of RAM
+    // crossed within a fraction of a second of the switch, and an edge killed after the
+    // first page request could find the source already done (7.2 then never pauses).
     src.qmp
-        .cmd("migrate-set-parameters", json!({"max-bandwidth": rate}))
+        .cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": rate, "max-postcopy-bandwidth": rate}),
+        )
         .await;
     // The write phase: 20 passes over 88 MiB.
     wait_for_dword(
@@ -1454,7 +1460,7 @@ async fn postcopy_page_requests_from_a_running_destination() {
         src.qmp
             .cmd(
                 "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
+                json!({"max-bandwidth": 8u64 << 30, "max-postcopy-bandwidth": 8u64 << 30}),
             )
             .await;
         let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
@@ -1934,7 +1940,7 @@ async fn dirty_bitmaps_travel_with_the_migration() {
                 src.qmp
                     .cmd(
                         "migrate-set-parameters",
-                        json!({"max-bandwidth": 8u64 << 30}),
+                        json!({"max-bandwidth": 8u64 << 30, "max-postcopy-bandwidth": 8u64 << 30}),
                     )
                     .await;
                 src.qmp.wait_migration(Duration::from_secs(300)).await;
@@ -2621,7 +2627,7 @@ async fn postcopy_recovers_through_the_pair_after_an_edge_is_killed() {
         src.qmp
             .cmd(
                 "migrate-set-parameters",
-                json!({"max-bandwidth": 8u64 << 30}),
+                json!({"max-bandwidth": 8u64 << 30, "max-postcopy-bandwidth": 8u64 << 30}),
             )
             .await;
         src.qmp
