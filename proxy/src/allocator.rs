@@ -28,8 +28,9 @@
 //! `--prefault-mem`) moves that work out of its first migrations: the memory is
 //! freed to malloc, and glibc's `trim_threshold`, raised above it in the tunables,
 //! keeps it mapped at the top of the heap the stores are then carved from. Over the
-//! four-VM cluster at 1 Gbit/s the edges' CPU fell by 0.14-0.25 s and the migration
-//! by 7-10% (docs/BENCHMARKS.md §4 "A heap touched before serving").
+//! four-VM cluster at 1 Gbit/s (12 rounds, 256 MiB against none) the edges' CPU fell
+//! from a median of 1.305 to 1.150 s and the migration from 1.490 to 1.405 s
+//! (docs/BENCHMARKS.md §4 "A heap touched before serving").
 
 use std::ffi::{OsStr, OsString};
 use std::time::{Duration, Instant};
@@ -184,7 +185,7 @@ fn mem_available(meminfo: &str) -> Option<u64> {
 /// The memory cgroup directories `/proc/self/cgroup` names, with whether each is
 /// cgroup v2 (`0::PATH`) or v1 (`N:memory:PATH`); inside a container the path may be
 /// `/`, which is the container's own group.
-fn cgroup_dirs(groups: &str) -> Vec<(String, bool)> {
+pub fn cgroup_dirs(groups: &str) -> Vec<(String, bool)> {
     groups
         .lines()
         .filter_map(|line| {

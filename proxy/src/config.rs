@@ -442,7 +442,7 @@ impl EdgeArgs {
                 )))
             }
         };
-        let config = EdgeConfig {
+        let mut config = EdgeConfig {
             name: self.name.clone().or(file.name).unwrap_or_else(default_name),
             tunnel_listen: self.tunnel_listen.or(file.tunnel_listen),
             forwards,
@@ -499,7 +499,6 @@ impl EdgeArgs {
                 .or(file.max_connections)
                 .unwrap_or(4096),
         };
-        let mut config = config;
         config.prefault_bytes = self
             .prefault_mem
             .or(file.prefault_mem)

@@ -1953,19 +1953,11 @@ struct MemoryCgroup {
 impl MemoryCgroup {
     fn new(name: &str, limit: u64) -> Option<MemoryCgroup> {
         let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        for line in groups.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            let path = path.trim_end_matches('/');
-            let (base, limit_file) = if controllers.is_empty() {
-                (format!("/sys/fs/cgroup{path}"), "memory.max")
-            } else if controllers.split(',').any(|c| c == "memory") {
-                (
-                    format!("/sys/fs/cgroup/memory{path}"),
-                    "memory.limit_in_bytes",
-                )
+        for (base, v2) in proxy::allocator::cgroup_dirs(&groups) {
+            let limit_file = if v2 {
+                "memory.max"
             } else {
-                continue;
+                "memory.limit_in_bytes"
             };
             let dir = std::path::Path::new(&base).join(format!("{name}-{}", std::process::id()));
             if std::fs::create_dir(&dir).is_ok() {

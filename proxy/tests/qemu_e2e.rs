@@ -803,7 +803,7 @@ async fn postcopy_switched_mid_migration_with_a_writing_guest() {
             src.qmp
                 .cmd(
                     "migrate-set-parameters",
-                    json!({"max-bandwidth": 8u64 << 30, "max-postcopy-bandwidth": 8u64 << 30}),
+                    json!({"max-bandwidth": 8u64 << 30}),
                 )
                 .await;
             let info = src.qmp.wait_migration(Duration::from_secs(300)).await;
@@ -1940,7 +1940,7 @@ async fn dirty_bitmaps_travel_with_the_migration() {
                 src.qmp
                     .cmd(
                         "migrate-set-parameters",
-                        json!({"max-bandwidth": 8u64 << 30, "max-postcopy-bandwidth": 8u64 << 30}),
+                        json!({"max-bandwidth": 8u64 << 30}),
                     )
                     .await;
                 src.qmp.wait_migration(Duration::from_secs(300)).await;

@@ -49,13 +49,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Edges (the demo runs two) copy every chunk they keep: see `proxy::allocator`.
     // An edge's configuration is resolved first: how much heap it touches before
-    // serving sets a tunable (an invalid one fails here as it would below).
-    let mut prefault = None;
+    // serving sets a tunable.
+    let mut edge = None;
     match &cli.cmd {
         Cmd::Edge(args) => match args.resolve() {
             Ok(config) => {
                 proxy::allocator::reexec_with_edge_tunables(config.prefault_bytes);
-                prefault = Some(proxy::allocator::prefault_heap(config.prefault_bytes));
+                let prefault = proxy::allocator::prefault_heap(config.prefault_bytes);
+                edge = Some((config, prefault));
             }
             Err(e) => {
                 eprintln!("shrinker: {e:#}");
@@ -73,15 +74,14 @@ fn main() -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = match cli.cmd {
-        Cmd::Edge(args) => {
+        Cmd::Edge(_) => {
             init_logging("info");
+            let (config, prefault) = edge.expect("an edge's configuration is resolved above");
             match prefault {
-                Some(p @ (Prefault::Touched(..) | Prefault::Off)) => tracing::info!("{p}"),
-                Some(p) => tracing::warn!("{p}"),
-                None => {}
+                p @ (Prefault::Touched(..) | Prefault::Off) => tracing::info!("{p}"),
+                p => tracing::warn!("{p}"),
             }
             rt.block_on(async move {
-                let config = args.resolve()?;
                 let edge = proxy::Edge::bind(config).await?;
                 edge.run(shutdown_signal()).await?;
                 Ok(())
