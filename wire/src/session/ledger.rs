@@ -235,4 +235,23 @@ mod tests {
             "the reference after them is still pinned"
         );
     }
+
+    #[test]
+    fn a_repeated_ack_is_a_heartbeat_and_changes_nothing() {
+        // Protocol v5: an end with nothing to say repeats its last ACK (0 before any).
+        let mut l = SendLedger::new();
+        assert_eq!(l.handle_control(Frame::Ack(0)), Ok(None));
+        l.advance(4096);
+        l.carry(id(1));
+        l.advance(4096);
+        l.carry(id(2));
+        l.handle_control(Frame::Ack(4096)).unwrap();
+        for _ in 0..3 {
+            assert_eq!(l.handle_control(Frame::Ack(4096)), Ok(None));
+            assert_eq!((l.acked(), l.in_flight()), (4096, 4096));
+            assert_eq!(l.unacknowledged_carried().collect::<Vec<_>>(), [&id(2)]);
+        }
+        // Going back is still a violation.
+        assert!(l.handle_control(Frame::Ack(100)).is_err());
+    }
 }
