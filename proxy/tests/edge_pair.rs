@@ -758,6 +758,8 @@ fn config_errors_are_clear() {
         err.contains("/nonexistent/") && err.contains("shrinker certs"),
         "{err}"
     );
+    // Reported before the edge spends time touching its heap (`--prefault-mem`).
+    assert!(!err.contains("of heap"), "{err}");
 
     let out = std::process::Command::new(BIN)
         .args(["edge", "--tunnel-listen", "127.0.0.1:7700"])

@@ -55,8 +55,7 @@ fn main() -> ExitCode {
         Cmd::Edge(args) => match args.resolve() {
             Ok(config) => {
                 proxy::allocator::reexec_with_edge_tunables(config.prefault_bytes);
-                let prefault = proxy::allocator::prefault_heap(config.prefault_bytes);
-                edge = Some((config, prefault));
+                edge = Some(config);
             }
             Err(e) => {
                 eprintln!("shrinker: {e:#}");
@@ -76,13 +75,17 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.cmd {
         Cmd::Edge(_) => {
             init_logging("info");
-            let (config, prefault) = edge.expect("an edge's configuration is resolved above");
-            match prefault {
-                p @ (Prefault::Touched(..) | Prefault::Off) => tracing::info!("{p}"),
-                p => tracing::warn!("{p}"),
-            }
+            let config = edge.expect("an edge's configuration is resolved above");
+            let prefault_bytes = config.prefault_bytes;
             rt.block_on(async move {
+                // Certificates and listeners first: a mistake there is reported at once.
                 let edge = proxy::Edge::bind(config).await?;
+                // On this (the main) thread, in the heap the stores are carved from;
+                // connections wait in the listeners' backlog meanwhile.
+                match proxy::allocator::prefault_heap(prefault_bytes) {
+                    p @ (Prefault::Touched(..) | Prefault::Off) => tracing::info!("{p}"),
+                    p => tracing::warn!("{p}"),
+                }
                 edge.run(shutdown_signal()).await?;
                 Ok(())
             })
