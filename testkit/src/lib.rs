@@ -298,3 +298,5 @@ mod tests {
         assert!(dup * 10 > pages * 7, "{dup} of {pages} pages repeat");
     }
 }
+#[cfg(all(target_os = "linux", feature = "wan-path"))]
+pub mod wan_path;
