@@ -63,20 +63,6 @@ fn run(args: &[&str], stdin: Option<&str>) {
     );
 }
 
-/// Whether this test can run here: as root it must; otherwise only an explicit
-/// SHRINKER_SKIP_NETNS=1 lets it pass without running.
-fn must_run() -> bool {
-    let uid = Command::new("id").arg("-u").output().unwrap();
-    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
-        return true;
-    }
-    if std::env::var_os("SHRINKER_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: the TPROXY test needs root (SHRINKER_SKIP_NETNS is set)");
-        return false;
-    }
-    panic!("the TPROXY test needs root (network namespaces, nftables, IP_TRANSPARENT): run the suite as root, or set SHRINKER_SKIP_NETNS=1 to skip it");
-}
-
 /// How the gateway diverts the migration port to the transparent listener: the two
 /// recipes of docs/DEPLOY.md.
 #[derive(Clone, Copy)]
@@ -283,7 +269,7 @@ impl Drop for Sites {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_diverted_by_nftables_tproxy_reach_their_destination_exactly() {
-    if !must_run() {
+    if !needs_root("the TPROXY test (network namespaces, nftables, IP_TRANSPARENT)") {
         return;
     }
     // Over IPv4, VM 0 migrates plainly and VM 1 with four multifd channels, which must
@@ -299,7 +285,7 @@ async fn migrations_diverted_by_nftables_tproxy_reach_their_destination_exactly(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_diverted_by_iptables_tproxy_reach_their_destination_exactly() {
-    if !must_run() {
+    if !needs_root("the TPROXY test (network namespaces, nftables, IP_TRANSPARENT)") {
         return;
     }
     // Over IPv4 with two multifd channels, over IPv6 plainly.

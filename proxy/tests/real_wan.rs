@@ -1,0 +1,151 @@
+//! Migrations across a packet-level WAN path (`testkit::wan_path`): the source site
+//! (source QEMU, edge A) and the destination site (edge B, destination QEMU) are two
+//! network namespaces joined by a link with a real round-trip time, a bottleneck rate
+//! with a router queue that drops what overflows, and random loss. Unlike the
+//! loopback tests (and the benchmarks' connection-level shaper), the edges' own TCP
+//! runs across the delay: slow start, window growth, retransmissions after losses,
+//! the heartbeats and silence checks on a real round trip. Every migration must still
+//! be byte-exact, with nothing failed. Needs root (namespaces, TUN devices), as the
+//! TPROXY tests do; SHRINKER_SKIP_NETNS=1 skips it knowingly.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::qemu::{builds, dirtying_kernel, migrate_vm, migrate_with_mode, workload_ram, Mode};
+use common::*;
+use serde_json::json;
+use testkit::wan_path::{LinkSpec, WanPath};
+
+const RAM_MIB: u64 = 128;
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_across_a_lossy_path_with_a_real_round_trip_stay_exact() {
+    if !needs_root("the real-WAN test (network namespaces, TUN devices)") {
+        return;
+    }
+    let link = LinkSpec {
+        // 20 ms round trip, 300 Mbit/s, a 20 ms router queue, 0.3% random loss.
+        delay: Duration::from_millis(10),
+        rate_bps: 300_000_000,
+        queue: Duration::from_millis(20),
+        loss: 0.003,
+        mtu: 1500,
+    };
+    let path = WanPath::create(&format!("rw{}", std::process::id() % 10_000), 93, &link)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = Scratch::new("real-wan");
+    certs(dir.path(), &["a", "b"]);
+    let tunnel: SocketAddr = (path.east, 7700).into();
+    // Each site's own loopback: QEMU reaches its edge there, as a sidecar would.
+    let (fwd, target): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:14000".parse().unwrap(),
+        "127.0.0.1:15000".parse().unwrap(),
+    );
+    let b = EdgeProc::start_in(
+        Some(&path.east_ns),
+        dir.path(),
+        "b",
+        &[s("--tunnel-listen"), tunnel.to_string()],
+        tunnel,
+    );
+    let a = EdgeProc::start_in(
+        Some(&path.west_ns),
+        dir.path(),
+        "a",
+        &[s("--forward"), format!("{fwd}={tunnel}={target}")],
+        fwd,
+    );
+    let hosts = (Some(path.west_ns.as_str()), Some(path.east_ns.as_str()));
+    let mut completed = 0;
+    for (i, build) in builds().iter().enumerate() {
+        let vm = 2 * i as u64;
+        // A guest writing memory: several precopy rounds over the lossy path.
+        let kernel = dir.path().join("dirty.bin");
+        std::fs::write(&kernel, dirtying_kernel(0x0200_0000)).unwrap();
+        let t0 = Instant::now();
+        migrate_vm(
+            hosts,
+            build,
+            dir.path(),
+            &format!("rw{}", vm),
+            (fwd, target),
+            RAM_MIB,
+            Some(Box::new(workload_ram(
+                testkit::Workload::cluster(2026, 48 << 20),
+                vm,
+                RAM_MIB,
+            ))),
+            Some(&kernel),
+            &Mode::default(),
+        )
+        .await;
+        eprintln!(
+            "QEMU {}: writing guest across the path in {:?}",
+            build.name,
+            t0.elapsed()
+        );
+        completed += 1;
+        // A second VM of the cluster with multifd: its shared pages cross as references.
+        let t0 = Instant::now();
+        migrate_with_mode(
+            hosts,
+            build,
+            dir.path(),
+            &format!("rw{}", vm + 1),
+            (fwd, target),
+            RAM_MIB,
+            Box::new(workload_ram(
+                testkit::Workload::cluster(2026, 48 << 20),
+                vm + 1,
+                RAM_MIB,
+            )),
+            &Mode {
+                caps: vec!["multifd"],
+                params: json!({"multifd-channels": 2}),
+            },
+        )
+        .await;
+        eprintln!(
+            "QEMU {}: multifd x2 across the path in {:?}",
+            build.name,
+            t0.elapsed()
+        );
+        completed += 3;
+        a.wait_for("the migrations' connections through edge A", |c| {
+            c["connections_completed"].as_u64().unwrap() >= completed
+        });
+    }
+    let (sa, sb) = (a.stats(), b.stats());
+    for (edge, st) in [("a", &sa), ("b", &sb)] {
+        assert_eq!(st["counters"]["connections_failed"], 0, "edge {edge}: {st}");
+        assert_eq!(st["counters"]["parser_fallbacks"], 0, "edge {edge}: {st}");
+    }
+    let c = &sa["counters"];
+    let (lan, wan) = (
+        c["lan_bytes_in"].as_u64().unwrap(),
+        c["wan_bytes_out"].as_u64().unwrap(),
+    );
+    let (east, west) = (&path.eastbound, &path.westbound);
+    eprintln!(
+        "edge A: LAN {lan} B, WAN {wan} B; path eastbound {} packets, {} lost at random, {} \
+         dropped by the queue; westbound {} packets, {} lost",
+        east.packets.load(Relaxed),
+        east.random_drops.load(Relaxed),
+        east.queue_drops.load(Relaxed),
+        west.packets.load(Relaxed),
+        west.random_drops.load(Relaxed),
+    );
+    // The path really lost packets, and TCP recovered every one.
+    assert!(east.random_drops.load(Relaxed) > 0, "no packet was lost");
+    assert!(
+        wan * 2 < lan,
+        "the second VM's shared pages should cross as references: WAN {wan} of LAN {lan}"
+    );
+}
