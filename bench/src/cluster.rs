@@ -16,9 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
+use testkit::wan_path::{in_namespace, LinkSpec, WanPath};
 
 /// Options of `cluster`.
 #[derive(Clone, Debug, clap::Args)]
@@ -93,6 +96,35 @@ pub struct ClusterArgs {
     /// Write all figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Emulate the WAN at the packet level instead of relaying connections: the source
+    /// side (source QEMUs and the hops before the link) and the destination side run in
+    /// two network namespaces joined by a link of --rate-mbit and --delay-ms with a
+    /// router queue, so the hosts' own TCP sees the round trip (slow start, windows,
+    /// socket-buffer limits, losses). Needs root and /dev/net/tun. WAN bytes are then
+    /// the IP packets that crossed, headers included; `lan` and `lan-relay` have no
+    /// link and are not run.
+    #[arg(long)]
+    pub packet_path: bool,
+    /// With --packet-path: the router queue in front of the bottleneck, as the longest
+    /// a packet may wait there (ms); packets that would wait longer are dropped.
+    #[arg(long, default_value_t = 20.0)]
+    pub queue_ms: f64,
+    /// With --packet-path: packets lost at random, percent.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss_pct: f64,
+    /// With --packet-path: MTU of the path's interfaces.
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u16,
+    /// With --packet-path: a sysctl set on both hosts (their namespaces) before the
+    /// run, KEY=VALUE, repeatable: to weigh a host tuning, e.g.
+    /// `net.ipv4.tcp_wmem="4096 16384 33554432"` or
+    /// `net.ipv4.tcp_slow_start_after_idle=0`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub host_sysctl: Vec<String>,
+    /// With --packet-path: options added to both hosts' route across the path, as
+    /// `ip route` takes them, e.g. "initcwnd 64 initrwnd 64".
+    #[arg(long, value_name = "OPTIONS")]
+    pub host_route: Option<String>,
     /// Copy the run's logs and counter files (each edge's, relay's, tunnel's and the
     /// link emulator's) into this directory before the scratch directory is removed,
     /// whether the run succeeded or failed.
@@ -224,15 +256,18 @@ impl Qmp {
 
 fn qemu(
     args: &ClusterArgs,
-    dir: &Path,
+    env: &Env,
     name: &str,
     ram: &Path,
     incoming: bool,
     disk: Option<(&Path, bool)>,
 ) -> anyhow::Result<(Child, Qmp)> {
+    let dir = &env.dir;
     let qmp = dir.join(format!("{name}.qmp"));
     let _ = std::fs::remove_file(&qmp);
-    let mut c = Command::new(&args.qemu);
+    // The source on the near side of the link, the destination on the far side.
+    let side = if incoming { Side::Far } else { Side::Near };
+    let mut c = env.command(side, &args.qemu);
     if let Some(fw) = &args.firmware {
         c.arg("-L").arg(fw);
     }
@@ -282,9 +317,9 @@ fn qemu(
 
 /// Waits until something listens on `addr`, without connecting: a probe connection
 /// would travel the whole path and be taken by the destination QEMU as its migration.
-fn wait_port(addr: SocketAddr) -> anyhow::Result<()> {
+fn wait_port(env: &Env, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !is_listening(addr) {
+    while !env.listening(addr) {
         if Instant::now() > deadline {
             bail!("nothing listens on {addr}");
         }
@@ -293,8 +328,8 @@ fn wait_port(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads /proc/net/tcp for a LISTEN socket bound to `addr` (IPv4).
-fn is_listening(addr: SocketAddr) -> bool {
+/// Reads `tcp_table` (/proc/net/tcp) for a LISTEN socket bound to `addr` (IPv4).
+fn is_listening(tcp_table: &str, addr: SocketAddr) -> bool {
     let SocketAddr::V4(v4) = addr else {
         return false;
     };
@@ -303,11 +338,9 @@ fn is_listening(addr: SocketAddr) -> bool {
         u32::from_le_bytes(v4.ip().octets()),
         v4.port()
     );
-    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-        t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
-        })
+    tcp_table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1] == want && f[3] == "0A"
     })
 }
 
@@ -344,18 +377,30 @@ struct Lane {
 }
 
 /// `n` lanes on scenario `index`'s own loopback address (a scenario's sockets in
-/// TIME_WAIT never collide with the next one's).
-fn lanes(index: u8, n: u64) -> Vec<Lane> {
-    let ip = format!("127.0.78.{}", 10 + index);
-    let a = |p: u64| -> SocketAddr { format!("{ip}:{p}").parse().expect("address") };
+/// TIME_WAIT never collide with the next one's). Across a packet path, the near
+/// side's addresses are its host's and the far side's the other host's, each
+/// scenario on its own ports (there is no shaper hop).
+fn lanes(env: &Env, index: u8, n: u64) -> Vec<Lane> {
+    let (near, far, base) = match &env.path {
+        Some(p) => (
+            p.west.to_string(),
+            p.east.to_string(),
+            22000 + 100 * u64::from(index),
+        ),
+        None => {
+            let ip = format!("127.0.78.{}", 10 + index);
+            (ip.clone(), ip, 22000)
+        }
+    };
+    let a = |ip: &str, p: u64| -> SocketAddr { format!("{ip}:{p}").parse().expect("address") };
     (0..n)
         .map(|i| {
-            let base = 22000 + 10 * i;
+            let base = base + 10 * i;
             Lane {
-                front: a(base + 1),
-                shaper: a(base + 2),
-                back: a(base + 3),
-                dst: a(base + 4),
+                front: a(&near, base + 1),
+                shaper: a(&near, base + 2),
+                back: a(&far, base + 3),
+                dst: a(&far, base + 4),
             }
         })
         .collect()
@@ -387,7 +432,12 @@ fn start_path(
     procs: &mut Procs,
     link: &mut Procs,
 ) -> anyhow::Result<Vec<SocketAddr>> {
-    let mut shaper = |to: &dyn Fn(&Lane) -> SocketAddr| -> anyhow::Result<()> {
+    // The link to each lane's `to`; returns where the near side sends to cross it: the
+    // shaper's port, or across a packet path `to` itself (the path is the network).
+    let mut link_to = |to: &dyn Fn(&Lane) -> SocketAddr| -> anyhow::Result<Vec<SocketAddr>> {
+        if env.path.is_some() {
+            return Ok(lanes.iter().map(to).collect());
+        }
         link.0.push(spawn(
             Command::new(&env.me)
                 .arg("shaper")
@@ -395,9 +445,12 @@ fn start_path(
                 .args(env.link(stats)),
             env.dir.join("shaper.log"),
         )?);
-        Ok(())
+        Ok(lanes.iter().map(|l| l.shaper).collect())
     };
     let fronts = lanes.iter().map(|l| l.front).collect();
+    if env.path.is_some() && scenario.starts_with("lan") {
+        bail!("{scenario} has no link: run it without --packet-path");
+    }
     match scenario {
         // No link at all: what QEMU itself takes here, the floor of every scenario.
         "lan" => Ok(lanes.iter().map(|l| l.dst).collect()),
@@ -413,21 +466,25 @@ fn start_path(
             )?);
             Ok(fronts)
         }
-        "direct" | "qemu-multifd-zstd" => {
-            shaper(&|l| l.dst)?;
-            Ok(lanes.iter().map(|l| l.shaper).collect())
-        }
+        "direct" | "qemu-multifd-zstd" => link_to(&|l| l.dst),
         "relay" => {
-            shaper(&|l| l.back)?;
-            for (i, pairs) in [
-                lanes.iter().map(|l| (l.back, l.dst)).collect::<Vec<_>>(),
-                lanes.iter().map(|l| (l.front, l.shaper)).collect(),
-            ]
-            .into_iter()
-            .enumerate()
-            {
+            let crossings = link_to(&|l| l.back)?;
+            for (i, side, pairs) in [
+                (
+                    0,
+                    Side::Far,
+                    lanes.iter().map(|l| (l.back, l.dst)).collect::<Vec<_>>(),
+                ),
+                (
+                    1,
+                    Side::Near,
+                    lanes.iter().map(|l| l.front).zip(crossings).collect(),
+                ),
+            ] {
                 procs.0.push(spawn(
-                    Command::new(&env.me).arg("relay").args(lane_args(pairs)),
+                    env.command(side, &env.me)
+                        .arg("relay")
+                        .args(lane_args(pairs)),
                     env.dir.join(format!("relay-{i}.log")),
                 )?);
             }
@@ -436,7 +493,7 @@ fn start_path(
         "edge" => {
             // One tunnel listener on the far side; every lane's shaper leads to it.
             let tunnel = lanes[0].back;
-            shaper(&|_| tunnel)?;
+            let crossings = link_to(&|_| tunnel)?;
             let pki = env.dir.join("pki");
             let tls = |n: &str| {
                 vec![
@@ -464,7 +521,7 @@ fn start_path(
                 ]
             };
             procs.0.push(spawn(
-                Command::new(&env.shrinker)
+                env.command(Side::Far, &env.shrinker)
                     .args([
                         "edge",
                         "--name",
@@ -477,14 +534,14 @@ fn start_path(
                     .args(tls("b")),
                 env.dir.join("edge-b.log"),
             )?);
-            let forwards = lanes.iter().flat_map(|l| {
+            let forwards = lanes.iter().zip(crossings).flat_map(|(l, crossing)| {
                 [
                     "--forward".to_string(),
-                    format!("{}={}={}", l.front, l.shaper, l.dst),
+                    format!("{}={}={}", l.front, crossing, l.dst),
                 ]
             });
             procs.0.push(spawn(
-                Command::new(&env.shrinker)
+                env.command(Side::Near, &env.shrinker)
                     .args(["edge", "--name", "a"])
                     .args(forwards)
                     .args(&common)
@@ -510,19 +567,21 @@ fn start_path(
             } else {
                 &[]
             };
-            shaper(&|l| l.back)?;
-            for (mode, pairs) in [
+            let crossings = link_to(&|l| l.back)?;
+            for (mode, side, pairs) in [
                 (
                     "decompress",
+                    Side::Far,
                     lanes.iter().map(|l| (l.back, l.dst)).collect::<Vec<_>>(),
                 ),
                 (
                     "compress",
-                    lanes.iter().map(|l| (l.front, l.shaper)).collect(),
+                    Side::Near,
+                    lanes.iter().map(|l| l.front).zip(crossings).collect(),
                 ),
             ] {
                 procs.0.push(spawn(
-                    Command::new(&env.me)
+                    env.command(side, &env.me)
                         .args(["ztunnel", "--mode", mode, "--long", long])
                         .args(lane_args(pairs))
                         .args(shared),
@@ -544,7 +603,7 @@ fn run_scenario(
     if multifd_channels(args, scenario) == 0 && scenario == "qemu-multifd-zstd" {
         bail!("qemu-multifd-zstd needs --multifd-zstd-channels of at least 1");
     }
-    let lanes = lanes(index, if args.concurrent { args.vms } else { 1 });
+    let lanes = lanes(env, index, if args.concurrent { args.vms } else { 1 });
     let stats = env.dir.join(format!("shaper-{scenario}.json"));
     // The hops (their CPU time is the path's cost) and the link emulator, apart.
     let mut procs = Procs(Vec::new());
@@ -555,10 +614,10 @@ fn run_scenario(
     // destination QEMU, which listens only once asked to).
     for (lane, entry) in lanes.iter().zip(&entries) {
         if !link.0.is_empty() {
-            wait_port(lane.shaper)?;
+            wait_port(env, lane.shaper)?;
         }
         if !(procs.0.is_empty() && link.0.is_empty()) {
-            wait_port(*entry)?;
+            wait_port(env, *entry)?;
         }
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -566,9 +625,9 @@ fn run_scenario(
     // must fail the scenario, not let that leftover carry it.
     procs.ensure_running(&env.dir)?;
     link.ensure_running(&env.dir)?;
-    let (f0, r0) = shaper_bytes(&stats);
+    let (f0, r0) = env.link_bytes(&stats);
     let path_cpu_at_start = procs.cpu_secs();
-    let link_cpu_at_start = link.cpu_secs();
+    let link_cpu_at_start = link.cpu_secs() + env.path_cpu_secs();
     let started = Instant::now();
     let mut done = Vec::new();
     if args.concurrent {
@@ -606,7 +665,7 @@ fn run_scenario(
     }
     let total = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
-    let (f1, r1) = shaper_bytes(&stats);
+    let (f1, r1) = env.link_bytes(&stats);
     // Where the sending edge's bytes went (its snapshot is at most 200 ms old).
     let edge_counters = (scenario == "edge")
         .then(|| counters_of(&env.dir, "a"))
@@ -644,7 +703,7 @@ fn run_scenario(
         );
     }
     let path_cpu_secs = procs.cpu_secs() - path_cpu_at_start;
-    let link_cpu_secs = link.cpu_secs() - link_cpu_at_start;
+    let link_cpu_secs = link.cpu_secs() + env.path_cpu_secs() - link_cpu_at_start;
     drop(procs);
     drop(link);
     let times: Vec<f64> = done
@@ -740,7 +799,7 @@ fn prepare_vm(
     };
     let (dst_child, dq) = qemu(
         args,
-        &env.dir,
+        env,
         &format!("dst{vm}"),
         &dst_ram,
         true,
@@ -749,7 +808,7 @@ fn prepare_vm(
     let mut procs = Procs(vec![dst_child]);
     let (src_child, sq) = qemu(
         args,
-        &env.dir,
+        env,
         &format!("src{vm}"),
         &src_ram,
         false,
@@ -776,6 +835,22 @@ fn multifd_channels(args: &ClusterArgs, scenario: &str) -> u32 {
         (0, "qemu-multifd-zstd") => args.multifd_zstd_channels,
         (n, _) => n,
     }
+}
+
+/// How the link is emulated, for titles (nothing for the connection-level shaper).
+fn packet_label(args: &ClusterArgs) -> String {
+    if !args.packet_path {
+        return String::new();
+    }
+    let loss = if args.loss_pct > 0.0 {
+        format!(", {}% loss", args.loss_pct)
+    } else {
+        String::new()
+    };
+    format!(
+        " (packet path: {} ms queue, MTU {}{loss})",
+        args.queue_ms, args.mtu
+    )
 }
 
 /// How the run's migrations use multifd, for titles.
@@ -910,7 +985,16 @@ fn check_vm(scenario: &str, v: VmRun) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A side of the link: where the source QEMUs (near) or the destinations (far) run.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Near,
+    Far,
+}
+
 struct Env {
+    /// The packet-level path (--packet-path), or none: the connection-level shaper.
+    path: Option<WanPath>,
     me: PathBuf,
     shrinker: PathBuf,
     dir: PathBuf,
@@ -923,6 +1007,57 @@ struct Env {
 }
 
 impl Env {
+    /// `program` to run on `side`: in its host's namespace across a packet path.
+    fn command(&self, side: Side, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.path {
+            Some(p) => {
+                let ns = match side {
+                    Side::Near => &p.west_ns,
+                    Side::Far => &p.east_ns,
+                };
+                // `ip netns exec` execs the program: the child is the program itself.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Whether something listens on `addr`, in the namespace of the host that has it.
+    fn listening(&self, addr: SocketAddr) -> bool {
+        let table = match &self.path {
+            Some(p) => {
+                let ns = if addr.ip() == p.east {
+                    &p.east_ns
+                } else {
+                    &p.west_ns
+                };
+                in_namespace(ns, || std::fs::read_to_string("/proc/thread-self/net/tcp"))
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            None => std::fs::read_to_string("/proc/net/tcp").ok(),
+        };
+        table.is_some_and(|t| is_listening(&t, addr))
+    }
+
+    /// Bytes the link carried so far (forward, reverse).
+    fn link_bytes(&self, stats: &Path) -> (u64, u64) {
+        match &self.path {
+            Some(p) => (
+                p.eastbound.bytes.load(Relaxed),
+                p.westbound.bytes.load(Relaxed),
+            ),
+            None => shaper_bytes(stats),
+        }
+    }
+
+    /// CPU seconds the packet path's threads used so far (0 without one).
+    fn path_cpu_secs(&self) -> f64 {
+        self.path.as_ref().map_or(0.0, WanPath::cpu_secs)
+    }
+
     fn link(&self, stats: &Path) -> Vec<String> {
         vec![
             "--rate-mbit".into(),
@@ -981,7 +1116,30 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let path = if args.packet_path {
+        let link = LinkSpec {
+            delay: Duration::from_secs_f64(args.delay_ms / 1000.0),
+            rate_bps: (args.rate_mbit * 1e6) as u64,
+            queue: Duration::from_secs_f64(args.queue_ms / 1000.0),
+            loss: args.loss_pct / 100.0,
+            mtu: args.mtu,
+        };
+        let tag = format!("cb{}", std::process::id() % 100_000);
+        let path = WanPath::create(&tag, 94, &link).context("--packet-path")?;
+        for setting in &args.host_sysctl {
+            path.host_sysctl(setting)
+                .with_context(|| format!("--host-sysctl {setting}"))?;
+        }
+        if let Some(options) = &args.host_route {
+            path.host_route_options(options)
+                .with_context(|| format!("--host-route {options}"))?;
+        }
+        Some(path)
+    } else {
+        None
+    };
     let env = Env {
+        path,
         me,
         shrinker,
         dir: dir.clone(),
@@ -1044,13 +1202,14 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     println!(
-        "\n{} VMs x {} MiB RAM{} (shared pool {} MiB), WAN {} Mbit/s, {} ms one way, {} migrations{}:",
+        "\n{} VMs x {} MiB RAM{} (shared pool {} MiB), WAN {} Mbit/s, {} ms one way{}, {} migrations{}:",
         args.vms,
         args.ram_mib,
         if args.disk_mib > 0 { format!(" + {} MiB disk", args.disk_mib) } else { String::new() },
         args.pool_mib,
         args.rate_mbit,
         args.delay_ms,
+        packet_label(&args),
         if args.concurrent { "concurrent" } else { "sequential" },
         multifd_label(&args)
     );
@@ -1089,7 +1248,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &args.svg {
         let title = format!(
-            "{} VMs x {} MiB{}, {}, {} Mbit/s, {} ms one way{}",
+            "{} VMs x {} MiB{}, {}, {} Mbit/s, {} ms one way{}{}",
             args.vms,
             args.ram_mib,
             if args.near_permille > 0 {
@@ -1104,6 +1263,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             },
             args.rate_mbit,
             args.delay_ms,
+            packet_label(&args),
             multifd_label(&args)
         );
         let wan: Vec<(String, f64)> = figures
