@@ -207,6 +207,9 @@ pub(crate) struct Outcome {
     pub(crate) lan_in: u64,
     pub(crate) lan_out: u64,
     pub(crate) fills_sent: u64,
+    /// The tunnel socket's kernel state at the end (how long its windows held it
+    /// back, its round trip), when it is a TCP socket.
+    pub(crate) tunnel_path: Option<tcp_info::PathSample>,
 }
 
 /// Why a proxied connection ended abnormally.
@@ -538,7 +541,10 @@ where
         return Ended::Relayed(Err(err));
     }
     let (enc, seg) = enc.unwrap_or_default();
+    // The socket is still open (`tr` and `tw` own it until this returns).
+    let tunnel_path = ctx.tunnel_fd.and_then(tcp_info::sample_fd);
     Ended::Relayed(Ok(Outcome {
+        tunnel_path,
         enc,
         seg,
         dec: dec.unwrap_or_default(),

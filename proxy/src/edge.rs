@@ -76,6 +76,9 @@ pub(crate) struct EdgeShared {
     /// Per peer edge address: what its last handshake reply said (connections to it
     /// then send without waiting for theirs).
     pub(crate) known_peers: KnownPeers,
+    /// Whether the operator was told that this host's send buffer holds tunnel
+    /// connections back (`crate::send_buffer`: said once).
+    sndbuf_advised: std::sync::atomic::AtomicBool,
 }
 
 /// What the connections with one peer edge share.
@@ -195,6 +198,7 @@ impl Edge {
             recent: Default::default(),
             peer_state: Default::default(),
             known_peers: KnownPeers::default(),
+            sndbuf_advised: Default::default(),
             config,
         });
         Ok(Edge {
@@ -538,6 +542,11 @@ impl EdgeShared {
                 summary.chunk_bytes = o.enc.chunk_bytes;
                 summary.misses = o.dec.misses;
                 summary.fills_sent = o.fills_sent;
+                if let Some(p) = &o.tunnel_path {
+                    summary.rtt_ms = f64::from(p.rtt_us) / 1e3;
+                    summary.sndbuf_limited_ms = p.sndbuf_limited_us / 1000;
+                    summary.rwnd_limited_ms = p.rwnd_limited_us / 1000;
+                }
                 summary.result = "ok".into();
             }
             Err(e) => summary.result = e.to_string(),
@@ -555,6 +564,21 @@ impl EdgeShared {
                 self.stats.add_encoder(&o.enc);
                 self.stats.add_decoder(&o.dec);
                 self.stats.fills_sent.fetch_add(o.fills_sent, Relaxed);
+                let path = o.tunnel_path.unwrap_or_default();
+                self.stats
+                    .tunnel_sndbuf_limited_ms
+                    .fetch_add(path.sndbuf_limited_us / 1000, Relaxed);
+                self.stats
+                    .tunnel_rwnd_limited_ms
+                    .fetch_add(path.rwnd_limited_us / 1000, Relaxed);
+                if !self.sndbuf_advised.load(Relaxed) {
+                    if let Some(advice) =
+                        crate::send_buffer::advice(&path, crate::send_buffer::tcp_wmem_max())
+                    {
+                        self.sndbuf_advised.store(true, Relaxed);
+                        warn!("{advice}");
+                    }
+                }
                 let wan_out = wan.bytes_out.load(Relaxed);
                 self.stats.add_segmenter(&o.seg);
                 let pages = o
@@ -587,6 +611,9 @@ impl EdgeShared {
                     incompressible = o.enc.compression.batches_incompressible,
                     misses = o.dec.misses,
                     fills_sent = o.fills_sent,
+                    rtt_ms = format_args!("{:.1}", f64::from(path.rtt_us) / 1e3),
+                    sndbuf_limited_ms = path.sndbuf_limited_us / 1000,
+                    rwnd_limited_ms = path.rwnd_limited_us / 1000,
                     ratio = format_args!(
                         "{:.3}",
                         if o.lan_in > 0 {

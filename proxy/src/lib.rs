@@ -26,6 +26,7 @@ pub mod io;
 pub mod metrics;
 mod order;
 mod read_ahead;
+mod send_buffer;
 pub mod size;
 mod spare;
 pub mod stats;

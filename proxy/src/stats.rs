@@ -130,6 +130,14 @@ counters! {
     misses_sent,
     /// FILLs this edge sent in answer to a peer's MISS.
     fills_sent,
+    /// Milliseconds finished tunnel connections spent held back by this host's TCP
+    /// send buffer (all they had buffered in flight, the window open for more:
+    /// `net.ipv4.tcp_wmem`'s maximum too small for the path's rate x round trip).
+    tunnel_sndbuf_limited_ms,
+    /// Milliseconds finished tunnel connections spent held back by the peer's receive
+    /// window (the peer host's `net.ipv4.tcp_rmem` maximum, or the peer edge slow to
+    /// read because its own local side is).
+    tunnel_rwnd_limited_ms,
     /// Chunks a failed connection had sent whole or as deltas without the peer's
     /// acknowledgment, dropped from this edge's model of the peer (they are sent again
     /// rather than referred to).
@@ -295,6 +303,12 @@ pub struct ConnSummary {
     pub misses: u64,
     /// Chunks sent to answer the peer's misses.
     pub fills_sent: u64,
+    /// The tunnel socket's smoothed round trip at the end, ms (0: not measured).
+    pub rtt_ms: f64,
+    /// How long this host's TCP send buffer held the tunnel connection back, ms.
+    pub sndbuf_limited_ms: u64,
+    /// How long the peer's receive window held it back, ms.
+    pub rwnd_limited_ms: u64,
 }
 
 /// Store part of the snapshot.

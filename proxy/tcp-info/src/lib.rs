@@ -31,6 +31,11 @@ pub struct PathSample {
     pub sndbuf_limited_us: u64,
     /// Bytes the receiving host acknowledged (cumulative).
     pub bytes_acked: u64,
+    /// Microseconds TCP spent with data in flight (cumulative; the two `*_limited_us`
+    /// are parts of it).
+    pub busy_us: u64,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u32,
 }
 
 /// Reads `TCP_INFO` of a TCP socket. `None` where the platform has no `TCP_INFO`, the
@@ -78,6 +83,8 @@ pub fn sample_fd(fd: std::os::fd::RawFd) -> Option<PathSample> {
         rwnd_limited_us: info.tcpi_rwnd_limited,
         sndbuf_limited_us: info.tcpi_sndbuf_limited,
         bytes_acked: info.tcpi_bytes_acked,
+        busy_us: info.tcpi_busy_time,
+        rtt_us: info.tcpi_rtt,
     })
 }
 
@@ -114,6 +121,7 @@ mod tests {
         }
         assert!(s.bytes_acked >= 64 << 10, "{s:?}");
         assert_eq!(s.notsent, 0, "{s:?}");
+        assert!(s.rtt_us > 0, "a round trip was measured: {s:?}");
         // Now the reader stops: once its receive window is full, written bytes wait
         // in the sender's queue, unsent.
         writer.set_nonblocking(true).unwrap();
