@@ -8,19 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use testkit::wan_path::{in_namespace, LinkSpec, WanPath};
-
-fn must_run() -> bool {
-    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
-    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
-        return true;
-    }
-    if std::env::var_os("SHRINKER_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: the WAN path needs root (SHRINKER_SKIP_NETNS is set)");
-        return false;
-    }
-    panic!("the WAN path needs root (network namespaces, TUN devices): run the suite as root, or set SHRINKER_SKIP_NETNS=1 to skip it");
-}
+use testkit::wan_path::{in_namespace, needs_root, LinkSpec, WanPath};
 
 /// Sends `len` bytes of a pattern from the west host to a listener on the east host;
 /// returns (connect time, transfer time) after checking every byte.
@@ -48,7 +36,7 @@ fn transfer(path: &WanPath, port: u16, len: usize) -> (Duration, Duration) {
 
 #[test]
 fn tcp_across_the_path_sees_its_delay_and_rate_and_stays_exact() {
-    if !must_run() {
+    if !needs_root("the WAN path test (network namespaces, TUN devices)") {
         return;
     }
     let link = LinkSpec {
@@ -75,7 +63,7 @@ fn tcp_across_the_path_sees_its_delay_and_rate_and_stays_exact() {
 
 #[test]
 fn losses_are_recovered_and_counted() {
-    if !must_run() {
+    if !needs_root("the WAN path test (network namespaces, TUN devices)") {
         return;
     }
     let link = LinkSpec {

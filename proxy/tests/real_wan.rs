@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::qemu::{builds, dirtying_kernel, migrate_vm, migrate_with_mode, workload_ram, Mode};
 use common::*;
 use serde_json::json;
-use testkit::wan_path::{LinkSpec, WanPath};
+use testkit::wan_path::{needs_root, LinkSpec, WanPath};
 
 const RAM_MIB: u64 = 128;
 

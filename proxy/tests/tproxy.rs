@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use common::qemu::{builds, migrate_with_mode, workload_ram, Mode};
 use common::*;
 use serde_json::json;
+use testkit::wan_path::needs_root;
 
 const RAM_MIB: u64 = 128;
 /// The destination host's addresses and the migration port the gateway intercepts.

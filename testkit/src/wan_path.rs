@@ -193,26 +193,10 @@ impl WanPath {
         run(&["ip", "-n", m, "addr", "add", &addr(1, 2), "dev", &w1])?;
         run(&["ip", "-n", e, "addr", "add", &addr(2, 1), "dev", &e0])?;
         run(&["ip", "-n", m, "addr", "add", &addr(2, 2), "dev", &e1])?;
-        run(&[
-            "ip",
-            "-n",
-            w,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{net}.1.2"),
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            e,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{net}.2.2"),
-        ])?;
+        for (host, side) in [(w, 1), (e, 2)] {
+            let gateway = format!("10.{net}.{side}.2");
+            run(&["ip", "-n", host, "route", "add", "default", "via", &gateway])?;
+        }
         for sysctl in [
             "net.ipv4.ip_forward=1",
             // Packets come back from the TUN devices with addresses routed via the
@@ -309,6 +293,24 @@ impl Drop for WanPath {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// Whether a test that needs root (`what` it is and needs) can run here: as root it
+/// must; otherwise only an explicit SHRINKER_SKIP_NETNS=1 lets it pass without
+/// running, so that a suite run without root cannot pass it silently.
+///
+/// # Panics
+/// When not root and SHRINKER_SKIP_NETNS is not set.
+pub fn needs_root(what: &str) -> bool {
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        return true;
+    }
+    if std::env::var_os("SHRINKER_SKIP_NETNS").is_some() {
+        eprintln!("SKIPPED: {what} needs root (SHRINKER_SKIP_NETNS is set)");
+        return false;
+    }
+    panic!("{what} needs root: run the suite as root, or set SHRINKER_SKIP_NETNS=1 to skip it");
 }
 
 /// Runs `f` on a thread that entered network namespace `ns` (only that thread: a

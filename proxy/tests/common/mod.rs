@@ -15,21 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shrinker");
 
-/// Whether a test that needs root (`what` it is and needs) can run here: as root it
-/// must; otherwise only an explicit SHRINKER_SKIP_NETNS=1 lets it pass without
-/// running, so that a suite run without root cannot pass it silently.
-pub fn needs_root(what: &str) -> bool {
-    let uid = Command::new("id").arg("-u").output().unwrap();
-    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
-        return true;
-    }
-    if std::env::var_os("SHRINKER_SKIP_NETNS").is_some() {
-        eprintln!("SKIPPED: {what} needs root (SHRINKER_SKIP_NETNS is set)");
-        return false;
-    }
-    panic!("{what} needs root: run the suite as root, or set SHRINKER_SKIP_NETNS=1 to skip it");
-}
-
 /// A per-test scratch directory, removed on drop.
 pub struct Scratch(pub PathBuf);
 
