@@ -366,13 +366,15 @@ impl Shared {
 }
 
 /// Relays `local` over `tunnel` until both directions are delivered, or fails loudly.
-/// `leftover` holds tunnel bytes read past the handshake.
+/// `leftover` holds tunnel bytes read past the handshake. With the outcome, the tunnel
+/// connection when it may carry another proxied connection (both ends sent DONE and
+/// nothing followed).
 pub(crate) async fn pump<T>(
     local: TcpStream,
     tunnel: T,
     leftover: BytesMut,
     ctx: PumpCtx,
-) -> Result<Outcome, ConnError>
+) -> (Result<Outcome, ConnError>, Option<T>)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
@@ -386,7 +388,7 @@ pub(crate) async fn pump_early<T>(
     tunnel: T,
     ctx: PumpCtx,
     early: EarlyOpen,
-) -> Ended
+) -> (Ended, Option<T>)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
@@ -409,13 +411,13 @@ pub(crate) async fn pump_replaying<T>(
     leftover: BytesMut,
     ctx: PumpCtx,
     read: Bytes,
-) -> Result<Outcome, ConnError>
+) -> (Result<Outcome, ConnError>, Option<T>)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
     match relay(local, tunnel, leftover, ctx, None, read).await {
-        Ended::Relayed(r) => r,
-        Ended::Unanswered { .. } => unreachable!("only an early open ends unanswered"),
+        (Ended::Relayed(r), reusable) => (r, reusable),
+        (Ended::Unanswered { .. }, _) => unreachable!("only an early open ends unanswered"),
     }
 }
 
@@ -426,10 +428,13 @@ async fn relay<T>(
     ctx: PumpCtx,
     early: Option<EarlyOpen>,
     replay: Bytes,
-) -> Ended
+) -> (Ended, Option<T>)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
+    // The socket's counters so far: a reused tunnel connection reports this
+    // connection's share.
+    let path_start = ctx.tunnel_fd.and_then(tcp_info::sample_fd);
     let (mut tr, mut tw) = tokio::io::split(tunnel);
     let keep = early.as_ref().is_some_and(|e| e.keep_until_reply);
     let shared = Shared {
@@ -501,13 +506,22 @@ where
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    // Our close_notify (and, after a failure, our RESET) is sent: read until the peer
-    // closes too before closing the socket. Closing with unread data would make the
-    // kernel send RST, which can destroy our last frames before the peer reads them.
+    // Completed: our DONE is sent; the peer's (read by the downlink, or still to
+    // come behind its last heartbeats) makes the connection idle and reusable.
+    let mut reusable = false;
+    if let (None, Ok(end)) = (&error, &dec) {
+        reusable = if end.peer_done {
+            end.peer_done_alone
+        } else {
+            await_done(&mut tr, end.rbuf.clone()).await
+        };
+    }
+    // After a failure our RESET is sent: read until the peer closes too before
+    // closing the socket. Closing with unread data would make the kernel send RST,
+    // which can destroy our last frames before the peer reads them.
     let linger = match &error {
-        None => Some(LINGER),
         Some(e) if e.tell_peer() => Some(RESET_LINGER),
-        Some(_) => None,
+        _ => None,
     };
     if let Some(limit) = linger {
         let _ = tokio::time::timeout(limit, async {
@@ -530,28 +544,70 @@ where
         let kept = shared.kept.lock().unwrap_or_else(|p| p.into_inner()).take();
         // (A copy is kept only until the reply.)
         if let (true, Some(read)) = (lost, kept) {
-            return Ended::Unanswered {
+            let ended = Ended::Unanswered {
                 local,
                 read: read.freeze(),
                 cause: err,
             };
+            return (ended, None);
         }
         // RST, not FIN: the local application must see that the stream broke.
         crate::io::reset_on_close(&local);
-        return Ended::Relayed(Err(err));
+        return (Ended::Relayed(Err(err)), None);
     }
     let (enc, seg) = enc.unwrap_or_default();
     // The socket is still open (`tr` and `tw` own it until this returns).
-    let tunnel_path = ctx.tunnel_fd.and_then(tcp_info::sample_fd);
-    Ended::Relayed(Ok(Outcome {
+    let tunnel_path = ctx
+        .tunnel_fd
+        .and_then(tcp_info::sample_fd)
+        .map(|end| path_start.map_or(end, |start| end.since(&start)));
+    let ended = Ended::Relayed(Ok(Outcome {
         tunnel_path,
         enc,
         seg,
-        dec: dec.unwrap_or_default(),
+        dec: dec.map(|end| end.stats).unwrap_or_default(),
         lan_in: shared.lan_in.load(Relaxed),
         lan_out: shared.lan_out.load(Relaxed),
         fills_sent: shared.fills_sent.load(Relaxed),
-    }))
+    }));
+    (ended, reusable.then(|| tr.unsplit(tw)))
+}
+
+/// How the downlink ended a completed connection.
+#[derive(Default)]
+struct DownlinkEnd {
+    stats: DecoderStats,
+    /// Tunnel bytes read and not decoded (empty unless the peer misbehaved).
+    rbuf: BytesMut,
+    /// The peer's DONE was read.
+    peer_done: bool,
+    /// ... and nothing after it: the connection is clean for the next handshake.
+    peer_done_alone: bool,
+}
+
+/// After a completed connection whose peer's DONE was not read yet: reads it (behind
+/// heartbeat ACKs at most) within [`LINGER`]. Whether it came, alone: the tunnel
+/// connection is then idle and may carry the next proxied connection.
+async fn await_done<R: AsyncRead + Unpin>(tr: &mut R, mut rbuf: BytesMut) -> bool {
+    let mut fdec = FrameDecoder::new();
+    let read = tokio::time::timeout(LINGER, async {
+        loop {
+            loop {
+                match fdec.decode(&mut rbuf) {
+                    Ok(Some(Frame::Ack(_))) => {}
+                    Ok(Some(Frame::Done)) => return rbuf.is_empty(),
+                    Ok(Some(_)) | Err(_) => return false,
+                    Ok(None) => break,
+                }
+            }
+            match tr.read_buf(&mut rbuf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    read.unwrap_or(false)
 }
 
 /// A batch the uplink took, with how to compress it (decided when it was taken).
@@ -950,7 +1006,7 @@ async fn downlink<T: AsyncRead>(
     ctrl_tx: mpsc::UnboundedSender<Frame>,
     shared: &Shared,
     ctx: &PumpCtx,
-) -> Result<DecoderStats, ConnError> {
+) -> Result<DownlinkEnd, ConnError> {
     let fail = |e| shared.fail(e, &ctrl_tx);
     let mut peer_window = ctx.peer_window;
     if let Some(early) = early {
@@ -991,6 +1047,10 @@ async fn downlink<T: AsyncRead>(
     let mut failures_at_sync = failures_seen;
     let mut failures_synced = Instant::now();
     let mut tunnel_eof = false;
+    // The peer's DONE: it has sent all it will on this connection (and by when this
+    // side must be complete too).
+    let mut peer_done = false;
+    let mut done_deadline: Option<Instant> = None;
     let mut outq: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     // Bytes in `outq`, and the memory this connection may take to read ahead of them.
     let mut held = 0u64;
@@ -1020,7 +1080,7 @@ async fn downlink<T: AsyncRead>(
     // the count again, since the silence was then ours.
     let mut quiet_since = Instant::now();
     loop {
-        while broken.is_none() {
+        while broken.is_none() && !peer_done {
             let frame = match fdec.decode(&mut rbuf) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -1058,6 +1118,13 @@ async fn downlink<T: AsyncRead>(
                     }
                 }
                 Frame::Reset(reason) => return Err(fail(ConnError::PeerReset(reason))),
+                // Nothing is decoded after it (it is the peer's last frame). A peer
+                // sends it once it has all we sent and we have all it sent: the checks
+                // below end the connection at once, or it counts as closed.
+                Frame::Done => {
+                    peer_done = true;
+                    done_deadline = Some(Instant::now() + LINGER);
+                }
                 // The decoder refuses what is neither data nor control.
                 other => {
                     if let Err(e) = dec.handle_frame(other) {
@@ -1145,7 +1212,12 @@ async fn downlink<T: AsyncRead>(
             }
         }
         if local_shut && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0 {
-            return Ok(dec.stats().clone());
+            return Ok(DownlinkEnd {
+                stats: dec.stats().clone(),
+                peer_done_alone: peer_done && rbuf.is_empty(),
+                rbuf,
+                peer_done,
+            });
         }
         // What arrived before the tunnel closed is delivered first.
         if tunnel_eof && outq.is_empty() {
@@ -1156,7 +1228,7 @@ async fn downlink<T: AsyncRead>(
         }
         let deadline = ack_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         reserve_read(&mut rbuf, last_read);
-        let reading = !tunnel_eof && broken.is_none() && read_ahead.may_read(held);
+        let reading = !tunnel_eof && !peer_done && broken.is_none() && read_ahead.may_read(held);
         if !reading {
             quiet_since = Instant::now();
         }
@@ -1199,6 +1271,9 @@ async fn downlink<T: AsyncRead>(
                 }
             }
             _ = shared.uplink_finished.notified() => {}
+            _ = tokio::time::sleep_until(done_deadline.unwrap_or_else(Instant::now)), if done_deadline.is_some() => {
+                return Err(fail(ConnError::TunnelClosed));
+            }
             _ = shared.abort.cancelled() => return Err(ConnError::Aborted),
         }
     }
@@ -1312,9 +1387,12 @@ async fn writer<T: AsyncWrite>(
                 break;
             }
         }
-        tw.flush().await?;
-        // close_notify + FIN: this direction is complete.
-        tw.shutdown().await
+        // DONE: this direction is complete, and the connection stays open for the next
+        // proxied connection (protocol v6; before it, close_notify + FIN).
+        Frame::Done.encode(&mut scratch);
+        let done = scratch.split().freeze();
+        tw.write_all(&done).await?;
+        tw.flush().await
     }
     .await;
     match result {

@@ -717,8 +717,14 @@ async fn accept_forward(
             async move {
                 let _permit = permit;
                 let mut wan = Arc::new(ConnWan::default());
-                let result = forward_one(&shared, local, &fwd, &spare, seq, &mut wan, turn).await;
+                let (result, reusable) =
+                    forward_one(&shared, local, &fwd, &spare, seq, &mut wan, turn).await;
                 shared.finish(id, "forward", result, &wan);
+                if let Some(tunnel) = reusable {
+                    // Idle, its window open: the next connection to the peer takes it.
+                    wan.reset();
+                    spare.give_back(Secured { tunnel, wan }).await;
+                }
             }
             .instrument(span),
         );
@@ -769,6 +775,15 @@ impl HelloInFlight {
     }
 }
 
+/// What relaying one connection gave: its outcome, and its tunnel connection when that
+/// may carry the next one (both ends sent DONE).
+type Relayed = (Result<Outcome, ConnError>, Option<Tunnel>);
+
+/// A connection that failed before relaying: the local side is reset.
+fn failed_before_relay(local: TcpStream, msg: String) -> Relayed {
+    (Err(reset_local(local, msg)), None)
+}
+
 /// Client side: open a tunnel to the peer for one accepted local connection. `wan`
 /// ends up counting the tunnel connection actually used.
 async fn forward_one(
@@ -779,7 +794,7 @@ async fn forward_one(
     seq: u64,
     wan: &mut Arc<ConnWan>,
     turn: OpenTurn,
-) -> Result<Outcome, ConnError> {
+) -> Relayed {
     let _ = local.set_nodelay(true);
     let cfg = &shared.config;
     // The peer must connect to the target in the order we accepted: QEMU 7.2 tells a
@@ -802,7 +817,7 @@ async fn forward_one(
     let mut release = Some(turn.release);
     let secured = match secured {
         Ok(s) => s,
-        Err(msg) => return Err(reset_local(local, msg)),
+        Err(msg) => return failed_before_relay(local, msg),
     };
     let seq = (
         seq,
@@ -835,7 +850,7 @@ async fn forward_one(
         Ok((tunnel, rbuf, reply)) => {
             relay_answered(shared, local, fwd, (tunnel, rbuf, reply), wan, Bytes::new()).await
         }
-        Err(f) => Err(reset_local(local, f.into_message())),
+        Err(f) => failed_before_relay(local, f.into_message()),
     }
 }
 
@@ -860,7 +875,7 @@ async fn forward_early(
     seq: (u64, u64),
     early: Early,
     wan: &mut Arc<ConnWan>,
-) -> Result<Outcome, ConnError> {
+) -> Relayed {
     let Early {
         secured,
         from_spare,
@@ -876,7 +891,7 @@ async fn forward_early(
     release.take();
     if let Err(msg) = sent {
         if !from_spare {
-            return Err(reset_local(local, msg));
+            return failed_before_relay(local, msg);
         }
         // As in `forward_one`: nothing was read from the local side yet.
         spare_was_dead(shared, fwd, &msg);
@@ -912,8 +927,8 @@ async fn forward_early(
         keep_until_reply: from_spare,
     };
     match pump_early(local, tunnel, ctx, early).await {
-        Ended::Relayed(r) => r,
-        Ended::Unanswered { local, read, cause } => {
+        (Ended::Relayed(r), reusable) => (r, reusable),
+        (Ended::Unanswered { local, read, cause }, _) => {
             spare_was_dead(shared, fwd, &cause.to_string());
             info!(
                 "tunnel connection lost before the peer's reply ({cause}); starting over \
@@ -937,12 +952,12 @@ async fn start_over(
     wan: &mut Arc<ConnWan>,
     landed: Landed,
     read: Bytes,
-) -> Result<Outcome, ConnError> {
+) -> Relayed {
     let reopened = reopen(shared, fwd, seq, wan).await;
     drop(landed);
     match reopened {
         Ok(opened) => relay_answered(shared, local, fwd, opened, wan, read).await,
-        Err(f) => Err(reset_local(local, f.into_message())),
+        Err(f) => failed_before_relay(local, f.into_message()),
     }
 }
 
@@ -984,9 +999,9 @@ async fn relay_answered(
     (tunnel, rbuf, reply): (Tunnel, BytesMut, HelloReply),
     wan: &Arc<ConnWan>,
     read: Bytes,
-) -> Result<Outcome, ConnError> {
+) -> Relayed {
     if let Some(refused) = refusal(&reply, &fwd.target) {
-        return Err(reset_local(local, refused));
+        return failed_before_relay(local, refused);
     }
     shared.known_peers.learn(&fwd.peer, &reply);
     debug!(peer_edge = %reply.edge, "tunnel open");
@@ -1007,8 +1022,8 @@ impl Drop for Landed {
 
 /// Why opening a tunnel failed.
 enum Failed {
-    /// The connection broke before the peer answered (worth one fresh try when it
-    /// was a spare).
+    /// The connection broke, or fell silent, before the peer answered (worth one
+    /// fresh try when it was a spare).
     Connection(String),
     /// The peer answered something that is not a handshake reply, or too late.
     Handshake(String),
@@ -1105,8 +1120,10 @@ async fn open(
         Ok((tunnel, rbuf, reply))
     })
     .await;
+    // Silence is a connection that died without a word (a path that dropped it): a
+    // warm one is then worth one fresh try, as when it was reset.
     opened.unwrap_or_else(|_| {
-        Err(Failed::Handshake(format!(
+        Err(Failed::Connection(format!(
             "peer edge {} did not complete the handshake within {:?}",
             fwd.peer, cfg.connect_timeout
         )))
@@ -1148,13 +1165,9 @@ async fn accept_tunnels(
             async move {
                 let _permit = permit;
                 let wan = Arc::new(ConnWan::default());
-                match accept_one(&shared, tcp, wan.clone()).await {
-                    Ok(Some(result)) => shared.finish(id, "tunnel", result, &wan),
-                    Ok(None) => {}
-                    Err(msg) => {
-                        shared.stats.tunnels_rejected.fetch_add(1, Relaxed);
-                        warn!("rejected tunnel connection from {addr}: {msg}");
-                    }
+                if let Err(msg) = accept_one(&shared, tcp, wan, id).await {
+                    shared.stats.tunnels_rejected.fetch_add(1, Relaxed);
+                    warn!("rejected tunnel connection from {addr}: {msg}");
                 }
             }
             .instrument(span),
@@ -1207,18 +1220,21 @@ async fn connect_target(cfg: &EdgeConfig, target: &str) -> Result<TcpStream, Str
     Err(last.unwrap_or_else(timed_out))
 }
 
-/// Server side: TLS, handshake, connect to the target, then relay.
-/// `Err` = rejected before relaying (counted apart from failed connections).
+/// Server side: TLS, then for each proxied connection the peer opens on it (the
+/// first, and each next one once the last ended cleanly: protocol v6), handshake,
+/// connect to the target, relay. `Err` = rejected before relaying (counted apart from
+/// failed connections).
 async fn accept_one(
     shared: &Arc<EdgeShared>,
     tcp: TcpStream,
     wan: Arc<ConnWan>,
-) -> Result<Option<Result<Outcome, ConnError>>, String> {
+    first_id: u64,
+) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let cfg = &shared.config;
     wan.set_socket(&tcp);
     let tunnel_fd = wan.socket_fd();
-    let io = WanCountingIo::new(tcp, shared.stats.clone(), wan);
+    let io = WanCountingIo::new(tcp, shared.stats.clone(), wan.clone());
     let secured = timeout(cfg.connect_timeout, async {
         match &shared.tls_acceptor {
             Some(a) => a
@@ -1235,6 +1251,32 @@ async fn accept_one(
         Ok(Err(msg)) => return Err(msg),
         Err(_) => return Err(format!("no TLS handshake within {:?}", cfg.connect_timeout)),
     };
+    let mut id = first_id;
+    loop {
+        let (result, reusable) = match serve_one(shared, tunnel, tunnel_fd).await? {
+            Some(served) => served,
+            None => return Ok(()),
+        };
+        shared.finish(id, "tunnel", result, &wan);
+        match reusable {
+            Some(t) => tunnel = t,
+            None => return Ok(()),
+        }
+        // The next connection's bytes are its own.
+        wan.reset();
+        id = shared.conn_ids.fetch_add(1, Relaxed);
+    }
+}
+
+/// One proxied connection on an accepted tunnel connection: its handshake, its target,
+/// the relay. `None`: the peer closed the tunnel connection without a handshake (a
+/// warm connection it did not need).
+async fn serve_one(
+    shared: &Arc<EdgeShared>,
+    mut tunnel: Tunnel,
+    tunnel_fd: Option<std::os::fd::RawFd>,
+) -> Result<Option<(Result<Outcome, ConnError>, Option<Tunnel>)>, String> {
+    let cfg = &shared.config;
     // The peer sends its Hello when its connection's turn comes (after the previous
     // connection of its forward sent its own, itself bounded by the connect timeout),
     // so the Hello may come up to one connect timeout after TLS, plus a round trip;

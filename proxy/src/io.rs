@@ -35,6 +35,13 @@ impl ConnWan {
         self.fd.store(tcp.as_raw_fd(), Relaxed);
     }
 
+    /// Counts from zero again: a tunnel connection that carried one proxied
+    /// connection and now carries the next.
+    pub fn reset(&self) {
+        self.bytes_in.store(0, Relaxed);
+        self.bytes_out.store(0, Relaxed);
+    }
+
     /// The tunnel socket's descriptor, if recorded. Valid only while the tunnel
     /// stream that owns the socket is alive (the connection's own tasks).
     pub fn socket_fd(&self) -> Option<std::os::fd::RawFd> {

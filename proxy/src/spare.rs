@@ -9,8 +9,14 @@
 //! a copy of what it read until the reply arrives, so that one found dead then is
 //! replaced without losing a byte, as before.
 //!
+//! Since protocol v6 a tunnel connection that carried a proxied connection to its end
+//! (both ends sent DONE) comes back to the keeper and carries the next one: no TCP or
+//! TLS handshake, and the TCP window the last connection grew (a fresh one starts at
+//! 10 packets and needs ~8 round trips to fill 1 Gbit/s at 20 ms; a later guest of a
+//! cluster sends a few MB). Those are handed out first, the last one back first.
+//!
 //! A keeper task per peer owns the spares: it makes one at start-up and replaces each
-//! one used, hands them out oldest first, and keeps as many as the largest burst of
+//! one used, hands fresh ones out oldest first, and keeps as many as the largest burst of
 //! requests since it last idled (the channels of a multifd migration open within
 //! milliseconds: each finds a warm connection next time), at most [`MAX_SPARES`]. It
 //! drops one the peer closes (a restarted peer) or that has idled [`MAX_AGE`] (the
@@ -112,7 +118,14 @@ pub(crate) struct Secured {
     pub(crate) wan: Arc<ConnWan>,
 }
 
-type Request = oneshot::Sender<Option<Secured>>;
+/// What connections ask of a peer's keeper.
+enum Request {
+    /// A spare, if one is ready.
+    Take(oneshot::Sender<Option<Secured>>),
+    /// A tunnel connection that carried a proxied connection to its end (both ends
+    /// sent DONE): idle, its TCP window open, for the next one.
+    Return(Secured),
+}
 
 /// The handle connections use to ask a peer's keeper for its spare.
 #[derive(Clone)]
@@ -131,11 +144,17 @@ impl Spares {
         (Spares { requests: tx }, keep(shared, peer, rx, stop))
     }
 
-    /// The spare, if one is ready.
+    /// The spare, if one is ready: a connection an earlier one used first.
     pub(crate) async fn take(&self) -> Option<Secured> {
         let (tx, rx) = oneshot::channel();
-        self.requests.send(tx).await.ok()?;
+        self.requests.send(Request::Take(tx)).await.ok()?;
         rx.await.ok().flatten()
+    }
+
+    /// Hands back a tunnel connection that is idle again (`conn::pump`'s reusable
+    /// tunnel): the next connection to the peer starts on it.
+    pub(crate) async fn give_back(&self, used: Secured) {
+        let _ = self.requests.send(Request::Return(used)).await;
     }
 }
 
@@ -186,8 +205,10 @@ async fn keep(
     mut requests: mpsc::Receiver<Request>,
     stop: CancellationToken,
 ) {
-    // Oldest first: the oldest is handed out first, and expires first.
-    let mut spares: VecDeque<(Secured, Instant)> = VecDeque::new();
+    // Handed out from the front: connections given back (their TCP window open from
+    // the connection they carried, the last given back first), then fresh ones,
+    // oldest first. Each with when it became idle, and whether it was used.
+    let mut spares: VecDeque<(Secured, Instant, bool)> = VecDeque::new();
     let mut making: JoinSet<Result<Secured, String>> = JoinSet::new();
     // How many to keep: the largest burst of requests since the keeper last idled, so
     // that every channel of the next multifd migration finds one (up to MAX_SPARES).
@@ -197,6 +218,7 @@ async fn keep(
     let mut next_try = Instant::now();
     let mut asked = Instant::now();
     loop {
+        shared.stats.spares_idle.store(spares.len() as u64, Relaxed);
         let now = Instant::now();
         let wanted = now.duration_since(asked) < KEEP_WHILE_IDLE;
         if !wanted {
@@ -209,19 +231,39 @@ async fn keep(
                 making.spawn(async move { secure(&shared, &peer).await });
             }
         }
-        let expires = spares.front().map(|s| s.1 + MAX_AGE);
+        // The one idle longest expires first.
+        let oldest = (0..spares.len()).min_by_key(|&i| spares[i].1);
+        let expires = oldest.map(|i| spares[i].1 + MAX_AGE);
         let waiting_to_retry = short && making.is_empty() && next_try > now;
         tokio::select! {
             _ = stop.cancelled() => return,
             req = requests.recv() => {
-                let Some(reply) = req else { return };
+                let reply = match req {
+                    None => return,
+                    Some(Request::Take(reply)) => reply,
+                    Some(Request::Return(used)) => {
+                        spares.push_front((used, Instant::now(), true));
+                        if spares.len() > MAX_SPARES {
+                            // Too many: close a fresh one (its window never opened).
+                            if let Some((mut s, _, _)) = spares.pop_back() {
+                                let _ = tokio::time::timeout(Duration::from_secs(1), s.tunnel.shutdown()).await;
+                            }
+                        }
+                        continue;
+                    }
+                };
                 let now = Instant::now();
                 let close = last_request.is_some_and(|t| now.duration_since(t) < BURST_GAP);
                 burst = if close { burst + 1 } else { 1 };
                 last_request = Some(now);
                 asked = now;
                 want = want.max(burst).min(MAX_SPARES);
-                let given = spares.pop_front().map(|(s, _)| s);
+                let given = spares.pop_front().map(|(s, _, used)| {
+                    if used {
+                        shared.stats.tunnels_reused.fetch_add(1, Relaxed);
+                    }
+                    s
+                });
                 if given.is_some() {
                     shared.stats.spares_used.fetch_add(1, Relaxed);
                 } else if making.is_empty() {
@@ -234,7 +276,7 @@ async fn keep(
                 match made {
                     Ok(Ok(s)) => {
                         shared.stats.spares_made.fetch_add(1, Relaxed);
-                        spares.push_back((s, Instant::now()));
+                        spares.push_back((s, Instant::now(), false));
                         retry = RETRY_MIN;
                     }
                     Ok(Err(e)) => {
@@ -255,7 +297,7 @@ async fn keep(
                 shared.known_peers.forget(&peer);
             }
             _ = sleep_until(expires.unwrap_or(now)), if expires.is_some() => {
-                if let Some((mut s, _)) = spares.pop_front() {
+                if let Some((mut s, _, _)) = oldest.and_then(|i| spares.remove(i)) {
                     // Close it cleanly: the peer sees an unused connection end.
                     let _ = tokio::time::timeout(Duration::from_secs(1), s.tunnel.shutdown()).await;
                 }
@@ -266,8 +308,11 @@ async fn keep(
 }
 
 /// The index of a spare whose connection the peer closed (or sent anything on).
-fn poll_closed(spares: &mut VecDeque<(Secured, Instant)>, cx: &mut Context<'_>) -> Poll<usize> {
-    for (i, (s, _)) in spares.iter_mut().enumerate() {
+fn poll_closed(
+    spares: &mut VecDeque<(Secured, Instant, bool)>,
+    cx: &mut Context<'_>,
+) -> Poll<usize> {
+    for (i, (s, _, _)) in spares.iter_mut().enumerate() {
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
         if Pin::new(&mut s.tunnel).poll_read(cx, &mut buf).is_ready() {

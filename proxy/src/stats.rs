@@ -1,6 +1,6 @@
 //! Edge-wide counters and the JSON snapshot scripts read (`--stats-json`).
 //!
-//! Every counter is monotonic except the `active_*` gauges. Names are documented in
+//! Every counter is monotonic except the `active_*` and `spares_idle` gauges. Names are documented in
 //! docs/METRICS.md; keep the two in step.
 
 use std::path::Path;
@@ -63,6 +63,12 @@ counters! {
     /// Warm connections found dead when used (peer restarted); the connection then
     /// connected afresh.
     spares_stale,
+    /// Warm tunnel connections idle now, ready for the next local connection (gauge).
+    spares_idle,
+    /// Local connections that started on a tunnel connection an earlier connection
+    /// had carried to its end (protocol v6): no TCP or TLS handshake, and the TCP
+    /// window already open (with BBR, or `net.ipv4.tcp_slow_start_after_idle=0`).
+    tunnels_reused,
     /// Local connections whose data left before the peer's handshake reply (its facts
     /// known from an earlier reply: one more round trip saved).
     opens_early,

@@ -61,6 +61,7 @@ const T_WORDS: u8 = 0x0d;
 const T_FOLLOW: u8 = 0x0e;
 const T_NEXT: u8 = 0x0f;
 const T_BRANCHES: u8 = 0x10;
+const T_DONE: u8 = 0x11;
 
 /// One decoded tunnel frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,6 +134,11 @@ pub enum Frame {
     Ack(u64),
     /// No more data frames in this direction.
     End,
+    /// Nothing more at all in this direction: the writer's last frame of the proxied
+    /// connection (protocol v6; it replaced TLS close_notify and FIN). Once both ends
+    /// sent it, the tunnel connection is idle and may carry the next proxied
+    /// connection from a new handshake, its TCP window already open.
+    Done,
     /// Abort the proxied connection, with a reason for the log.
     Reset(String),
 }
@@ -213,6 +219,7 @@ impl Frame {
                 varint::put(dst, *offset);
             }
             Frame::End => dst.put_u8(T_END),
+            Frame::Done => dst.put_u8(T_DONE),
             Frame::Reset(reason) => {
                 let mut end = reason.len().min(MAX_REASON);
                 while !reason.is_char_boundary(end) {
@@ -241,7 +248,7 @@ impl Frame {
             }
             Frame::Ack(o) => 1 + varint::len(*o),
             Frame::Follow { .. } => 2 + CHUNK_ID_LEN,
-            Frame::End | Frame::Next => 1,
+            Frame::End | Frame::Done | Frame::Next => 1,
             Frame::Reset(r) => {
                 let n = r.len().min(MAX_REASON);
                 1 + varint::len(n as u64) + n
@@ -498,6 +505,7 @@ fn type_name(ty: u8) -> &'static str {
         T_FILL => "FILL",
         T_ACK => "ACK",
         T_END => "END",
+        T_DONE => "DONE",
         T_RESET => "RESET",
         T_ZBATCH => "ZBATCH",
         T_ZSTREAM => "ZSTREAM",
@@ -572,7 +580,7 @@ fn peek_header(src: &[u8]) -> Result<Option<(usize, usize, u8)>, FrameError> {
         T_FOLLOW => Some((1, 1 + CHUNK_ID_LEN, ty)),
         T_NEXT => Some((1, 0, ty)),
         T_ACK => get_varint(rest, "ACK")?.map(|(_, l)| (1, l, ty)),
-        T_END => Some((1, 0, ty)),
+        T_END | T_DONE => Some((1, 0, ty)),
         T_RESET => get_varint(rest, "RESET")?
             .map(|(n, l)| capped(n, MAX_REASON, "RESET reason").map(|n| (1 + l, n, ty)))
             .transpose()?,
@@ -668,6 +676,7 @@ fn build(ty: u8, mut body: Bytes) -> Result<Frame, FrameError> {
             Frame::Ack(v)
         }
         T_END => Frame::End,
+        T_DONE => Frame::Done,
         T_RESET => {
             Frame::Reset(String::from_utf8(body.to_vec()).map_err(|_| FrameError::BadReason)?)
         }

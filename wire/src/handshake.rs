@@ -1,4 +1,6 @@
-//! Tunnel handshake, protocol v5: the first message in each direction after TLS.
+//! Tunnel handshake, protocol v6: the first message in each direction of each proxied
+//! connection (after TLS, or after the last connection on the same tunnel connection
+//! ended with DONE both ways).
 //!
 //! The connecting edge sends [`Hello`]; the accepting edge connects to the target and
 //! answers [`HelloReply`] (accepted, or refused with a reason). Both carry the edge's
@@ -18,7 +20,7 @@ use bytes::{Buf, BufMut, BytesMut};
 /// Magic that opens every handshake message.
 pub const MAGIC: &[u8; 4] = b"SHRK";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Largest handshake body.
 pub const MAX_BODY: usize = 4096;
 /// Longest target address (`host:port`).
@@ -103,7 +105,7 @@ impl Hello {
     /// Decodes from the front of `src` (`Ok(None)`: need more bytes).
     ///
     /// # Errors
-    /// [`HandshakeError`] when the bytes are not a v5 hello.
+    /// [`HandshakeError`] when the bytes are not a v6 hello.
     pub fn decode(src: &mut BytesMut) -> Result<Option<Hello>, HandshakeError> {
         let Some(mut body) = take_envelope(src, KIND_HELLO)? else {
             return Ok(None);
@@ -149,7 +151,7 @@ impl HelloReply {
     /// Decodes from the front of `src` (`Ok(None)`: need more bytes).
     ///
     /// # Errors
-    /// [`HandshakeError`] when the bytes are not a v5 reply.
+    /// [`HandshakeError`] when the bytes are not a v6 reply.
     pub fn decode(src: &mut BytesMut) -> Result<Option<HelloReply>, HandshakeError> {
         let Some(mut body) = take_envelope(src, KIND_REPLY)? else {
             return Ok(None);
@@ -316,8 +318,9 @@ mod tests {
         );
         let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
         assert_eq!(Hello::decode(&mut garbage), Err(HandshakeError::BadMagic));
-        // A v4 edge (no heartbeats) and a future v6 are refused.
-        for other in [4, 6] {
+        // A v5 edge (no DONE: it closed every tunnel connection after one proxied
+        // connection) and a future v7 are refused.
+        for other in [5, 7] {
             let mut v = enc.clone();
             v[5] = other;
             assert_eq!(

@@ -302,6 +302,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Frame::Literal(Bytes::new()),
         Frame::Reset("target refused: connection reset — ☃".into()),
         Frame::End,
+        Frame::Done,
     ];
     let data_frames = vec![
         Frame::Literal(Bytes::from_static(b"hello")),

@@ -38,6 +38,22 @@ pub struct PathSample {
     pub rtt_us: u32,
 }
 
+impl PathSample {
+    /// This sample's cumulative figures counted from `earlier` (a sample of the same
+    /// socket): what happened in between. Instantaneous ones stay this sample's.
+    pub fn since(&self, earlier: &PathSample) -> PathSample {
+        PathSample {
+            rwnd_limited_us: self.rwnd_limited_us.saturating_sub(earlier.rwnd_limited_us),
+            sndbuf_limited_us: self
+                .sndbuf_limited_us
+                .saturating_sub(earlier.sndbuf_limited_us),
+            bytes_acked: self.bytes_acked.saturating_sub(earlier.bytes_acked),
+            busy_us: self.busy_us.saturating_sub(earlier.busy_us),
+            ..*self
+        }
+    }
+}
+
 /// Reads `TCP_INFO` of a TCP socket. `None` where the platform has no `TCP_INFO`, the
 /// descriptor is not a TCP socket, or the kernel predates the fields used (they then
 /// read as zero, which callers treat as "no evidence").

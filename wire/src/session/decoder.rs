@@ -314,6 +314,7 @@ impl Decoder {
             Frame::Miss(_) => return Err(SessionError::Unexpected("MISS")),
             Frame::Ack(_) => return Err(SessionError::Unexpected("ACK")),
             Frame::Reset(_) => return Err(SessionError::Unexpected("RESET")),
+            Frame::Done => return Err(SessionError::Unexpected("DONE")),
         };
         if self.pending.is_empty() {
             self.deliver(item);
