@@ -1160,12 +1160,12 @@ async fn accept_tunnels(
         };
         let id = shared.conn_ids.fetch_add(1, Relaxed);
         let span = info_span!("tunnel", id, from = %addr);
-        let shared = shared.clone();
+        let (shared, stop) = (shared.clone(), stop.clone());
         tracker.spawn(
             async move {
                 let _permit = permit;
                 let wan = Arc::new(ConnWan::default());
-                if let Err(msg) = accept_one(&shared, tcp, wan, id).await {
+                if let Err(msg) = accept_one(&shared, tcp, wan, id, stop).await {
                     shared.stats.tunnels_rejected.fetch_add(1, Relaxed);
                     warn!("rejected tunnel connection from {addr}: {msg}");
                 }
@@ -1229,6 +1229,7 @@ async fn accept_one(
     tcp: TcpStream,
     wan: Arc<ConnWan>,
     first_id: u64,
+    stop: CancellationToken,
 ) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let cfg = &shared.config;
@@ -1253,7 +1254,7 @@ async fn accept_one(
     };
     let mut id = first_id;
     loop {
-        let (result, reusable) = match serve_one(shared, tunnel, tunnel_fd).await? {
+        let (result, reusable) = match serve_one(shared, tunnel, tunnel_fd, &stop).await? {
             Some(served) => served,
             None => return Ok(()),
         };
@@ -1275,6 +1276,7 @@ async fn serve_one(
     shared: &Arc<EdgeShared>,
     mut tunnel: Tunnel,
     tunnel_fd: Option<std::os::fd::RawFd>,
+    stop: &CancellationToken,
 ) -> Result<Option<(Result<Outcome, ConnError>, Option<Tunnel>)>, String> {
     let cfg = &shared.config;
     // The peer sends its Hello when its connection's turn comes (after the previous
@@ -1282,7 +1284,7 @@ async fn serve_one(
     // so the Hello may come up to one connect timeout after TLS, plus a round trip;
     // or the connection is the peer's warm spare, kept up to `spare::MAX_AGE`.
     let hello_within = (cfg.connect_timeout * 2).max(crate::spare::HELLO_WAIT_MIN);
-    let opened = timeout(hello_within, async {
+    let wait_hello = timeout(hello_within, async {
         let mut rbuf = BytesMut::with_capacity(8192);
         let hello = loop {
             match Hello::decode(&mut rbuf) {
@@ -1307,8 +1309,13 @@ async fn serve_one(
             }
         };
         Ok(Some((rbuf, hello)))
-    })
-    .await;
+    });
+    // An idle connection (a warm one, or one handed back) does not hold up a stopping
+    // edge: closing it tells the peer's keeper to drop it.
+    let opened = tokio::select! {
+        o = wait_hello => o,
+        _ = stop.cancelled() => Ok(Ok(None)),
+    };
     let (rbuf, hello) = match opened {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => {

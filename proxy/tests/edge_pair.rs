@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -427,10 +427,10 @@ async fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
         let text = format!(
             "peer speaks tunnel protocol v{other}; this edge speaks v{ours}: upgrade the older edge"
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !b.log().contains(&text) {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "no log line naming the versions: {}",
                 b.log()
             );
@@ -455,7 +455,7 @@ async fn a_connection_whose_predecessor_never_arrives_waits_a_bounded_time() {
         plaintext_receiver(&dir, 28, &[s("--connect-timeout"), s("2")]).await;
     let target = listener.local_addr().unwrap();
     let hello = raw_hello(target, 42, 41);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut raw = TcpStream::connect(tunnel).await.unwrap();
     raw.write_all(&hello).await.unwrap();
     let (_at_target, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
@@ -488,7 +488,7 @@ async fn a_connection_whose_predecessor_never_arrives_waits_a_bounded_time() {
     });
     // A connection naming one that did arrive goes at once.
     let next = raw_hello(target, 43, 42);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut raw2 = TcpStream::connect(tunnel).await.unwrap();
     raw2.write_all(&next).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), listener.accept())
@@ -1037,6 +1037,40 @@ async fn warm_tunnel_connections_carry_new_connections() {
     assert!(!b.log().contains("WARN"), "{}", b.log());
 }
 
+/// An edge told to stop does not wait out its grace period for tunnel connections that
+/// only sit idle (the peer's warm one, and the one a finished connection handed back):
+/// it closes them and exits at once, and the peer's keeper drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_edge_does_not_wait_for_idle_tunnel_connections() {
+    let ExchangePair {
+        _dir,
+        a,
+        b,
+        fwd,
+        mut received,
+        ..
+    } = exchange_pair("idle-stop", 68, reply_for, &[], &[]).await;
+    let back = exchange(fwd, request_for(1)).await.unwrap();
+    assert!(back == reply_for(1), "reply bytes differ");
+    expect_requests(&mut received, 1..2, request_for).await;
+    // The used one handed back, and the fresh one made when it was taken.
+    a.wait_for("two idle tunnel connections", |c| {
+        c["spares_idle"].as_u64().unwrap() >= 2
+    });
+    let t0 = Instant::now();
+    let log = b.stop();
+    let took = t0.elapsed();
+    assert!(!log.contains("still open"), "{log}");
+    // The grace period for open connections is 30 s.
+    assert!(
+        took < Duration::from_secs(10),
+        "stopping took {took:?}:\n{log}"
+    );
+    a.wait_for("the idle connections dropped", |c| {
+        c["spares_idle"].as_u64().unwrap() == 0
+    });
+}
+
 /// The channels of a multifd migration open at once: after one such burst the keeper
 /// holds a warm connection for each, and the next burst finds them all warm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1345,7 +1379,7 @@ async fn a_failed_sibling_ends_the_wait_for_its_chunks() {
     // By now connection 1's references to the stalled chunks wait at B (its
     // counters show them only once they resolve).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let reset_at = std::time::Instant::now();
+    let reset_at = Instant::now();
     reset_2.notify_one();
     let back = tokio::time::timeout(Duration::from_secs(60), c1_task)
         .await
@@ -1446,7 +1480,7 @@ async fn a_stalled_local_socket_does_not_hold_back_chunks_a_sibling_waits_for() 
     });
     // Connection 2's copy of the fresh bytes: references to those chunks.
     let sent_2 = with_id(2, &fresh);
-    let started_2 = std::time::Instant::now();
+    let started_2 = Instant::now();
     assert!(exchange(fwd, sent_2.clone()).await.unwrap().is_empty());
     let took_2 = started_2.elapsed();
     assert!(tokio::time::timeout(Duration::from_secs(60), c1_task)
@@ -1912,7 +1946,7 @@ async fn a_silent_path_fails_the_connection_and_heartbeats_keep_an_idle_one() {
     // The path goes silent: both edges give the connection up within the timeout
     // and reset their local sides, instead of waiting for TCP's ~15 minutes.
     blackhole.send(true).unwrap();
-    let since = std::time::Instant::now();
+    let since = Instant::now();
     client.write_all(b"into the void").await.unwrap();
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut rest))
@@ -2023,7 +2057,7 @@ fn a_memory_limit_below_the_prefault_does_not_kill_the_edge() {
         .spawn()
         .map(Killed)
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let text = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.contains("edge started") {
@@ -2032,7 +2066,7 @@ fn a_memory_limit_below_the_prefault_does_not_kill_the_edge() {
         if let Ok(Some(status)) = child.0.try_wait() {
             panic!("the edge died at start-up ({status}): {text}");
         }
-        assert!(std::time::Instant::now() < deadline, "not started: {text}");
+        assert!(Instant::now() < deadline, "not started: {text}");
         std::thread::sleep(Duration::from_millis(20));
     };
     // Half the room the limit leaves, in whole 8 MiB pieces: at most 80 MiB.
