@@ -42,7 +42,8 @@ macro_rules! counters {
 counters! {
     /// Local (hypervisor-side) connections accepted on forward listeners.
     connections_accepted,
-    /// Tunnel connections accepted from peer edges (after TLS and handshake).
+    /// Proxied connections accepted from peer edges (after TLS and handshake): one per
+    /// handshake, and a tunnel connection carries one after another.
     tunnels_accepted,
     /// Tunnel connections refused: TLS failure, bad handshake, unreachable target.
     tunnels_rejected,
