@@ -148,6 +148,11 @@ async fn migrations_across_a_lossy_path_with_a_real_round_trip_stay_exact() {
         "{}",
         a.log()
     );
+    // Later migrations started on tunnel connections earlier ones carried (v6).
+    assert!(
+        c["tunnels_reused"].as_u64().unwrap() >= 2,
+        "later migrations should reuse tunnel connections: {c}"
+    );
     // The path really lost packets, and TCP recovered every one.
     assert!(east.random_drops.load(Relaxed) > 0, "no packet was lost");
     assert!(
