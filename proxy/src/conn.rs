@@ -95,7 +95,8 @@ const HEARTBEAT_MAX: Duration = Duration::from_secs(5);
 fn heartbeat_every(wan_timeout: Duration) -> Duration {
     (wan_timeout / 4).min(HEARTBEAT_MAX)
 }
-/// How long a finished tunnel waits for the peer's close before closing anyway.
+/// How long a finished connection waits for the peer's DONE (without it the tunnel
+/// connection is closed, not handed back for the next one).
 const LINGER: Duration = Duration::from_secs(5);
 /// How long a failed tunnel keeps reading so the peer can take in our RESET.
 const RESET_LINGER: Duration = Duration::from_secs(1);
