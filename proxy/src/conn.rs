@@ -95,6 +95,7 @@ const HEARTBEAT_MAX: Duration = Duration::from_secs(5);
 fn heartbeat_every(wan_timeout: Duration) -> Duration {
     (wan_timeout / 4).min(HEARTBEAT_MAX)
 }
+
 /// How long a finished connection waits for the peer's DONE (without it the tunnel
 /// connection is closed, not handed back for the next one).
 const LINGER: Duration = Duration::from_secs(5);
@@ -472,7 +473,7 @@ where
         Instant::now(),
         ctx.link_history.clone(),
     ));
-    let (enc, dec) = {
+    let (enc, mut dec) = {
         let (mut lr, mut lw) = local.split();
         let up = uplink(
             &mut lr,
@@ -510,11 +511,13 @@ where
     // Completed: our DONE is sent; the peer's (read by the downlink, or still to
     // come behind its last heartbeats) makes the connection idle and reusable.
     let mut reusable = false;
-    if let (None, Ok(end)) = (&error, &dec) {
+    if let (None, Ok(end)) = (&error, &mut dec) {
+        let rbuf = std::mem::take(&mut end.rbuf);
         reusable = if end.peer_done {
-            end.peer_done_alone
+            // Nothing may follow it: the next bytes are the next Hello's.
+            rbuf.is_empty()
         } else {
-            await_done(&mut tr, end.rbuf.clone()).await
+            await_done(&mut tr, rbuf).await
         };
     }
     // After a failure our RESET is sent: read until the peer closes too before
@@ -580,10 +583,8 @@ struct DownlinkEnd {
     stats: DecoderStats,
     /// Tunnel bytes read and not decoded (empty unless the peer misbehaved).
     rbuf: BytesMut,
-    /// The peer's DONE was read.
+    /// The peer's DONE was read (nothing after it was decoded).
     peer_done: bool,
-    /// ... and nothing after it: the connection is clean for the next handshake.
-    peer_done_alone: bool,
 }
 
 /// After a completed connection whose peer's DONE was not read yet: reads it (behind
@@ -1215,7 +1216,6 @@ async fn downlink<T: AsyncRead>(
         if local_shut && shared.uplink_done.load(Relaxed) && shared.ledger().in_flight() == 0 {
             return Ok(DownlinkEnd {
                 stats: dec.stats().clone(),
-                peer_done_alone: peer_done && rbuf.is_empty(),
                 rbuf,
                 peer_done,
             });
