@@ -510,6 +510,12 @@ impl EdgeShared {
         wan: &ConnWan,
     ) {
         self.stats.active_connections.fetch_sub(1, Relaxed);
+        // The tunnel socket's state at the end (zero when unknown or failed).
+        let path = result
+            .as_ref()
+            .ok()
+            .and_then(|o| o.tunnel_path)
+            .unwrap_or_default();
         let mut summary = ConnSummary {
             id,
             role,
@@ -542,11 +548,9 @@ impl EdgeShared {
                 summary.chunk_bytes = o.enc.chunk_bytes;
                 summary.misses = o.dec.misses;
                 summary.fills_sent = o.fills_sent;
-                if let Some(p) = &o.tunnel_path {
-                    summary.rtt_ms = f64::from(p.rtt_us) / 1e3;
-                    summary.sndbuf_limited_ms = p.sndbuf_limited_us / 1000;
-                    summary.rwnd_limited_ms = p.rwnd_limited_us / 1000;
-                }
+                summary.rtt_ms = f64::from(path.rtt_us) / 1e3;
+                summary.sndbuf_limited_ms = path.sndbuf_limited_us / 1000;
+                summary.rwnd_limited_ms = path.rwnd_limited_us / 1000;
                 summary.result = "ok".into();
             }
             Err(e) => summary.result = e.to_string(),
@@ -564,7 +568,6 @@ impl EdgeShared {
                 self.stats.add_encoder(&o.enc);
                 self.stats.add_decoder(&o.dec);
                 self.stats.fills_sent.fetch_add(o.fills_sent, Relaxed);
-                let path = o.tunnel_path.unwrap_or_default();
                 self.stats
                     .tunnel_sndbuf_limited_ms
                     .fetch_add(path.sndbuf_limited_us / 1000, Relaxed);
@@ -573,7 +576,7 @@ impl EdgeShared {
                     .fetch_add(path.rwnd_limited_us / 1000, Relaxed);
                 if !self.sndbuf_advised.load(Relaxed) {
                     if let Some(advice) =
-                        crate::send_buffer::advice(&path, crate::send_buffer::tcp_wmem_max())
+                        crate::send_buffer::advice(&path, crate::send_buffer::tcp_wmem_max)
                     {
                         self.sndbuf_advised.store(true, Relaxed);
                         warn!("{advice}");
@@ -1277,7 +1280,7 @@ async fn serve_one(
     mut tunnel: Tunnel,
     tunnel_fd: Option<std::os::fd::RawFd>,
     stop: &CancellationToken,
-) -> Result<Option<(Result<Outcome, ConnError>, Option<Tunnel>)>, String> {
+) -> Result<Option<Relayed>, String> {
     let cfg = &shared.config;
     // The peer sends its Hello when its connection's turn comes (after the previous
     // connection of its forward sent its own, itself bounded by the connect timeout),

@@ -28,15 +28,16 @@ pub(crate) fn tcp_wmem_max() -> Option<u64> {
 }
 
 /// The warning for a tunnel connection that ended in state `end`, if its send buffer
-/// held it back enough to be worth one; `wmem_max` is [`tcp_wmem_max`].
-pub(crate) fn advice(end: &PathSample, wmem_max: Option<u64>) -> Option<String> {
+/// held it back enough to be worth one; `wmem_max` is [`tcp_wmem_max`], asked only
+/// then (every connection ends here, and on a well-tuned host none needs it).
+pub(crate) fn advice(end: &PathSample, wmem_max: impl FnOnce() -> Option<u64>) -> Option<String> {
     let held = Duration::from_micros(end.sndbuf_limited_us);
     let busy = Duration::from_micros(end.busy_us);
     if held < WARN_MIN || held.as_secs_f64() < WARN_SHARE * busy.as_secs_f64() {
         return None;
     }
     let rtt = Duration::from_micros(u64::from(end.rtt_us));
-    let cap = match wmem_max {
+    let cap = match wmem_max() {
         Some(max) if !rtt.is_zero() => format!(
             "net.ipv4.tcp_wmem allows at most {max} B, ~{:.0} MB/s per connection at that \
              round trip",
@@ -71,7 +72,7 @@ mod tests {
 
     #[test]
     fn a_connection_mostly_held_back_by_its_send_buffer_gets_advice() {
-        let a = advice(&sample(900, 2000), Some(4 << 20)).expect("advice");
+        let a = advice(&sample(900, 2000), || Some(4 << 20)).expect("advice");
         assert!(a.contains("900 ms of the 2000 ms"), "{a}");
         assert!(a.contains("round trip 100.0 ms"), "{a}");
         // 4 MiB per 100 ms.
@@ -82,11 +83,12 @@ mod tests {
     #[test]
     fn brief_or_minor_holds_are_not_worth_a_warning() {
         // Short: the buffer growing with the window at a connection's start.
-        assert_eq!(advice(&sample(200, 300), Some(4 << 20)), None);
+        assert_eq!(advice(&sample(200, 300), || Some(4 << 20)), None);
         // A small share of a long transfer.
-        assert_eq!(advice(&sample(400, 4000), Some(4 << 20)), None);
+        assert_eq!(advice(&sample(400, 4000), || Some(4 << 20)), None);
         // Nothing measured (no TCP_INFO fields: an old kernel).
-        assert_eq!(advice(&PathSample::default(), None), None);
+        let never = || -> Option<u64> { panic!("the maximum is read only for advice") };
+        assert_eq!(advice(&PathSample::default(), never), None);
     }
 
     #[test]
