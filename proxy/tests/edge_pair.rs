@@ -1009,8 +1009,11 @@ async fn warm_tunnel_connections_carry_new_connections() {
         ..
     } = exchange_pair("warm", 22, reply_for, &[], &[]).await;
     for id in 1..=3u64 {
-        // The first finds the one made at start; each next one, the connection the one
-        // before carried, handed back, beside the fresh one made when that was taken.
+        // One at a time, further apart than a burst (`spare::BURST_GAP`), so the keeper
+        // keeps one fresh connection: the first finds the one made at start; each next
+        // one, the connection the one before carried, handed back, beside the fresh
+        // one made when that was taken.
+        tokio::time::sleep(Duration::from_millis(250)).await;
         let idle = if id == 1 { 1 } else { 2 };
         a.wait_for("a warm connection", |c| {
             c["spares_idle"].as_u64().unwrap() >= idle
