@@ -404,6 +404,35 @@ async fn malformed_frames_reset_the_target_connection() {
     assert!(b.log().contains("unknown frame type 0xee"), "{}", b.log());
 }
 
+/// A DONE (the peer's last frame) before the connection is complete (here: before
+/// END) is a broken stream, not an end: the target gets what came before it, then a
+/// reset, and the connection counts as failed, within the wait for DONE (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_before_the_end_resets_the_target_connection() {
+    let dir = Scratch::new("early-done");
+    let (b, listener, tunnel, hello) = plaintext_receiver(&dir, 69, &[]).await;
+    let mut raw = TcpStream::connect(tunnel).await.unwrap();
+    raw.write_all(&hello).await.unwrap();
+    let (mut at_target, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    // A valid literal, then DONE with no END before it.
+    let mut frames = bytes::BytesMut::new();
+    wire::frame::Frame::Literal(bytes::Bytes::from_static(b"abc")).encode(&mut frames);
+    wire::frame::Frame::Done.encode(&mut frames);
+    raw.write_all(&frames).await.unwrap();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), at_target.read_to_end(&mut got))
+        .await
+        .expect("the target connection must end");
+    assert_eq!(&got[..], b"abc", "bytes before DONE are delivered");
+    assert!(r.is_err(), "the target must see a reset, not a clean end");
+    b.wait_for("failed connection", |c| {
+        c["connections_failed"].as_u64().unwrap() >= 1
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_of_another_protocol_version_is_refused_at_the_handshake() {
     // An edge of an older (or newer) release: its hello carries another version. The
