@@ -39,6 +39,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
+# The packet-level WAN path (testkit::wan_path) makes TUN devices: a container may
+# lack the device node even where the kernel has the driver.
+if [ "$(id -u)" = 0 ] && [ ! -c /dev/net/tun ]; then
+  log "creating /dev/net/tun for the packet-level WAN path"
+  modprobe tun 2>/dev/null || true
+  mkdir -p /dev/net
+  [ -c /dev/net/tun ] || mknod /dev/net/tun c 10 200
+fi
 
 log "disk"
 # The build (about 4 GB of target/) and the QEMU tests' disk images and stream captures
